@@ -1,0 +1,18 @@
+"""Uses the swarm: ``from client import AutoDistributedModelForCausalLM``.
+
+- ``model``: the transformers-compatible model (local embeddings/norm/head, remote blocks, ``generate``)
+- ``swarmclient``: SwarmClient (DHT, libp2p, routes) and stateless forward passes
+- ``session``: InferenceSession (streams through a chain, history for replay, failover)
+- ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks)
+- ``remote``: calls to one server
+- ``loop``: the background event loop that owns libp2p
+- ``config``: ClientConfig
+
+Concurrency: the public API is synchronous; network work runs on one background asyncio loop
+(uvloop); blocking DHT look-ups run in that loop's default executor. Imports only ``proto`` and ``swarm``.
+"""
+
+from client.config import ClientConfig
+from client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+
+__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "ClientConfig"]

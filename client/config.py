@@ -1,0 +1,22 @@
+"""ClientConfig: how a client finds and uses the swarm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm member
+    dht_prefix: str | None = None  # DHT key prefix; None = derived from the model name
+    wait_for_blocks: float = 30.0  # seconds to wait for a missing block to get a server before raising
+    update_period: float = 5.0  # seconds a fetched view of the swarm stays fresh
+    connect_timeout: float = 5.0  # seconds to open a stream to a server
+    step_timeout: float = 10.0  # base seconds to wait for one step's answer from a server...
+    step_timeout_per_token: float = 0.05  # ...plus this many seconds per token the step carries
+    max_retries: int = 8  # failovers allowed per step before the error reaches the caller
+    ban_base: float = 5.0  # seconds a failed server is avoided; doubles with each repeated failure
+    ban_max: float = 300.0  # longest ban, in seconds
+    max_message_bytes: int = 2 << 20  # larger steps are split (the libp2p daemon caps messages at 4 MiB)
+    allowed_peers: list[str] | None = None  # if set, use only these servers
+    blocked_peers: list[str] = field(default_factory=list)  # never use these servers

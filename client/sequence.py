@@ -1,0 +1,83 @@
+"""Route manager: the client's view of the swarm, bans, and chains through it.
+
+The decision itself is ``swarm.routing.make_chain`` (pure); this class gathers its inputs (DHT records,
+bans, allow/block lists) and waits a bounded time for missing blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from client.config import ClientConfig
+from swarm.dht import SwarmDHT
+from swarm.errors import MissingBlocksError
+from swarm.records import ServerInfo
+from swarm.routing import Hop, make_chain, usable
+from swarm.spans import BlockRange
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.25  # seconds between DHT look-ups while waiting for missing blocks
+
+
+class RouteManager:
+    """Thread-safe; its methods block on the DHT, so async callers run them in an executor."""
+
+    def __init__(self, dht: SwarmDHT, prefix: str, num_blocks: int, config: ClientConfig):
+        self.dht, self.prefix, self.num_blocks, self.config = dht, prefix, num_blocks, config
+        self._servers: list[ServerInfo] = []
+        self._fetched_at = -float("inf")
+        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+        self._lock = threading.Lock()
+
+    def servers(self, refresh: bool = False) -> list[ServerInfo]:
+        with self._lock:
+            if refresh or time.monotonic() - self._fetched_at > self.config.update_period:
+                self._servers = self.dht.fetch_servers(self.prefix, self.num_blocks)
+                self._fetched_at = time.monotonic()
+            return list(self._servers)
+
+    def ban(self, peer_id: str, reason: str = "") -> float:
+        """Avoid ``peer_id`` for a while; each failure in a row doubles the ban. Returns its length."""
+        with self._lock:
+            _, failures = self._bans.get(peer_id, (0.0, 0))
+            duration = min(self.config.ban_base * 2**failures, self.config.ban_max)
+            self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+        logger.warning("Banning server %s for %.0f s: %s", peer_id, duration, reason)
+        return duration
+
+    def mark_ok(self, peer_id: str) -> None:
+        with self._lock:
+            self._bans.pop(peer_id, None)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            return {peer for peer, (until, _) in self._bans.items() if until > now}
+
+    def candidates(self, refresh: bool = False) -> list[ServerInfo]:
+        excluded = self.banned() | set(self.config.blocked_peers)
+        servers = usable(self.servers(refresh), excluded)
+        if self.config.allowed_peers is not None:
+            servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
+        return servers
+
+    def chain(self, span: BlockRange | None = None, min_cache_tokens: int = 0) -> list[Hop]:
+        """A chain covering ``span`` (default: the whole model), waiting up to ``wait_for_blocks``."""
+        span = span or BlockRange(0, self.num_blocks)
+        deadline = time.monotonic() + self.config.wait_for_blocks
+        refresh = False
+        while True:
+            try:
+                return make_chain(self.candidates(refresh), span, min_cache_tokens)
+            except MissingBlocksError as exc:
+                if time.monotonic() >= deadline:
+                    raise MissingBlocksError(exc.blocks, f"waited {self.config.wait_for_blocks:.0f} s") from None
+                logger.info("Waiting for servers of blocks %s", exc.blocks)
+            time.sleep(POLL_INTERVAL)
+            refresh = True
+
+    def server(self, peer_id: str) -> ServerInfo | None:
+        return next((s for s in self.servers() if s.peer_id == peer_id), None)

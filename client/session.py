@@ -1,0 +1,185 @@
+"""Inference session: streams hidden states through a chain of servers, one step at a time.
+
+Each server of the chain holds its own session (KV cache) for its span. The client keeps, per
+server, the inputs it sent in this session; when a server fails, the client bans it, finds a
+replacement chain for that span only, replays those inputs step by step (same shapes, so the
+rebuilt cache is the same as the lost one), and carries on. Other servers keep their sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+import torch
+
+from client.remote import InferenceStream, ServerFailure
+from proto import pb
+from swarm import tensors
+from swarm.errors import StamenError
+from swarm.routing import Hop
+
+if TYPE_CHECKING:
+    from client.swarmclient import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
+    position_ids: torch.Tensor  # [batch, new_tokens] int64
+    attention_mask: torch.Tensor | None  # [batch, past + new_tokens] bool, or None
+
+
+class _HopSession:
+    """This session's state on one server: its stream, counters and the inputs sent so far."""
+
+    def __init__(self, hop: Hop, stream: InferenceStream, dtype: torch.dtype):
+        self.hop, self.stream, self.dtype = hop, stream, dtype
+        self.session_id = uuid.uuid4().hex
+        self.history: list[StepInput] = []
+        self.next_step = 0
+        self.position = 0
+
+
+class InferenceSession:
+    """Use as a context manager; ``step`` is synchronous and thread-safe for one caller at a time."""
+
+    def __init__(self, client: SwarmClient, max_length: int):
+        self.client, self.max_length = client, max_length
+        self.config = client.config
+        self.position = 0  # tokens processed so far (per sequence)
+        self.batch_size: int | None = None
+        self._hops: list[_HopSession] = []
+        self.closed = False
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def step(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run new tokens through all blocks; returns the last block's hidden states for them."""
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        batch, tokens, hidden_size = hidden.shape
+        if self.batch_size is None:
+            self.batch_size = batch
+        if batch != self.batch_size:
+            raise ValueError(f"session was opened for a batch of {self.batch_size}, got {batch}")
+        if self.position + tokens > self.max_length:
+            raise ValueError(f"session max_length {self.max_length} exceeded ({self.position} + {tokens} tokens)")
+        chunk = max(1, self.config.max_message_bytes // (batch * hidden_size * 4))
+        outputs = []
+        for start in range(0, tokens, chunk):
+            end = min(tokens, start + chunk)
+            mask = attention_mask[:, : self.position + end - start] if attention_mask is not None else None
+            piece = StepInput(hidden[:, start:end], position_ids[:, start:end], mask)
+            outputs.append(self.client.loop.run(self._step(piece)))
+            self.position += end - start
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    async def _step(self, inputs: StepInput) -> torch.Tensor:
+        if not self._hops:
+            self._hops = await self._open_chain(None, inputs.hidden.shape[0])
+        failures = 0
+        index, current = 0, inputs
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                output = await self._run(hop, current)
+            except ServerFailure as failure:
+                failures += 1
+                self._give_up_if_needed(failure, failures)
+                self.client.routes.ban(failure.peer_id, failure.reason)
+                self._hops[index : index + 1] = await self._replace(hop, inputs.hidden.shape[0])
+                continue  # the replacement replayed the history; now run this step through it
+            hop.history.append(current)
+            current = dataclasses.replace(current, hidden=output)
+            index += 1
+        return current.hidden
+
+    def _give_up_if_needed(self, failure: ServerFailure, failures: int) -> None:
+        if failure.is_client_error:
+            raise failure.cause
+        if failures > self.config.max_retries:
+            raise StamenError(f"inference step failed after {failures} attempts; last: {failure}") from failure
+        logger.warning("Server %s failed (%s); rerouting its blocks", failure.peer_id, failure.reason)
+
+    async def _open_chain(self, span, batch: int) -> list[_HopSession]:
+        loop = asyncio.get_running_loop()
+        needed = batch * self.max_length
+        chain = await loop.run_in_executor(None, self.client.routes.chain, span, needed)
+        hops = []
+        try:
+            for hop in chain:
+                stream = InferenceStream(self.client.p2p, hop.peer_id)
+                hops.append(_HopSession(hop, stream, self.client.server_dtype(hop.peer_id)))
+                await stream.open(self.config.connect_timeout)
+        except BaseException:
+            for hop in hops:
+                hop.stream.close()
+            raise
+        logger.debug("Session chain: %s", " -> ".join(f"{h.hop.peer_id[-6:]}[{h.hop.span}]" for h in hops))
+        return hops
+
+    async def _replace(self, failed: _HopSession, batch: int) -> list[_HopSession]:
+        """New servers for ``failed``'s span, with its inputs so far replayed into them."""
+        failed.stream.close()
+        replacement = await self._open_chain(failed.hop.span, batch)
+        try:
+            inputs = failed.history
+            for hop in replacement:
+                outputs = []
+                for item in inputs:
+                    hidden = await self._run(hop, item)
+                    hop.history.append(item)
+                    outputs.append(dataclasses.replace(item, hidden=hidden))
+                inputs = outputs
+        except BaseException:
+            for hop in replacement:
+                hop.stream.close()
+            raise
+        logger.info("Replayed %d steps into %d replacement server(s)", len(failed.history), len(replacement))
+        return replacement
+
+    async def _run(self, hop: _HopSession, item: StepInput) -> torch.Tensor:
+        batch, tokens, _ = item.hidden.shape
+        request = pb.InferenceRequest(
+            step=hop.next_step,
+            position=hop.position,
+            hidden=tensors.to_proto(item.hidden.to(hop.dtype)),
+            position_ids=tensors.to_proto(item.position_ids),
+        )
+        if item.attention_mask is not None:
+            request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
+        if hop.next_step == 0:
+            request.session_id = hop.session_id
+            request.start_block, request.end_block = hop.hop.span.start, hop.hop.span.end
+            request.max_length, request.batch_size = self.max_length, batch
+        timeout = self.config.step_timeout + self.config.step_timeout_per_token * batch * tokens
+        response = await hop.stream.step(request, timeout)
+        try:
+            hidden = tensors.from_proto(response.hidden, "hidden")
+        except StamenError as exc:
+            raise ServerFailure(hop.hop.peer_id, f"malformed answer: {exc}", exc) from exc
+        if hidden.shape != item.hidden.shape:
+            raise ServerFailure(hop.hop.peer_id, f"answered shape {list(hidden.shape)} for {list(item.hidden.shape)}")
+        hop.next_step += 1
+        hop.position += tokens
+        return hidden.to(item.hidden.dtype)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        hops, self._hops = self._hops, []
+        for hop in hops:
+            self.client.loop.loop.call_soon_threadsafe(hop.stream.close)

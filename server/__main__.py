@@ -1,0 +1,79 @@
+"""``python -m server --blocks 10:20``: host a span of blocks of a model in a swarm."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.config import ServerConfig
+from server.server import Server
+from swarm.modelpath import DEFAULT_MODEL
+from swarm.spans import parse_blocks
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    d = ServerConfig(blocks=None)  # defaults, for the help text
+    p = argparse.ArgumentParser(prog="python -m server", description="Host a span of transformer blocks in a swarm.")
+    p.add_argument("--blocks", required=True, help="span of blocks to host, START:END (end exclusive), e.g. 10:20")
+    p.add_argument("--model", default=None, help=f"model name or local Hugging Face folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm members; none = new swarm")
+    p.add_argument("--host", default=d.host, help=f"interface to listen on (default: {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port to listen on (default: 0, any free port)")
+    p.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
+    p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto (float32 on CPU)")
+    p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
+    p.add_argument("--cache-tokens", type=int, default=d.cache_tokens, help="KV-cache budget in tokens (batch x len)")
+    p.add_argument("--public-name", default="", help="name shown to others in `python -m swarm status`")
+    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="max batch x tokens a request")
+    p.add_argument("--session-idle-timeout", type=float, default=d.session_idle_timeout, help="seconds before an idle session is closed")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
+    p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
+    p.add_argument("--log-level", default="INFO", help="DEBUG shows one line per RPC")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        blocks = parse_blocks(args.blocks)
+    except ValueError as exc:
+        p.error(str(exc))
+    return ServerConfig(
+        blocks=blocks,
+        model=args.model,
+        initial_peers=args.initial_peers,
+        host=args.host,
+        port=args.port,
+        announce_host=args.announce_host,
+        dtype=args.dtype,
+        dht_prefix=args.dht_prefix,
+        cache_tokens=args.cache_tokens,
+        public_name=args.public_name,
+        max_request_tokens=args.max_request_tokens,
+        session_idle_timeout=args.session_idle_timeout,
+        num_threads=args.num_threads,
+        identity_path=args.identity,
+    )
+
+
+def announce_ready(server: Server) -> None:
+    for addr in server.maddrs:
+        print(f"Listening on {addr}", flush=True)
+    print(
+        f"Serving blocks {server.config.blocks} of {server.model_name} as {server.peer_id} "
+        f"(dht prefix {server.prefix}, {server.throughput:.1f} tokens/s)",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        Server(config).run(announce_ready)
+    except ValueError as exc:
+        logging.getLogger("server").error("%s", exc)
+        return 2
+    print("Server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""A small typed wrapper over hivemind's DHT: start/join a swarm, announce and fetch server records.
+
+hivemind runs the DHT node in a child process; calls here block the caller until that process
+answers, so async code must run them in an executor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from swarm.records import ServerInfo
+from swarm.spans import block_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DHTConfig:
+    """How a node joins the swarm."""
+
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm member; empty = new swarm
+    host: str = "127.0.0.1"  # interface to listen on (0.0.0.0 for all)
+    port: int = 0  # TCP port; 0 picks a free one
+    client_mode: bool = False  # True: reach others but accept no DHT requests (clients, status)
+    identity_path: str | None = None  # private key file for a fixed peer id (bootstrap nodes)
+    announce_host: str | None = None  # public address to advertise instead of the listening one
+
+
+class SwarmDHT:
+    """Handle to a running hivemind DHT node."""
+
+    def __init__(self, config: DHTConfig):
+        kwargs = {}
+        if config.identity_path:
+            kwargs["identity_path"] = config.identity_path
+        if config.announce_host:
+            kwargs["announce_maddrs"] = [f"/ip4/{config.announce_host}/tcp/{config.port}"]
+        self.config = config
+        self.dht = hivemind.DHT(
+            start=True,
+            initial_peers=list(config.initial_peers),
+            host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
+            client_mode=config.client_mode,
+            **kwargs,
+        )
+
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
+
+    @property
+    def maddrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<peer id>) that others can use as initial peers."""
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def announce(self, prefix: str, info: ServerInfo, ttl: float) -> bool:
+        """Store ``info`` under the key of every block it hosts, expiring after ``ttl`` seconds."""
+        keys = [block_key(prefix, block) for block in range(info.span.start, info.span.end)]
+        coroutine = partial(_store_records, keys=keys, subkey=info.peer_id, value=info.to_bytes(), ttl=ttl)
+        return self.dht.run_coroutine(coroutine)
+
+    def fetch_servers(self, prefix: str, num_blocks: int) -> list[ServerInfo]:
+        """Every well-formed record announced for blocks 0..num_blocks-1, one per peer (freshest kept)."""
+        keys = [block_key(prefix, block) for block in range(num_blocks)]
+        raw = self.dht.run_coroutine(partial(_get_records, keys=keys))
+        return parse_records(prefix, num_blocks, raw)
+
+    def shutdown(self) -> None:
+        if self.dht.is_alive():
+            self.dht.shutdown()
+
+
+def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[bytes, float]]]) -> list[ServerInfo]:
+    """Turn raw DHT values into records; drop anything malformed or stored under the wrong key or subkey."""
+    best: dict[str, tuple[float, ServerInfo]] = {}
+    for block in range(num_blocks):
+        for subkey, (value, expiration) in raw.get(block_key(prefix, block), {}).items():
+            info = ServerInfo.from_bytes(value)
+            if info is None or info.peer_id != subkey or block not in info.span or info.span.end > num_blocks:
+                continue
+            if info.peer_id not in best or best[info.peer_id][0] < expiration:
+                best[info.peer_id] = (expiration, info)
+    return [info for _, info in best.values()]
+
+
+async def _store_records(dht, node, keys: list[str], subkey: str, value: bytes, ttl: float) -> bool:
+    expiration = get_dht_time() + ttl
+    results = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
+    return all(results.values())
+
+
+async def _get_records(dht, node, keys: list[str]) -> dict[str, dict[str, tuple[bytes, float]]]:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    result: dict[str, dict[str, tuple[bytes, float]]] = {}
+    for key, entry in found.items():
+        if entry is None or not hasattr(entry.value, "items"):
+            continue
+        result[key] = {
+            str(subkey): (item.value, item.expiration_time)
+            for subkey, item in entry.value.items()
+            if isinstance(item.value, bytes)
+        }
+    return result

@@ -1,0 +1,83 @@
+"""Server records: what each server announces in the DHT, as a dataclass and as DHT bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from google.protobuf.message import DecodeError
+
+from proto import pb
+from swarm.spans import BlockRange
+
+
+class ServerState(enum.IntEnum):
+    JOINING = pb.JOINING
+    ONLINE = pb.ONLINE
+    OFFLINE = pb.OFFLINE
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    """One server's announcement. ``span`` is the whole range it hosts."""
+
+    peer_id: str
+    state: ServerState
+    span: BlockRange
+    throughput: float = 0.0  # tokens/s through the whole span for a single-token inference step
+    dtype: str = "float32"
+    cache_tokens_left: int = 0  # free KV budget in tokens (batch x length summed over sessions)
+    version: str = ""
+    public_name: str = ""
+    model: str = ""
+    maddrs: tuple[str, ...] = ()
+    hidden_size: int = 0
+    max_request_tokens: int = 0
+
+    def to_proto(self) -> pb.ServerRecord:
+        return pb.ServerRecord(
+            peer_id=self.peer_id,
+            state=int(self.state),
+            start_block=self.span.start,
+            end_block=self.span.end,
+            throughput=self.throughput,
+            dtype=self.dtype,
+            cache_tokens_left=self.cache_tokens_left,
+            version=self.version,
+            public_name=self.public_name,
+            model=self.model,
+            maddrs=list(self.maddrs),
+            hidden_size=self.hidden_size,
+            max_request_tokens=self.max_request_tokens,
+        )
+
+    @classmethod
+    def from_proto(cls, record: pb.ServerRecord) -> ServerInfo:
+        return cls(
+            peer_id=record.peer_id,
+            state=ServerState(record.state),
+            span=BlockRange(record.start_block, record.end_block),
+            throughput=record.throughput,
+            dtype=record.dtype,
+            cache_tokens_left=record.cache_tokens_left,
+            version=record.version,
+            public_name=record.public_name,
+            model=record.model,
+            maddrs=tuple(record.maddrs),
+            hidden_size=record.hidden_size,
+            max_request_tokens=record.max_request_tokens,
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.to_proto().SerializeToString()
+
+    @classmethod
+    def from_bytes(cls, data: object) -> ServerInfo | None:
+        """Parse a DHT value; None for anything that is not a well-formed record (never raises)."""
+        if not isinstance(data, bytes):
+            return None
+        try:
+            record = pb.ServerRecord.FromString(data)
+            return cls.from_proto(record)
+        except (DecodeError, ValueError):
+            return None
