@@ -57,6 +57,11 @@ class InferenceSession:
         self._hops: list[_HopSession] = []
         self.closed = False
 
+    @property
+    def route(self) -> list[Hop]:
+        """The servers this session currently goes through, with the blocks each one runs."""
+        return [hop.hop for hop in self._hops]
+
     def __enter__(self) -> InferenceSession:
         return self
 

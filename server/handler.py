@@ -76,6 +76,10 @@ class Handler:
     def _open(self, request: pb.InferenceRequest, peer: str) -> Session:
         if self.draining:
             raise errors.ShuttingDownError("server is shutting down")
+        if request.step != 0:
+            raise errors.SessionNotFoundError(
+                f"no session here to continue at step {request.step}; a stream must open its session at step 0"
+            )
         opened = validation.open_request(request, self.limits)
         session = self.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
         logger.debug(

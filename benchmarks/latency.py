@@ -1,0 +1,274 @@
+"""Latency of one greedy sequence through a local swarm of 1, 2 and 3 servers, against local transformers.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/latency.py                  # 1, 2 and 3 servers; about 2-3 minutes
+    .venv/bin/python benchmarks/latency.py --servers 2 --repeats 5 --json latency.json
+    .venv/bin/python benchmarks/latency.py --server-env OMP_WAIT_POLICY=PASSIVE   # env for the servers only
+
+For each configuration the model's blocks are split evenly over N ``python -m server`` subprocesses on
+127.0.0.1 (30 blocks: 0:30 / 0:15,15:30 / 0:10,10:20,20:30) and a client connects to them.
+
+Method (the same code times both sides): a greedy loop calls the model's ``forward`` once per token, with
+the prompt at step 0 (prefill) and one token per later step, and times each call with ``perf_counter``
+(forward + argmax). The swarm model gets ``RemoteCache(session)`` inside ``model.inference_session``, as
+``generate`` does; the local transformers model (float32, sdpa) gets a ``DynamicCache``. Both keep only
+the last position's logits. The swarm session opens its chain of streams lazily inside step 0; that time
+is measured separately ("open") and subtracted from the swarm's prefill. A ``generate`` call on both sides
+is the warm-up and the exactness check: its tokens, and the timed loops' tokens, must be equal.
+
+Overhead per hop = (swarm median per-token - local median per-token) / number of servers. The benchmark
+process sets ``torch.set_num_threads`` to ``--num-threads``, which it also passes to every server. The
+"local+idle" column re-times local transformers while the configuration's servers sit idle, which shows
+whether idle servers steal CPU. CPU ms/token is user+system CPU of the servers (with their DHT and p2pd
+children) plus the benchmark process (with its own DHT and p2pd), per generated token, during the timed
+loops. Server memory is RSS of the server's main process, and the RSS summed over it and its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+
+import psutil
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import LocalSwarm, even_spans, format_span, tree_cpu_seconds, tree_memory  # noqa: E402
+from client import AutoDistributedModelForCausalLM  # noqa: E402
+from client.model import RemoteCache  # noqa: E402
+from swarm.modelpath import resolve_model  # noqa: E402
+
+PROMPT_TEXT = (
+    "In a quiet village at the edge of a great forest, an old clockmaker kept a shop full of ticking "
+    "machines. Every morning the children stopped by his window to watch the gears turn, and every "
+    "evening he told them a story about the people who had brought him their broken clocks. "
+)
+
+
+class BenchmarkTimeout(Exception):
+    """The whole run took longer than --time-limit."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--servers", default="1,2,3", help="server counts to try, comma-separated (default: 1,2,3)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per configuration; median (default 3)")
+    p.add_argument("--num-threads", type=int, default=2, help="torch threads here and in each server (default: 2)")
+    p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="env for servers only")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--start-timeout", type=float, default=120.0, help="seconds for a swarm to start serving")
+    p.add_argument("--time-limit", type=int, default=290, help="abort (and clean up) after this many seconds")
+    args = p.parse_args(argv)
+    args.server_counts = [int(part) for part in args.servers.split(",") if part.strip()]
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1 or not args.server_counts:
+        p.error("need --new-tokens >= 2, --prompt-tokens >= 1, --repeats >= 1 and at least one server count")
+    try:
+        args.server_env_dict = dict(item.split("=", 1) for item in args.server_env)
+    except ValueError:
+        p.error("--server-env takes KEY=VALUE")
+    return args
+
+
+@dataclasses.dataclass
+class Timing:
+    """Medians over the repeats of one side (swarm or local) in one configuration, in milliseconds."""
+
+    prefill_ms: float  # step 0: the forward over the prompt (swarm: without opening the chain)
+    open_ms: float  # swarm: opening the chain of streams inside step 0; 0 for local
+    decode_median_ms: float  # median over the decode steps (steps 1..new_tokens-1)
+    decode_mean_ms: float  # mean over the decode steps
+    cpu_ms_per_token: float  # CPU of all processes involved, per generated token
+    tokens: list[int]  # greedy tokens of the last repeat
+
+
+def make_prompt(tokenizer, length: int) -> torch.Tensor:
+    ids = tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
+    while len(ids) < length:
+        ids = ids + ids
+    return torch.tensor([ids[:length]], dtype=torch.long)
+
+
+def greedy_steps(model, prompt: torch.Tensor, new_tokens: int, cache) -> tuple[list[int], list[float]]:
+    """Greedy decoding by hand; returns the tokens and the seconds of each step (step 0 = prefill)."""
+    ids, tokens, seconds = prompt, [], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            started = time.perf_counter()
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            token = logits[:, -1, :].argmax(dim=-1)  # [batch]
+            seconds.append(time.perf_counter() - started)
+            tokens.append(int(token[0]))
+            ids = token[:, None]  # [batch, 1]
+    return tokens, seconds
+
+
+def swarm_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], list[float], float]:
+    """``greedy_steps`` in a fresh inference session; also returns the seconds spent opening its chain."""
+    with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+        opened: list[float] = []
+        original = getattr(session, "_open_chain", None)
+        if original is not None:  # a private hook; without it the open time stays inside the prefill
+
+            async def timed_open(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    opened.append(time.perf_counter() - started)
+
+            session._open_chain = timed_open
+        tokens, seconds = greedy_steps(model, prompt, new_tokens, RemoteCache(session))
+    return tokens, seconds, sum(opened)
+
+
+def timed_runs(run, repeats: int, cpu_pids: list[int]) -> Timing:
+    """Call ``run()`` (-> tokens, step seconds, open seconds) ``repeats`` times; medians of the statistics."""
+    prefill, opening, medians, means, cpu = [], [], [], [], []
+    tokens: list[int] = []
+    for _ in range(repeats):
+        cpu_before = tree_cpu_seconds(cpu_pids)
+        tokens, seconds, open_seconds = run()
+        cpu.append((tree_cpu_seconds(cpu_pids) - cpu_before) / len(seconds))
+        prefill.append(seconds[0] - open_seconds)
+        opening.append(open_seconds)
+        medians.append(statistics.median(seconds[1:]))
+        means.append(statistics.fmean(seconds[1:]))
+    ms = [1000 * statistics.median(values) for values in (prefill, opening, medians, means, cpu)]
+    return Timing(*[round(value, 2) for value in ms], tokens=tokens)
+
+
+def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False)
+    return output[0, prompt.shape[1] :].tolist()
+
+
+def local_timing(local, prompt: torch.Tensor, args) -> Timing:
+    def run():
+        tokens, seconds = greedy_steps(local, prompt, args.new_tokens, DynamicCache(config=local.config))
+        return tokens, seconds, 0.0
+
+    return timed_runs(run, args.repeats, [os.getpid()])
+
+
+def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, args) -> dict:
+    """Start ``count`` servers, time the swarm and local-with-idle-servers, check tokens, read memory."""
+    spans = even_spans(local.config.num_hidden_layers, count)
+    print(f"\n== {count} server(s): {', '.join(map(format_span, spans))}", flush=True)
+    started = time.monotonic()
+    with LocalSwarm(spans, args.model, args.num_threads, args.server_env_dict, args.start_timeout) as swarm:
+        print(f"   swarm serving after {time.monotonic() - started:.1f} s", flush=True)
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[swarm.initial_peer])
+        try:
+            generated = greedy_generate(model, prompt, args.new_tokens)  # warm-up and exactness check
+            pids = [server.proc.pid for server in swarm.servers]
+            server_cpu = tree_cpu_seconds(pids)
+            swarm_timing = timed_runs(
+                lambda: swarm_steps(model, prompt, args.new_tokens), args.repeats, [*pids, os.getpid()]
+            )
+            server_cpu = (tree_cpu_seconds(pids) - server_cpu) / (args.repeats * args.new_tokens)
+        finally:
+            model.shutdown()
+        idle = local_timing(local, prompt, args)  # local again, with this configuration's servers idle
+        memory = [{"span": server.name, **tree_memory(server.proc.pid).as_mib()} for server in swarm.servers]
+    result = {
+        "servers": count,
+        "spans": [format_span(span) for span in spans],
+        "swarm": dataclasses.asdict(swarm_timing),
+        "server_cpu_ms_per_token": round(1000 * server_cpu, 2),
+        "local_with_idle_servers": dataclasses.asdict(idle),
+        "generate_tokens_match": generated == reference["generate_tokens"],
+        "loop_tokens_match": swarm_timing.tokens == reference["loop_tokens"],
+        "memory": memory,
+    }
+    print(
+        f"   generate tokens equal local: {result['generate_tokens_match']}; "
+        f"timed-loop tokens equal local: {result['loop_tokens_match']}",
+        flush=True,
+    )
+    return result
+
+
+def table(results: list[dict], local: Timing) -> str:
+    header = (
+        f"{'config':<20} {'prefill ms swarm/local/x':>25} {'open ms':>8} {'per-token median ms swarm/local/x':>34} "
+        f"{'mean swarm/local':>17} {'overhead/hop ms':>16} {'local+idle ms':>14} {'CPU ms/tok swarm/local':>23}"
+        f"  server mem MiB main/total"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        s = r["swarm"]
+        overhead = (s["decode_median_ms"] - local.decode_median_ms) / r["servers"]
+        prefill = f"{s['prefill_ms']:.1f}/{local.prefill_ms:.1f}/{s['prefill_ms'] / local.prefill_ms:.2f}"
+        median = (
+            f"{s['decode_median_ms']:.1f}/{local.decode_median_ms:.1f}/"
+            f"{s['decode_median_ms'] / local.decode_median_ms:.2f}"
+        )
+        mean = f"{s['decode_mean_ms']:.1f}/{local.decode_mean_ms:.1f}"
+        cpu = f"{s['cpu_ms_per_token']:.1f}/{local.cpu_ms_per_token:.1f}"
+        memory = " ".join(f"{m['main_rss_mib']:.0f}/{m['total_rss_mib']:.0f}" for m in r["memory"])
+        config = f"{r['servers']} srv " + ",".join(r["spans"])
+        lines.append(
+            f"{config:<20} {prefill:>25} {s['open_ms']:>8.1f} {median:>34} {mean:>17} {overhead:>16.2f} "
+            f"{r['local_with_idle_servers']['decode_median_ms']:>14.1f} {cpu:>23}  {memory}"
+        )
+    return "\n".join(lines)
+
+
+def _on_alarm(signum, frame):
+    raise BenchmarkTimeout("time limit reached; stopping (servers are cleaned up)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(args.time_limit)
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.num_threads)
+    started = time.monotonic()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}; cpus: {os.cpu_count()}")
+    folder = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    prompt = make_prompt(tokenizer, args.prompt_tokens)
+    print(f"model {folder.name}: {local.config.num_hidden_layers} blocks; prompt {prompt.shape[1]} tokens, "
+          f"{args.new_tokens} new tokens, batch 1, greedy; {args.num_threads} torch threads; "
+          f"server env {args.server_env_dict or '{}'}", flush=True)  # fmt: skip
+    generate_tokens = greedy_generate(local, prompt, args.new_tokens)  # warm-up
+    local_alone = local_timing(local, prompt, args)
+    reference = {"generate_tokens": generate_tokens, "loop_tokens": local_alone.tokens}
+    print(f"local: prefill {local_alone.prefill_ms:.1f} ms, per-token median {local_alone.decode_median_ms:.1f} ms")
+    results = []
+    try:
+        for count in args.server_counts:
+            results.append(measure_config(count, local, prompt, reference, args))
+    finally:
+        signal.alarm(0)
+    print(f"\nlocal generated text: {tokenizer.decode(generate_tokens)!r}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}; "
+          f"total {time.monotonic() - started:.0f} s\n")  # fmt: skip
+    print(table(results, local_alone))
+    exact = all(r["generate_tokens_match"] and r["loop_tokens_match"] for r in results)
+    print(f"\nswarm tokens equal local tokens in every configuration: {exact}")
+    if args.json:
+        payload = {"args": {k: v for k, v in vars(args).items()}, "local": dataclasses.asdict(local_alone)}
+        payload.update(results=results)
+        with open(args.json, "w") as file:
+            json.dump(payload, file, indent=2)
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``python -m client --initial-peers MADDR "prompt"``: stream a completion from the swarm to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from transformers import AutoTokenizer, TextStreamer
+
+from client.model import AutoDistributedModelForCausalLM
+from swarm.modelpath import DEFAULT_MODEL, resolve_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client", description="Generate text with a model served by a swarm.")
+    p.add_argument("prompt", help="text to complete")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm member")
+    p.add_argument("--model", default=None, help=f"model name or local folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    if args.chat and tokenizer.chat_template:
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt")
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix
+    )
+    try:
+        sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)
+        streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    finally:
+        model.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

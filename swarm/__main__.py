@@ -1,0 +1,161 @@
+"""``python -m swarm bootstrap | status``: run a DHT-only bootstrap node, or show who serves what.
+
+Concurrency: both commands are synchronous. hivemind runs the DHT node in a child process; the
+bootstrap's main thread only waits for SIGINT/SIGTERM, then shuts the node down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import signal
+import sys
+import threading
+
+from swarm.dht import DHTConfig, SwarmDHT
+from swarm.modelpath import DEFAULT_MODEL
+from swarm.spans import model_prefix
+from swarm.status import build_report, exit_code, format_report
+
+logger = logging.getLogger("swarm")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m swarm", description="Swarm tools: bootstrap node and status.")
+    commands = p.add_subparsers(dest="command", title="commands")
+
+    b = commands.add_parser("bootstrap", help="run a DHT-only node that others join through")
+    b.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    b.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: 0, any free port)")
+    b.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
+    b.add_argument("--identity", default=None, help="private key file for a fixed peer id (created if missing)")
+    b.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of other bootstrap nodes, if any")
+    b.add_argument("--log-level", default="INFO", help="logging level on stderr (default: INFO)")
+
+    s = commands.add_parser("status", help="show the servers, block coverage and route of a swarm")
+    s.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm members")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local folder (default: {DEFAULT_MODEL})")
+    s.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
+    s.add_argument("--num-blocks", type=int, default=None, help="blocks in the model (default: read its config)")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    s.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
+    return p
+
+
+def ensure_identity(path: str) -> bool:
+    """Create a private key file at ``path`` (and its folder) if it is missing; True if one was created."""
+    file = pathlib.Path(path).expanduser()
+    if file.exists():
+        return False
+    from hivemind.p2p import P2P
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    P2P.generate_identity(str(file))
+    logger.info("Generated a new identity in %s", file)
+    return True
+
+
+def join(config: DHTConfig) -> SwarmDHT | None:
+    """Start a DHT node; None (after logging why) when it cannot start or reach the initial peers."""
+    from hivemind.p2p import P2PDaemonError
+
+    try:
+        return SwarmDHT(config)
+    except (P2PDaemonError, OSError, TimeoutError) as exc:
+        peers = " ".join(config.initial_peers) or "(none)"
+        logger.error("Cannot start a DHT node on %s (initial peers: %s): %s", config.host, peers, exc)
+        return None
+
+
+def run_bootstrap(args: argparse.Namespace) -> int:
+    """Start the DHT node, print its addresses, wait for SIGINT/SIGTERM, stop."""
+    if args.identity:
+        ensure_identity(args.identity)
+    config = DHTConfig(
+        initial_peers=list(args.initial_peers),
+        host=args.host,
+        port=args.port,
+        client_mode=False,
+        identity_path=args.identity,
+        announce_host=args.announce_host,
+    )
+    dht = join(config)
+    if dht is None:
+        return 2
+    # Install the handlers only now: hivemind forks the DHT process, which must keep the default SIGTERM
+    # (a Python handler inherited through fork would make DHT.shutdown's fallback terminate() a no-op).
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        for addr in dht.maddrs:
+            print(f"Listening on {addr}", flush=True)
+        print("Bootstrap node ready", flush=True)
+        logger.info("Bootstrap node %s is up; stop it with Ctrl+C or SIGTERM", dht.peer_id)
+        while not stop.wait(timeout=1.0):
+            pass
+        logger.info("Shutting down the bootstrap node")
+    finally:
+        dht.shutdown()
+    print("Bootstrap node stopped", flush=True)
+    return 0
+
+
+def model_depth(model: str) -> int:
+    """Number of transformer blocks of ``model``, read from its config (may convert the default model once)."""
+    from transformers import AutoConfig
+
+    from swarm.modelpath import resolve_model
+
+    folder = resolve_model(model)
+    return int(AutoConfig.from_pretrained(folder).num_hidden_layers)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Join as a client, fetch the records, print the report; 1 if some blocks have no server."""
+    prefix = args.dht_prefix or model_prefix(args.model)
+    if args.num_blocks is not None:
+        num_blocks = args.num_blocks
+    else:
+        try:
+            num_blocks = model_depth(args.model)
+        except (OSError, ValueError) as exc:
+            logger.error("Cannot read the depth of model %r (pass --num-blocks): %s", args.model, exc)
+            return 2
+    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True))
+    if dht is None:
+        return 2
+    try:
+        servers = dht.fetch_servers(prefix, num_blocks)
+    finally:
+        dht.shutdown()
+    logger.info("Found %d servers under prefix %r", len(servers), prefix)
+    report = build_report(servers, num_blocks)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    else:
+        print(f"Swarm status for {prefix!r} ({num_blocks} blocks)", flush=True)
+        print(format_report(report), flush=True)
+    return exit_code(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "status" and args.num_blocks is not None and args.num_blocks < 1:
+        parser.error("--num-blocks must be positive")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    if args.command == "bootstrap":
+        return run_bootstrap(args)
+    return run_status(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""A local swarm of real ``python -m server`` processes on 127.0.0.1 (tests, demo, benchmarks).
+
+Starts servers as subprocesses in their own process groups, learns their addresses from what they
+print, waits for readiness with a deadline, and kills whole process groups on exit (the server and
+the DHT process and p2p daemon it started).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerProcess:
+    args: list[str]
+    proc: subprocess.Popen
+    lines: queue.Queue = field(default_factory=queue.Queue)
+    output: list[str] = field(default_factory=list)
+    maddrs: list[str] = field(default_factory=list)
+    peer_id: str = ""
+
+    def wait_ready(self, deadline: float) -> None:
+        """Read stdout until the 'Serving' line (or fail with the server's output at ``deadline``)."""
+        while True:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError(f"server {self.args} not ready in time; output:\n" + "".join(self.output))
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"server {self.args} exited early; output:\n" + "".join(self.output))
+            if line.startswith("Listening on "):
+                self.maddrs.append(line.split()[-1])
+            if line.startswith("Serving blocks"):
+                self.peer_id = line.split(" as ")[1].split()[0]
+                return
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill_group(self) -> None:
+        """Kill the server and its children (hivemind's DHT process and p2p daemon)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _pump(proc: subprocess.Popen, lines: queue.Queue, output: list[str]) -> None:
+    for line in proc.stdout:
+        output.append(line)
+        lines.put(line)
+    lines.put(None)
+
+
+def spawn_server(
+    model: str | None, blocks: str, initial_peers: list[str] = (), *extra: str, env: dict | None = None
+) -> ServerProcess:
+    args = [sys.executable, "-m", "server", "--blocks", blocks, "--host", "127.0.0.1"]
+    args += (["--model", str(model)] if model else []) + list(extra)
+    if initial_peers:
+        args += ["--initial-peers", *initial_peers]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+    server = ServerProcess(args, proc)
+    threading.Thread(target=_pump, args=(proc, server.lines, server.output), daemon=True).start()
+    return server
+
+
+class LocalSwarm:
+    """The first server starts the swarm; the rest join it. Always use as a context manager."""
+
+    def __init__(self, timeout: float = 120.0, env: dict | None = None):
+        self.servers: list[ServerProcess] = []
+        self.timeout, self.env = timeout, env
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.servers[0].maddrs if self.servers else []
+
+    def start(self, model, specs: list[tuple[str, tuple[str, ...]]]) -> list[ServerProcess]:
+        """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new."""
+        deadline = time.monotonic() + self.timeout
+        started = []
+        if not self.servers:
+            first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env)
+            self.servers.append(first)
+            first.wait_ready(deadline)
+            started.append(first)
+            specs = specs[1:]
+        batch = [spawn_server(model, blocks, self.initial_peers, *extra, env=self.env) for blocks, extra in specs]
+        self.servers.extend(batch)
+        for server in batch:
+            server.wait_ready(deadline)
+        return started + batch
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for server in self.servers:
+            server.kill_group()
