@@ -215,13 +215,24 @@ def tree_memory(pid: int) -> TreeMemory:
     return TreeMemory(float(main.memory_info().rss), rss, pss, len(tree))
 
 
-def tree_cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by processes ``pids`` and their living descendants."""
+def tree_cpu_seconds(pids: list[int], exclude: list[int] = ()) -> float:
+    """User + system CPU seconds used so far by processes ``pids`` and their living descendants.
+
+    Processes in ``exclude`` and their descendants are left out (e.g. the servers, which are children of
+    the benchmark process, when measuring the client's own CPU).
+    """
+    skipped = set()
+    for pid in exclude:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            main = psutil.Process(pid)
+            skipped |= {pid, *(child.pid for child in main.children(recursive=True))}
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             main = psutil.Process(pid)
             for proc in [main, *main.children(recursive=True)]:
+                if proc.pid in skipped:
+                    continue
                 with contextlib.suppress(psutil.NoSuchProcess):
                     times = proc.cpu_times()
                     total += times.user + times.system

@@ -20,9 +20,13 @@ is the warm-up and the exactness check: its tokens, and the timed loops' tokens,
 Overhead per hop = (swarm median per-token - local median per-token) / number of servers. The benchmark
 process sets ``torch.set_num_threads`` to ``--num-threads``, which it also passes to every server. The
 "local+idle" column re-times local transformers while the configuration's servers sit idle, which shows
-whether idle servers steal CPU. CPU ms/token is user+system CPU of the servers (with their DHT and p2pd
-children) plus the benchmark process (with its own DHT and p2pd), per generated token, during the timed
-loops. Server memory is RSS of the server's main process, and the RSS summed over it and its children.
+whether idle servers steal CPU. "CPU ms/tok srv+cli/local" is user+system CPU per generated token during
+the timed loops: of the servers (with their DHT child and p2pd), of the benchmark process (the client,
+with its own DHT child and p2pd, servers excluded), and of the benchmark process for local transformers.
+Server memory is the RSS of the server's main process, and the RSS summed over it and its children (the
+JSON also has the summed PSS, which counts pages shared after fork once).
+
+Other processes on the machine distort every number here: the load average is printed at start and end.
 """
 
 from __future__ import annotations
@@ -90,7 +94,10 @@ class Timing:
     open_ms: float  # swarm: opening the chain of streams inside step 0; 0 for local
     decode_median_ms: float  # median over the decode steps (steps 1..new_tokens-1)
     decode_mean_ms: float  # mean over the decode steps
-    cpu_ms_per_token: float  # CPU of all processes involved, per generated token
+    decode_p90_ms: float  # 90th percentile of the decode steps
+    decode_max_ms: float  # slowest decode step
+    server_cpu_ms_per_token: float  # CPU of the server processes (with children) per generated token; 0 for local
+    client_cpu_ms_per_token: float  # CPU of the benchmark process (with its DHT/p2pd, without the servers)
     tokens: list[int]  # greedy tokens of the last repeat
 
 
@@ -134,20 +141,26 @@ def swarm_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
     return tokens, seconds, sum(opened)
 
 
-def timed_runs(run, repeats: int, cpu_pids: list[int]) -> Timing:
+def timed_runs(run, repeats: int, server_pids: list[int]) -> Timing:
     """Call ``run()`` (-> tokens, step seconds, open seconds) ``repeats`` times; medians of the statistics."""
-    prefill, opening, medians, means, cpu = [], [], [], [], []
+    stats: dict[str, list[float]] = {name: [] for name in ("prefill", "open", "median", "mean", "p90", "max")}
+    server_cpu, client_cpu = [], []
     tokens: list[int] = []
     for _ in range(repeats):
-        cpu_before = tree_cpu_seconds(cpu_pids)
+        servers_before = tree_cpu_seconds(server_pids)
+        client_before = tree_cpu_seconds([os.getpid()], exclude=server_pids)
         tokens, seconds, open_seconds = run()
-        cpu.append((tree_cpu_seconds(cpu_pids) - cpu_before) / len(seconds))
-        prefill.append(seconds[0] - open_seconds)
-        opening.append(open_seconds)
-        medians.append(statistics.median(seconds[1:]))
-        means.append(statistics.fmean(seconds[1:]))
-    ms = [1000 * statistics.median(values) for values in (prefill, opening, medians, means, cpu)]
-    return Timing(*[round(value, 2) for value in ms], tokens=tokens)
+        server_cpu.append((tree_cpu_seconds(server_pids) - servers_before) / len(seconds))
+        client_cpu.append((tree_cpu_seconds([os.getpid()], exclude=server_pids) - client_before) / len(seconds))
+        decode = seconds[1:]
+        stats["prefill"].append(seconds[0] - open_seconds)
+        stats["open"].append(open_seconds)
+        stats["median"].append(statistics.median(decode))
+        stats["mean"].append(statistics.fmean(decode))
+        stats["p90"].append(statistics.quantiles(decode, n=10)[-1] if len(decode) > 1 else decode[0])
+        stats["max"].append(max(decode))
+    values = [*stats.values(), server_cpu, client_cpu]
+    return Timing(*[round(1000 * statistics.median(v), 2) for v in values], tokens=tokens)
 
 
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
@@ -155,44 +168,68 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     return output[0, prompt.shape[1] :].tolist()
 
 
-def local_timing(local, prompt: torch.Tensor, args) -> Timing:
+def local_timing(local, prompt: torch.Tensor, args, server_pids: list[int] = ()) -> Timing:
     def run():
         tokens, seconds = greedy_steps(local, prompt, args.new_tokens, DynamicCache(config=local.config))
         return tokens, seconds, 0.0
 
-    return timed_runs(run, args.repeats, [os.getpid()])
+    return timed_runs(run, args.repeats, server_pids)
+
+
+class Phases:
+    """Wall-clock seconds of the phases of one configuration, printed on one line."""
+
+    def __init__(self):
+        self.last, self.seconds = time.monotonic(), {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
 
 
 def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, args) -> dict:
     """Start ``count`` servers, time the swarm and local-with-idle-servers, check tokens, read memory."""
     spans = even_spans(local.config.num_hidden_layers, count)
     print(f"\n== {count} server(s): {', '.join(map(format_span, spans))}", flush=True)
-    started = time.monotonic()
+    phases = Phases()
     with LocalSwarm(spans, args.model, args.num_threads, args.server_env_dict, args.start_timeout) as swarm:
-        print(f"   swarm serving after {time.monotonic() - started:.1f} s", flush=True)
+        phases.mark("start servers")
+        pids = [server.proc.pid for server in swarm.servers]
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[swarm.initial_peer])
+        phases.mark("connect")
         try:
             generated = greedy_generate(model, prompt, args.new_tokens)  # warm-up and exactness check
-            pids = [server.proc.pid for server in swarm.servers]
-            server_cpu = tree_cpu_seconds(pids)
-            swarm_timing = timed_runs(
-                lambda: swarm_steps(model, prompt, args.new_tokens), args.repeats, [*pids, os.getpid()]
-            )
-            server_cpu = (tree_cpu_seconds(pids) - server_cpu) / (args.repeats * args.new_tokens)
+            phases.mark("warm-up generate")
+            swarm_timing = timed_runs(lambda: swarm_steps(model, prompt, args.new_tokens), args.repeats, pids)
+            phases.mark("timed swarm")
         finally:
             model.shutdown()
-        idle = local_timing(local, prompt, args)  # local again, with this configuration's servers idle
+        idle = local_timing(local, prompt, args, pids)  # local again, with this configuration's servers idle
+        phases.mark("timed local+idle")
         memory = [{"span": server.name, **tree_memory(server.proc.pid).as_mib()} for server in swarm.servers]
+    phases.mark("stop")
     result = {
         "servers": count,
         "spans": [format_span(span) for span in spans],
         "swarm": dataclasses.asdict(swarm_timing),
-        "server_cpu_ms_per_token": round(1000 * server_cpu, 2),
         "local_with_idle_servers": dataclasses.asdict(idle),
         "generate_tokens_match": generated == reference["generate_tokens"],
         "loop_tokens_match": swarm_timing.tokens == reference["loop_tokens"],
         "memory": memory,
+        "phase_seconds": phases.seconds,
     }
+    print(f"   {phases}", flush=True)
+    print(
+        f"   swarm decode ms: median {swarm_timing.decode_median_ms:.1f}, mean {swarm_timing.decode_mean_ms:.1f}, "
+        f"p90 {swarm_timing.decode_p90_ms:.1f}, max {swarm_timing.decode_max_ms:.1f}; "
+        f"CPU ms/token: servers {swarm_timing.server_cpu_ms_per_token:.1f}, "
+        f"client {swarm_timing.client_cpu_ms_per_token:.1f}",
+        flush=True,
+    )
     print(
         f"   generate tokens equal local: {result['generate_tokens_match']}; "
         f"timed-loop tokens equal local: {result['loop_tokens_match']}",
@@ -201,28 +238,29 @@ def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, arg
     return result
 
 
+def _ratio(swarm: float, local: float) -> str:
+    return f"{swarm:.1f}/{local:.1f}/{swarm / local:.2f}" if local > 0 else f"{swarm:.1f}/{local:.1f}/-"
+
+
 def table(results: list[dict], local: Timing) -> str:
     header = (
-        f"{'config':<20} {'prefill ms swarm/local/x':>25} {'open ms':>8} {'per-token median ms swarm/local/x':>34} "
-        f"{'mean swarm/local':>17} {'overhead/hop ms':>16} {'local+idle ms':>14} {'CPU ms/tok swarm/local':>23}"
+        f"{'config':<24} {'prefill ms swarm/local/x':>25} {'open ms':>8} {'per-token median ms swarm/local/x':>34} "
+        f"{'mean swarm/local':>17} {'overhead/hop ms':>16} {'local+idle ms':>14} {'CPU ms/tok srv+cli/local':>25}"
         f"  server mem MiB main/total"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         s = r["swarm"]
         overhead = (s["decode_median_ms"] - local.decode_median_ms) / r["servers"]
-        prefill = f"{s['prefill_ms']:.1f}/{local.prefill_ms:.1f}/{s['prefill_ms'] / local.prefill_ms:.2f}"
-        median = (
-            f"{s['decode_median_ms']:.1f}/{local.decode_median_ms:.1f}/"
-            f"{s['decode_median_ms'] / local.decode_median_ms:.2f}"
-        )
         mean = f"{s['decode_mean_ms']:.1f}/{local.decode_mean_ms:.1f}"
-        cpu = f"{s['cpu_ms_per_token']:.1f}/{local.cpu_ms_per_token:.1f}"
+        cpu = (
+            f"{s['server_cpu_ms_per_token']:.0f}+{s['client_cpu_ms_per_token']:.0f}/{local.client_cpu_ms_per_token:.0f}"
+        )
         memory = " ".join(f"{m['main_rss_mib']:.0f}/{m['total_rss_mib']:.0f}" for m in r["memory"])
-        config = f"{r['servers']} srv " + ",".join(r["spans"])
         lines.append(
-            f"{config:<20} {prefill:>25} {s['open_ms']:>8.1f} {median:>34} {mean:>17} {overhead:>16.2f} "
-            f"{r['local_with_idle_servers']['decode_median_ms']:>14.1f} {cpu:>23}  {memory}"
+            f"{r['servers']} srv {','.join(r['spans']):<18} {_ratio(s['prefill_ms'], local.prefill_ms):>25} "
+            f"{s['open_ms']:>8.1f} {_ratio(s['decode_median_ms'], local.decode_median_ms):>34} {mean:>17} "
+            f"{overhead:>16.2f} {r['local_with_idle_servers']['decode_median_ms']:>14.1f} {cpu:>25}  {memory}"
         )
     return "\n".join(lines)
 
@@ -231,14 +269,48 @@ def _on_alarm(signum, frame):
     raise BenchmarkTimeout("time limit reached; stopping (servers are cleaned up)")
 
 
+def _load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in psutil.getloadavg())
+
+
+def measure_local(local, prompt: torch.Tensor, args) -> tuple[Timing, dict]:
+    """Local transformers alone: warm-up ``generate`` (its tokens are the reference), then the timed loop."""
+    generate_tokens = greedy_generate(local, prompt, args.new_tokens)
+    timing = local_timing(local, prompt, args)
+    print(
+        f"local: prefill {timing.prefill_ms:.1f} ms, per-token median {timing.decode_median_ms:.1f} ms, "
+        f"mean {timing.decode_mean_ms:.1f}, p90 {timing.decode_p90_ms:.1f}, max {timing.decode_max_ms:.1f}; "
+        f"CPU ms/token {timing.client_cpu_ms_per_token:.1f}",
+        flush=True,
+    )
+    return timing, {"generate_tokens": generate_tokens, "loop_tokens": timing.tokens}
+
+
+def report(args, tokenizer, local_alone: Timing | None, reference: dict, results: list[dict], seconds: float) -> bool:
+    """Print the table (and write the JSON); True if every configuration reproduced the local tokens."""
+    if reference:
+        print(f"\nlocal generated text: {tokenizer.decode(reference['generate_tokens'])!r}")
+    print(f"load average at end: {_load_average()}; total {seconds:.0f} s\n")
+    if local_alone is not None and results:
+        print(table(results, local_alone))
+    exact = bool(results) and all(r["generate_tokens_match"] and r["loop_tokens_match"] for r in results)
+    print(f"\nswarm tokens equal local tokens in every configuration ({len(results)} measured): {exact}")
+    if args.json:
+        local = dataclasses.asdict(local_alone) if local_alone is not None else None
+        payload = {"args": vars(args), "load_average_end": psutil.getloadavg(), "local": local, "results": results}
+        with open(args.json, "w") as file:
+            json.dump(payload, file, indent=2)
+    return exact
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.monotonic()
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(args.time_limit)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.num_threads)
-    started = time.monotonic()
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}; cpus: {os.cpu_count()}")
+    print(f"load average at start: {_load_average()}; cpus: {os.cpu_count()}")
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -246,28 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {folder.name}: {local.config.num_hidden_layers} blocks; prompt {prompt.shape[1]} tokens, "
           f"{args.new_tokens} new tokens, batch 1, greedy; {args.num_threads} torch threads; "
           f"server env {args.server_env_dict or '{}'}", flush=True)  # fmt: skip
-    generate_tokens = greedy_generate(local, prompt, args.new_tokens)  # warm-up
-    local_alone = local_timing(local, prompt, args)
-    reference = {"generate_tokens": generate_tokens, "loop_tokens": local_alone.tokens}
-    print(f"local: prefill {local_alone.prefill_ms:.1f} ms, per-token median {local_alone.decode_median_ms:.1f} ms")
-    results = []
+    local_alone, reference, results, aborted = None, {}, [], False
     try:
+        local_alone, reference = measure_local(local, prompt, args)
         for count in args.server_counts:
             results.append(measure_config(count, local, prompt, reference, args))
+    except BenchmarkTimeout as exc:
+        print(f"\n!! {exc}; reporting the {len(results)} configuration(s) measured so far", flush=True)
+        aborted = True
     finally:
         signal.alarm(0)
-    print(f"\nlocal generated text: {tokenizer.decode(generate_tokens)!r}")
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}; "
-          f"total {time.monotonic() - started:.0f} s\n")  # fmt: skip
-    print(table(results, local_alone))
-    exact = all(r["generate_tokens_match"] and r["loop_tokens_match"] for r in results)
-    print(f"\nswarm tokens equal local tokens in every configuration: {exact}")
-    if args.json:
-        payload = {"args": {k: v for k, v in vars(args).items()}, "local": dataclasses.asdict(local_alone)}
-        payload.update(results=results)
-        with open(args.json, "w") as file:
-            json.dump(payload, file, indent=2)
-    return 0 if exact else 1
+    exact = report(args, tokenizer, local_alone, reference, results, time.monotonic() - started)
+    return 2 if aborted else 0 if exact else 1
 
 
 if __name__ == "__main__":

@@ -82,7 +82,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _load_local_weights(self, folder: Path, dtype: torch.dtype) -> None:
         family = get_family(self.config.model_type)
-        wanted = {family.embed_key: "embed_tokens.weight", family.norm_key: "norm.weight", family.head_key: "lm_head.weight"}
+        wanted = {
+            family.embed_key: "embed_tokens.weight",
+            family.norm_key: "norm.weight",
+            family.head_key: "lm_head.weight",
+        }
         state = load_tensors(folder, lambda name: name in wanted, dtype, tensor_index(folder))
         if family.head_key not in state:  # tied embeddings
             state[family.head_key] = state[family.embed_key]

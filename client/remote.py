@@ -57,7 +57,7 @@ class InferenceStream:
         self._requests.put_nowait(request)
         try:
             response = await asyncio.wait_for(self._responses.__anext__(), timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise ServerFailure(self.peer_id, f"no answer within {timeout:.1f} s", exc) from exc
         except StopAsyncIteration as exc:
             raise ServerFailure(self.peer_id, "stream closed", exc) from exc

@@ -19,7 +19,7 @@ import torch
 from client.remote import InferenceStream, ServerFailure
 from proto import pb
 from swarm import tensors
-from swarm.errors import StamenError
+from swarm.errors import SessionNotFoundError, StamenError
 from swarm.routing import Hop
 
 if TYPE_CHECKING:
@@ -33,6 +33,12 @@ class StepInput:
     hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
     position_ids: torch.Tensor  # [batch, new_tokens] int64
     attention_mask: torch.Tensor | None  # [batch, past + new_tokens] bool, or None
+
+
+@dataclasses.dataclass
+class _Attempts:
+    allowed: int
+    used: int = 0
 
 
 class _HopSession:
@@ -68,6 +74,15 @@ class InferenceSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def open(self, batch_size: int = 1) -> InferenceSession:
+        """Choose the chain and open its streams now (``step`` does it lazily otherwise)."""
+        if self.batch_size is not None and batch_size != self.batch_size:
+            raise ValueError(f"session already opened for a batch of {self.batch_size}")
+        self.batch_size = batch_size
+        if not self._hops:
+            self._hops = self.client.loop.run(self._open_with_retries(batch_size))
+        return self
+
     def step(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -92,31 +107,46 @@ class InferenceSession:
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     async def _step(self, inputs: StepInput) -> torch.Tensor:
+        attempts = _Attempts(self.config.max_retries)
+        batch = inputs.hidden.shape[0]
         if not self._hops:
-            self._hops = await self._open_chain(None, inputs.hidden.shape[0])
-        failures = 0
+            self._hops = await self._open_with_retries(batch, attempts)
         index, current = 0, inputs
         while index < len(self._hops):
             hop = self._hops[index]
             try:
                 output = await self._run(hop, current)
             except ServerFailure as failure:
-                failures += 1
-                self._give_up_if_needed(failure, failures)
-                self.client.routes.ban(failure.peer_id, failure.reason)
-                self._hops[index : index + 1] = await self._replace(hop, inputs.hidden.shape[0])
+                self._on_failure(failure, attempts)
+                self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
                 continue  # the replacement replayed the history; now run this step through it
             hop.history.append(current)
             current = dataclasses.replace(current, hidden=output)
             index += 1
         return current.hidden
 
-    def _give_up_if_needed(self, failure: ServerFailure, failures: int) -> None:
+    async def _open_with_retries(self, batch: int, attempts: _Attempts | None = None) -> list[_HopSession]:
+        attempts = attempts or _Attempts(self.config.max_retries)
+        return await self._retrying(attempts, lambda: self._open_chain(None, batch))
+
+    async def _retrying(self, attempts: _Attempts, action):
+        """Run ``action`` (open or replace part of the chain) until it succeeds or attempts run out."""
+        while True:
+            try:
+                return await action()
+            except ServerFailure as failure:
+                self._on_failure(failure, attempts)
+
+    def _on_failure(self, failure: ServerFailure, attempts: _Attempts) -> None:
+        """Raise if we should give up; otherwise ban the server (unless it only expired our session)."""
         if failure.is_client_error:
             raise failure.cause
-        if failures > self.config.max_retries:
-            raise StamenError(f"inference step failed after {failures} attempts; last: {failure}") from failure
+        attempts.used += 1
+        if attempts.used > attempts.allowed:
+            raise StamenError(f"inference step failed after {attempts.used} attempts; last: {failure}") from failure
         logger.warning("Server %s failed (%s); rerouting its blocks", failure.peer_id, failure.reason)
+        if not isinstance(failure.cause, SessionNotFoundError):
+            self.client.routes.ban(failure.peer_id, failure.reason)
 
     async def _open_chain(self, span, batch: int) -> list[_HopSession]:
         loop = asyncio.get_running_loop()

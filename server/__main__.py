@@ -26,7 +26,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens, help="KV-cache budget in tokens (batch x len)")
     p.add_argument("--public-name", default="", help="name shown to others in `python -m swarm status`")
     p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="max batch x tokens a request")
-    p.add_argument("--session-idle-timeout", type=float, default=d.session_idle_timeout, help="seconds before an idle session is closed")
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=d.session_idle_timeout,
+        help="seconds before an idle session is closed",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
     p.add_argument("--log-level", default="INFO", help="DEBUG shows one line per RPC")

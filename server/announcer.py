@@ -22,8 +22,7 @@ class Announcer:
         info = self.record()
         if state is not None:
             info = dataclasses.replace(info, state=state)
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, self.dht.announce, self.prefix, info, ttl or self.ttl)
+        ok = await self.dht.announce(self.prefix, info, ttl or self.ttl)
         if not ok:
             logger.warning("DHT did not accept the announcement of blocks %s (%s)", info.span, info.state.name)
         return ok

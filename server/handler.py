@@ -54,7 +54,7 @@ class Handler:
                     request = await asyncio.wait_for(iterator.__anext__(), self.idle_timeout)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     logger.info("Closing idle session %s of %s", session and session.session_id, peer)
                     error = errors.SessionNotFoundError(f"session closed after {self.idle_timeout:.0f} s idle")
                     yield pb.InferenceResponse(error=errors.to_proto(error))
@@ -98,7 +98,9 @@ class Handler:
         if request.step != session.next_step:
             raise errors.InvalidRequestError(f"step {request.step} out of order, expected {session.next_step}")
         if request.position != session.position:
-            raise errors.InvalidRequestError(f"position {request.position} sent, session cache holds {session.position}")
+            raise errors.InvalidRequestError(
+                f"position {request.position} sent, session cache holds {session.position}"
+            )
         step = validation.step_input(
             request.hidden,
             request.position_ids,

@@ -118,7 +118,7 @@ class Server:
         self.handler.draining = True
         try:
             await asyncio.wait_for(self.announcer.announce(ttl=self.config.record_ttl), self.config.shutdown_grace)
-        except (asyncio.TimeoutError, Exception):
+        except (TimeoutError, Exception):
             logger.warning("Could not announce offline state before shutdown")
         deadline = time.monotonic() + self.config.shutdown_grace
         while self.backend.in_flight and time.monotonic() < deadline:

@@ -24,6 +24,14 @@ logger = logging.getLogger("swarm")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m swarm", description="Swarm tools: bootstrap node and status.")
     commands = p.add_subparsers(dest="command", title="commands")
@@ -31,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = commands.add_parser("bootstrap", help="run a DHT-only node that others join through")
     b.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     b.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: 0, any free port)")
-    b.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
+    b.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT (needs --port)")
     b.add_argument("--identity", default=None, help="private key file for a fixed peer id (created if missing)")
     b.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of other bootstrap nodes, if any")
     b.add_argument("--log-level", default="INFO", help="logging level on stderr (default: INFO)")
@@ -40,23 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm members")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local folder (default: {DEFAULT_MODEL})")
     s.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
-    s.add_argument("--num-blocks", type=int, default=None, help="blocks in the model (default: read its config)")
+    s.add_argument("--num-blocks", type=positive_int, help="blocks in the model (default: from its config)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
     return p
 
 
-def ensure_identity(path: str) -> bool:
-    """Create a private key file at ``path`` (and its folder) if it is missing; True if one was created."""
-    file = pathlib.Path(path).expanduser()
-    if file.exists():
-        return False
-    from hivemind.p2p import P2P
+def ensure_identity(path: str) -> str:
+    """Create a private key file at ``path`` (and its folder) if it is missing; return the expanded path."""
+    file = pathlib.Path(path).expanduser().absolute()
+    if not file.exists():
+        from hivemind.p2p import P2P
 
-    file.parent.mkdir(parents=True, exist_ok=True)
-    P2P.generate_identity(str(file))
-    logger.info("Generated a new identity in %s", file)
-    return True
+        file.parent.mkdir(parents=True, exist_ok=True)
+        P2P.generate_identity(str(file))
+        logger.info("Generated a new identity in %s", file)
+    return str(file)
 
 
 def join(config: DHTConfig) -> SwarmDHT | None:
@@ -65,7 +72,7 @@ def join(config: DHTConfig) -> SwarmDHT | None:
 
     try:
         return SwarmDHT(config)
-    except (P2PDaemonError, OSError, TimeoutError) as exc:
+    except (P2PDaemonError, OSError, TimeoutError, RuntimeError) as exc:  # RuntimeError: no initial peer answered
         peers = " ".join(config.initial_peers) or "(none)"
         logger.error("Cannot start a DHT node on %s (initial peers: %s): %s", config.host, peers, exc)
         return None
@@ -73,14 +80,13 @@ def join(config: DHTConfig) -> SwarmDHT | None:
 
 def run_bootstrap(args: argparse.Namespace) -> int:
     """Start the DHT node, print its addresses, wait for SIGINT/SIGTERM, stop."""
-    if args.identity:
-        ensure_identity(args.identity)
+    identity = ensure_identity(args.identity) if args.identity else None
     config = DHTConfig(
         initial_peers=list(args.initial_peers),
         host=args.host,
         port=args.port,
         client_mode=False,
-        identity_path=args.identity,
+        identity_path=identity,
         announce_host=args.announce_host,
     )
     dht = join(config)
@@ -149,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "status" and args.num_blocks is not None and args.num_blocks < 1:
-        parser.error("--num-blocks must be positive")
+    if args.command == "bootstrap" and args.announce_host and not args.port:
+        parser.error("--announce-host needs a fixed --port (the advertised address would say port 0)")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     if args.command == "bootstrap":
         return run_bootstrap(args)

@@ -6,7 +6,9 @@ answers, so async code must run them in an executor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -48,6 +50,8 @@ class SwarmDHT:
             client_mode=config.client_mode,
             **kwargs,
         )
+        # hivemind's DHT process outlives a SIGKILLed parent; make it follow its parent out
+        self.dht.run_coroutine(partial(_exit_with_parent, parent_pid=os.getpid()), return_future=True)
 
     @property
     def peer_id(self) -> str:
@@ -58,11 +62,14 @@ class SwarmDHT:
         """Full multiaddrs (with /p2p/<peer id>) that others can use as initial peers."""
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
-    def announce(self, prefix: str, info: ServerInfo, ttl: float) -> bool:
-        """Store ``info`` under the key of every block it hosts, expiring after ``ttl`` seconds."""
+    def announce(self, prefix: str, info: ServerInfo, ttl: float):
+        """Store ``info`` under the key of every block it hosts, expiring after ``ttl`` seconds.
+
+        Returns a future (``.result()`` to block, ``await`` in async code) that says if the DHT took it.
+        """
         keys = [block_key(prefix, block) for block in range(info.span.start, info.span.end)]
         coroutine = partial(_store_records, keys=keys, subkey=info.peer_id, value=info.to_bytes(), ttl=ttl)
-        return self.dht.run_coroutine(coroutine)
+        return self.dht.run_coroutine(coroutine, return_future=True)
 
     def fetch_servers(self, prefix: str, num_blocks: int) -> list[ServerInfo]:
         """Every well-formed record announced for blocks 0..num_blocks-1, one per peer (freshest kept)."""
@@ -71,8 +78,12 @@ class SwarmDHT:
         return parse_records(prefix, num_blocks, raw)
 
     def shutdown(self) -> None:
+        """Stop the DHT process, by force if it does not stop by itself (it ignores SIGTERM)."""
         if self.dht.is_alive():
             self.dht.shutdown()
+        if self.dht.is_alive():
+            self.dht.kill()
+            self.dht.join(timeout=5)
 
 
 def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[bytes, float]]]) -> list[ServerInfo]:
@@ -86,6 +97,16 @@ def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[b
             if info.peer_id not in best or best[info.peer_id][0] < expiration:
                 best[info.peer_id] = (expiration, info)
     return [info for _, info in best.values()]
+
+
+async def _exit_with_parent(dht, node, parent_pid: int) -> None:
+    """Runs inside the DHT process: when the parent process is gone, stop the p2p daemon and exit."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(0.5)
+    try:
+        await asyncio.wait_for(node.shutdown(), timeout=3)
+    finally:
+        os._exit(0)
 
 
 async def _store_records(dht, node, keys: list[str], subkey: str, value: bytes, ttl: float) -> bool:

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 class ServerProcess:
     args: list[str]
     proc: subprocess.Popen
+    model: str | None = None
+    blocks: str = ""
+    extra: tuple[str, ...] = ()
     lines: queue.Queue = field(default_factory=queue.Queue)
     output: list[str] = field(default_factory=list)
     maddrs: list[str] = field(default_factory=list)
@@ -86,7 +89,7 @@ def spawn_server(
         start_new_session=True,
         env=env,
     )
-    server = ServerProcess(args, proc)
+    server = ServerProcess(args, proc, model, blocks, tuple(extra))
     threading.Thread(target=_pump, args=(proc, server.lines, server.output), daemon=True).start()
     return server
 
@@ -100,7 +103,19 @@ class LocalSwarm:
 
     @property
     def initial_peers(self) -> list[str]:
-        return self.servers[0].maddrs if self.servers else []
+        """Addresses of the servers still running (any of them lets a newcomer join)."""
+        return [addr for server in self.servers if server.proc.poll() is None for addr in server.maddrs]
+
+    def live(self, blocks: str | None = None) -> list[ServerProcess]:
+        return [s for s in self.servers if s.proc.poll() is None and (blocks is None or s.blocks == blocks)]
+
+    def by_peer(self, peer_id: str) -> ServerProcess:
+        return next(s for s in self.servers if s.peer_id == peer_id)
+
+    def replace(self, server: ServerProcess) -> ServerProcess:
+        """Start a new server with the same arguments as ``server`` (which may be dead)."""
+        (new,) = self.start(server.model, [(server.blocks, server.extra)])
+        return new
 
     def start(self, model, specs: list[tuple[str, tuple[str, ...]]]) -> list[ServerProcess]:
         """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new."""

@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
-from swarm.modelpath import resolve_model
 from swarm.localswarm import LocalSwarm
+from swarm.modelpath import resolve_model
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -48,8 +48,12 @@ def test_greedy_tokens_and_logits_match_local(family_swarm, split):
     model = models[split]
     prompt = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
 
-    expected = local.generate(prompt, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    actual = model.generate(prompt, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = local.generate(
+        prompt, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    actual = model.generate(
+        prompt, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
 
     assert actual.sequences.tolist() == expected.sequences.tolist()
     for got, want in zip(actual.logits, expected.logits, strict=True):

@@ -1,0 +1,132 @@
+"""Servers that drop out mid-generation: the client reroutes, replays, and the tokens do not change.
+
+Real server processes are killed with SIGKILL at chosen moments (first, middle and last span; prefill
+and decode; inside a multi-turn session). Each killed server is replaced afterwards, so every test
+starts from a swarm with two replicas of each span.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM
+from swarm.localswarm import LocalSwarm
+
+pytestmark = pytest.mark.timeout(300)
+SPANS = ["0:2", "2:4", "4:6"]
+
+
+class KillAtToken:
+    """A generate() streamer that SIGKILLs the server serving hop ``hop`` when token ``at`` arrives
+    (``put`` gets the prompt first, then one call per generated token)."""
+
+    def __init__(self, swarm: LocalSwarm, session, hop: int, at: int, sig: int = signal.SIGKILL):
+        self.swarm, self.session, self.hop, self.at, self.sig = swarm, session, hop, at, sig
+        self.calls, self.victim = 0, None
+
+    def put(self, value) -> None:
+        if self.calls == self.at and self.victim is None:
+            self.victim = self.swarm.by_peer(self.session.route[self.hop].peer_id)
+            os.kill(self.victim.proc.pid, self.sig)
+        self.calls += 1
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def replicated(tiny_models):
+    folder = tiny_models["llama"]
+    with LocalSwarm() as swarm:
+        swarm.start(folder, [(span, ()) for span in SPANS for _ in range(2)])
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(folder), initial_peers=swarm.initial_peers, update_period=0.5
+        )
+        try:
+            yield swarm, model, AutoModelForCausalLM.from_pretrained(folder).eval()
+        finally:
+            model.shutdown()
+
+
+def restore(swarm: LocalSwarm) -> None:
+    """Bring every span back to two live replicas."""
+    for span in SPANS:
+        for dead in [s for s in swarm.servers if s.blocks == span and s.proc.poll() is not None]:
+            if len(swarm.live(span)) < 2:
+                swarm.replace(dead)
+            swarm.servers.remove(dead)
+            dead.kill_group()
+
+
+def prompt(seed: int, length: int = 10) -> torch.Tensor:
+    return torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("hop", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("at", [0, 5], ids=["prefill", "decode"])
+def test_killed_server_does_not_change_tokens(replicated, hop, at):
+    swarm, model, local = replicated
+    ids = prompt(10 * hop + at)
+    expected = local.generate(ids, max_new_tokens=14, do_sample=False)
+    try:
+        with model.inference_session(max_length=32) as session:
+            session.open(batch_size=1)
+            killer = KillAtToken(swarm, session, hop, at)
+            actual = model.generate(ids, max_new_tokens=14, do_sample=False, streamer=killer)
+            assert killer.victim is not None and killer.victim.proc.wait(timeout=10) == -signal.SIGKILL
+            assert killer.victim.peer_id not in [h.peer_id for h in session.route]
+        assert actual.tolist() == expected.tolist()
+    finally:
+        restore(swarm)
+
+
+def test_killed_server_inside_multi_turn_session(replicated):
+    swarm, model, local = replicated
+    turn1, turn2 = prompt(40, 6), prompt(41, 5)
+    expected1 = local.generate(turn1, max_new_tokens=8, do_sample=False)
+    expected2 = local.generate(torch.cat([expected1, turn2], dim=1), max_new_tokens=8, do_sample=False)
+    try:
+        with model.inference_session(max_length=64) as session:
+            reply1 = model.generate(turn1, max_new_tokens=8, do_sample=False)
+            killer = KillAtToken(swarm, session, hop=1, at=3)
+            reply2 = model.generate(torch.cat([reply1, turn2], dim=1), max_new_tokens=8, streamer=killer)
+            assert killer.victim is not None
+        assert reply1.tolist() == expected1.tolist()
+        assert reply2.tolist() == expected2.tolist()
+    finally:
+        restore(swarm)
+
+
+def test_graceful_shutdown_moves_clients_without_error(replicated):
+    swarm, model, local = replicated
+    ids = prompt(50)
+    expected = local.generate(ids, max_new_tokens=14, do_sample=False)
+    try:
+        with model.inference_session(max_length=32) as session:
+            session.open(batch_size=1)
+            killer = KillAtToken(swarm, session, hop=1, at=4, sig=signal.SIGTERM)
+            actual = model.generate(ids, max_new_tokens=14, do_sample=False, streamer=killer)
+        assert actual.tolist() == expected.tolist()
+        assert killer.victim.proc.wait(timeout=30) == 0  # it stopped cleanly
+        assert "Server stopped" in "".join(killer.victim.output)
+    finally:
+        restore(swarm)
+
+
+def test_full_server_is_skipped(tiny_models):
+    folder = tiny_models["llama"]
+    with LocalSwarm() as swarm:
+        small, big = swarm.start(folder, [("0:6", ("--cache-tokens", "16")), ("0:6", ("--cache-tokens", "4096"))])
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(folder), initial_peers=swarm.initial_peers)
+        try:
+            for _ in range(3):
+                with model.inference_session(max_length=64) as session:
+                    session.open(batch_size=1)
+                    assert [hop.peer_id for hop in session.route] == [big.peer_id]
+        finally:
+            model.shutdown()
