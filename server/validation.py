@@ -79,7 +79,8 @@ def step_input(
         raise InvalidRequestError(f"hidden: dtype {hidden.dtype} sent, this server computes in {limits.dtype}")
     if hidden.ndim != 3 or hidden.shape[2] != limits.hidden_size or hidden.shape[0] < 1 or hidden.shape[1] < 1:
         raise InvalidRequestError(
-            f"hidden: shape must be [batch, tokens, {limits.hidden_size}] with batch, tokens >= 1, got {list(hidden.shape)}"
+            f"hidden: shape must be [batch, tokens, {limits.hidden_size}] with batch, tokens >= 1, "
+            f"got {list(hidden.shape)}"
         )
     batch, tokens = hidden.shape[:2]
     if batch_size is not None and batch != batch_size:

@@ -100,7 +100,7 @@ def converted(tmp_path_factory):
     ]
     results = [p.communicate(timeout=280) for p in procs]
     elapsed = time.monotonic() - start
-    for p, (out, err) in zip(procs, results):
+    for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
     return cache, [pathlib.Path(out.strip()) for out, _ in results], "".join(err for _, err in results), elapsed
 
