@@ -17,12 +17,15 @@ the last position's logits. The swarm session opens its chain of streams lazily 
 is measured separately ("open") and subtracted from the swarm's prefill. A ``generate`` call on both sides
 is the warm-up and the exactness check: its tokens, and the timed loops' tokens, must be equal.
 
-Overhead per hop = (swarm median per-token - local median per-token) / number of servers. The benchmark
-process sets ``torch.set_num_threads`` to ``--num-threads``, which it also passes to every server. The
-"local+idle" column re-times local transformers while the configuration's servers sit idle, which shows
-whether idle servers steal CPU. "CPU ms/tok srv+cli/local" is user+system CPU per generated token during
-the timed loops: of the servers (with their DHT child and p2pd), of the benchmark process (the client,
-with its own DHT child and p2pd, servers excluded), and of the benchmark process for local transformers.
+In each configuration the swarm and local transformers take turns (swarm, local, swarm, local, ...), so
+both see the same background load; the table compares them ("local" = these interleaved runs, with the
+configuration's servers up but idle). "local alone" is local transformers timed at the start, before any
+server exists, and "idle srv CPU ms/tok" is the CPU the idle servers burned per token during the local runs:
+together they show whether idle servers steal CPU. Overhead per hop = (swarm median per-token - local median
+per-token) / number of servers. The benchmark process sets ``torch.set_num_threads`` to ``--num-threads``,
+which it also passes to every server. "CPU ms/tok srv+cli/local" is user+system CPU per generated token:
+of the servers (with their DHT child and p2pd) and of the benchmark process (the client, with its own DHT
+child and p2pd, servers excluded) during the swarm runs, and of the benchmark process during the local runs.
 Server memory is the RSS of the server's main process, and the RSS summed over it and its children (the
 JSON also has the summed PSS, which counts pages shared after fork once).
 
@@ -141,26 +144,28 @@ def swarm_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
     return tokens, seconds, sum(opened)
 
 
-def timed_runs(run, repeats: int, server_pids: list[int]) -> Timing:
-    """Call ``run()`` (-> tokens, step seconds, open seconds) ``repeats`` times; medians of the statistics."""
-    stats: dict[str, list[float]] = {name: [] for name in ("prefill", "open", "median", "mean", "p90", "max")}
-    server_cpu, client_cpu = [], []
-    tokens: list[int] = []
-    for _ in range(repeats):
-        servers_before = tree_cpu_seconds(server_pids)
-        client_before = tree_cpu_seconds([os.getpid()], exclude=server_pids)
-        tokens, seconds, open_seconds = run()
-        server_cpu.append((tree_cpu_seconds(server_pids) - servers_before) / len(seconds))
-        client_cpu.append((tree_cpu_seconds([os.getpid()], exclude=server_pids) - client_before) / len(seconds))
-        decode = seconds[1:]
-        stats["prefill"].append(seconds[0] - open_seconds)
-        stats["open"].append(open_seconds)
-        stats["median"].append(statistics.median(decode))
-        stats["mean"].append(statistics.fmean(decode))
-        stats["p90"].append(statistics.quantiles(decode, n=10)[-1] if len(decode) > 1 else decode[0])
-        stats["max"].append(max(decode))
-    values = [*stats.values(), server_cpu, client_cpu]
-    return Timing(*[round(1000 * statistics.median(v), 2) for v in values], tokens=tokens)
+def one_run(run, server_pids: list[int]) -> tuple[dict[str, float], list[int]]:
+    """Call ``run()`` (-> tokens, step seconds, open seconds) once; its statistics in seconds, and its tokens."""
+    servers_before = tree_cpu_seconds(server_pids)
+    client_before = tree_cpu_seconds([os.getpid()], exclude=server_pids)
+    tokens, seconds, open_seconds = run()
+    decode = seconds[1:]
+    stats = {
+        "prefill": seconds[0] - open_seconds,
+        "open": open_seconds,
+        "median": statistics.median(decode),
+        "mean": statistics.fmean(decode),
+        "p90": statistics.quantiles(decode, n=10)[-1] if len(decode) > 1 else decode[0],
+        "max": max(decode),
+        "server_cpu": (tree_cpu_seconds(server_pids) - servers_before) / len(seconds),
+        "client_cpu": (tree_cpu_seconds([os.getpid()], exclude=server_pids) - client_before) / len(seconds),
+    }
+    return stats, tokens
+
+
+def summarize(samples: list[dict[str, float]], tokens: list[int]) -> Timing:
+    """Median over the repeats of each statistic, in milliseconds."""
+    return Timing(*[round(1000 * statistics.median(s[name] for s in samples), 2) for name in samples[0]], tokens)
 
 
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
@@ -168,12 +173,9 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     return output[0, prompt.shape[1] :].tolist()
 
 
-def local_timing(local, prompt: torch.Tensor, args, server_pids: list[int] = ()) -> Timing:
-    def run():
-        tokens, seconds = greedy_steps(local, prompt, args.new_tokens, DynamicCache(config=local.config))
-        return tokens, seconds, 0.0
-
-    return timed_runs(run, args.repeats, server_pids)
+def local_run(local, prompt: torch.Tensor, new_tokens: int):
+    tokens, seconds = greedy_steps(local, prompt, new_tokens, DynamicCache(config=local.config))
+    return tokens, seconds, 0.0
 
 
 class Phases:
@@ -191,8 +193,20 @@ class Phases:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
 
 
+def interleaved(model, local, prompt: torch.Tensor, args, pids: list[int]) -> tuple[Timing, Timing]:
+    """Alternate swarm and local runs, so that both see the same background load; (swarm, local)."""
+    swarm_samples, local_samples = [], []
+    swarm_tokens, local_tokens = [], []
+    for _ in range(args.repeats):
+        stats, swarm_tokens = one_run(lambda: swarm_steps(model, prompt, args.new_tokens), pids)
+        swarm_samples.append(stats)
+        stats, local_tokens = one_run(lambda: local_run(local, prompt, args.new_tokens), pids)
+        local_samples.append(stats)
+    return summarize(swarm_samples, swarm_tokens), summarize(local_samples, local_tokens)
+
+
 def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, args) -> dict:
-    """Start ``count`` servers, time the swarm and local-with-idle-servers, check tokens, read memory."""
+    """Start ``count`` servers; time the swarm and local transformers in turns; check tokens; read memory."""
     spans = even_spans(local.config.num_hidden_layers, count)
     print(f"\n== {count} server(s): {', '.join(map(format_span, spans))}", flush=True)
     phases = Phases()
@@ -204,32 +218,30 @@ def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, arg
         try:
             generated = greedy_generate(model, prompt, args.new_tokens)  # warm-up and exactness check
             phases.mark("warm-up generate")
-            swarm_timing = timed_runs(lambda: swarm_steps(model, prompt, args.new_tokens), args.repeats, pids)
-            phases.mark("timed swarm")
+            swarm_timing, local_timing = interleaved(model, local, prompt, args, pids)
+            phases.mark("timed runs")
         finally:
             model.shutdown()
-        idle = local_timing(local, prompt, args, pids)  # local again, with this configuration's servers idle
-        phases.mark("timed local+idle")
         memory = [{"span": server.name, **tree_memory(server.proc.pid).as_mib()} for server in swarm.servers]
     phases.mark("stop")
     result = {
         "servers": count,
         "spans": [format_span(span) for span in spans],
         "swarm": dataclasses.asdict(swarm_timing),
-        "local_with_idle_servers": dataclasses.asdict(idle),
+        "local": dataclasses.asdict(local_timing),
         "generate_tokens_match": generated == reference["generate_tokens"],
-        "loop_tokens_match": swarm_timing.tokens == reference["loop_tokens"],
+        "loop_tokens_match": swarm_timing.tokens == reference["loop_tokens"] == local_timing.tokens,
         "memory": memory,
         "phase_seconds": phases.seconds,
     }
     print(f"   {phases}", flush=True)
-    print(
-        f"   swarm decode ms: median {swarm_timing.decode_median_ms:.1f}, mean {swarm_timing.decode_mean_ms:.1f}, "
-        f"p90 {swarm_timing.decode_p90_ms:.1f}, max {swarm_timing.decode_max_ms:.1f}; "
-        f"CPU ms/token: servers {swarm_timing.server_cpu_ms_per_token:.1f}, "
-        f"client {swarm_timing.client_cpu_ms_per_token:.1f}",
-        flush=True,
-    )
+    for name, timing in (("swarm", swarm_timing), ("local", local_timing)):
+        print(
+            f"   {name} decode ms: median {timing.decode_median_ms:.1f}, mean {timing.decode_mean_ms:.1f}, "
+            f"p90 {timing.decode_p90_ms:.1f}, max {timing.decode_max_ms:.1f}; CPU ms/token: "
+            f"servers {timing.server_cpu_ms_per_token:.1f}, client {timing.client_cpu_ms_per_token:.1f}",
+            flush=True,
+        )
     print(
         f"   generate tokens equal local: {result['generate_tokens_match']}; "
         f"timed-loop tokens equal local: {result['loop_tokens_match']}",
@@ -242,25 +254,25 @@ def _ratio(swarm: float, local: float) -> str:
     return f"{swarm:.1f}/{local:.1f}/{swarm / local:.2f}" if local > 0 else f"{swarm:.1f}/{local:.1f}/-"
 
 
-def table(results: list[dict], local: Timing) -> str:
+def table(results: list[dict], alone: Timing) -> str:
     header = (
-        f"{'config':<24} {'prefill ms swarm/local/x':>25} {'open ms':>8} {'per-token median ms swarm/local/x':>34} "
-        f"{'mean swarm/local':>17} {'overhead/hop ms':>16} {'local+idle ms':>14} {'CPU ms/tok srv+cli/local':>25}"
-        f"  server mem MiB main/total"
+        f"{'config':<24} {'prefill ms swarm/local/x':>24} {'open ms':>7} {'per-token median ms swarm/local/x':>33} "
+        f"{'mean swarm/local':>16} {'overhead/hop ms':>15} {'local alone ms':>14} {'idle srv CPU ms/tok':>19} "
+        f"{'CPU ms/tok srv+cli/local':>24}  server mem MiB main/total"
     )
     lines = [header, "-" * len(header)]
     for r in results:
-        s = r["swarm"]
-        overhead = (s["decode_median_ms"] - local.decode_median_ms) / r["servers"]
-        mean = f"{s['decode_mean_ms']:.1f}/{local.decode_mean_ms:.1f}"
-        cpu = (
-            f"{s['server_cpu_ms_per_token']:.0f}+{s['client_cpu_ms_per_token']:.0f}/{local.client_cpu_ms_per_token:.0f}"
-        )
+        s, local = r["swarm"], r["local"]
+        overhead = (s["decode_median_ms"] - local["decode_median_ms"]) / r["servers"]
+        mean = f"{s['decode_mean_ms']:.1f}/{local['decode_mean_ms']:.1f}"
+        cpu = f"{s['server_cpu_ms_per_token']:.0f}+{s['client_cpu_ms_per_token']:.0f}"
+        cpu += f"/{local['client_cpu_ms_per_token']:.0f}"
         memory = " ".join(f"{m['main_rss_mib']:.0f}/{m['total_rss_mib']:.0f}" for m in r["memory"])
         lines.append(
-            f"{r['servers']} srv {','.join(r['spans']):<18} {_ratio(s['prefill_ms'], local.prefill_ms):>25} "
-            f"{s['open_ms']:>8.1f} {_ratio(s['decode_median_ms'], local.decode_median_ms):>34} {mean:>17} "
-            f"{overhead:>16.2f} {r['local_with_idle_servers']['decode_median_ms']:>14.1f} {cpu:>25}  {memory}"
+            f"{r['servers']} srv {','.join(r['spans']):<18} {_ratio(s['prefill_ms'], local['prefill_ms']):>24} "
+            f"{s['open_ms']:>7.1f} {_ratio(s['decode_median_ms'], local['decode_median_ms']):>33} {mean:>16} "
+            f"{overhead:>15.2f} {alone.decode_median_ms:>14.1f} {local['server_cpu_ms_per_token']:>19.1f} "
+            f"{cpu:>24}  {memory}"
         )
     return "\n".join(lines)
 
@@ -276,7 +288,8 @@ def _load_average() -> str:
 def measure_local(local, prompt: torch.Tensor, args) -> tuple[Timing, dict]:
     """Local transformers alone: warm-up ``generate`` (its tokens are the reference), then the timed loop."""
     generate_tokens = greedy_generate(local, prompt, args.new_tokens)
-    timing = local_timing(local, prompt, args)
+    samples = [one_run(lambda: local_run(local, prompt, args.new_tokens), []) for _ in range(args.repeats)]
+    timing = summarize([stats for stats, _ in samples], samples[-1][1])
     print(
         f"local: prefill {timing.prefill_ms:.1f} ms, per-token median {timing.decode_median_ms:.1f} ms, "
         f"mean {timing.decode_mean_ms:.1f}, p90 {timing.decode_p90_ms:.1f}, max {timing.decode_max_ms:.1f}; "

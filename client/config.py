@@ -13,7 +13,9 @@ class ClientConfig:
     update_period: float = 5.0  # seconds a fetched view of the swarm stays fresh
     connect_timeout: float = 5.0  # seconds to open a stream to a server
     step_timeout: float = 10.0  # base seconds to wait for one step's answer from a server...
-    step_timeout_per_token: float = 0.05  # ...plus this many seconds per token the step carries
+    step_timeout_per_token: float = 0.05  # ...plus this many seconds per token the step carries;
+    slow_step_factor: float = 20.0  # once a server has answered decode steps: at most this x its usual time...
+    min_step_timeout: float = 2.0  # ...but never less than this many seconds
     max_retries: int = 8  # failovers allowed per step before the error reaches the caller
     ban_base: float = 5.0  # seconds a failed server is avoided; doubles with each repeated failure
     ban_max: float = 300.0  # longest ban, in seconds

@@ -84,3 +84,14 @@ async def call_forward(p2p: P2P, peer_id: str, request: pb.ForwardRequest, timeo
         cause = errors.from_proto(response.error, peer_id)
         raise ServerFailure(peer_id, str(cause), cause)
     return response
+
+
+async def call_info(p2p: P2P, peer_id: str, timeout: float) -> pb.ServerRecord:
+    """The server's current record (state, span, free cache...), straight from the server."""
+    try:
+        return await asyncio.wait_for(
+            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Info"), pb.InfoRequest(), pb.ServerRecord),
+            timeout,
+        )
+    except Exception as exc:
+        raise ServerFailure(peer_id, f"info failed: {exc!r}", exc) from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,7 @@ class _HopSession:
         self.history: list[StepInput] = []
         self.next_step = 0
         self.position = 0
+        self.decode_seconds: float | None = None  # moving average of single-token step times
 
 
 class InferenceSession:
@@ -199,8 +201,12 @@ class InferenceSession:
             request.session_id = hop.session_id
             request.start_block, request.end_block = hop.hop.span.start, hop.hop.span.end
             request.max_length, request.batch_size = self.max_length, batch
-        timeout = self.config.step_timeout + self.config.step_timeout_per_token * batch * tokens
+        timeout = self._timeout(hop, batch * tokens)
+        started = time.perf_counter()
         response = await hop.stream.step(request, timeout)
+        if tokens == 1:
+            elapsed = time.perf_counter() - started
+            hop.decode_seconds = elapsed if hop.decode_seconds is None else 0.8 * hop.decode_seconds + 0.2 * elapsed
         try:
             hidden = tensors.from_proto(response.hidden, "hidden")
         except StamenError as exc:
@@ -210,6 +216,14 @@ class InferenceSession:
         hop.next_step += 1
         hop.position += tokens
         return hidden.to(item.hidden.dtype)
+
+    def _timeout(self, hop: _HopSession, tokens: int) -> float:
+        """How long to wait for a step: generous at first, then adapted to the server's usual speed."""
+        config = self.config
+        timeout = config.step_timeout + config.step_timeout_per_token * tokens
+        if tokens == 1 and hop.decode_seconds is not None:
+            timeout = min(timeout, max(config.min_step_timeout, config.slow_step_factor * hop.decode_seconds))
+        return timeout
 
     def close(self) -> None:
         if self.closed:

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         blocks = parse_blocks(args.blocks)
     except ValueError as exc:
         p.error(str(exc))
+    if args.announce_host and not args.port:
+        p.error("--announce-host needs a fixed --port (the port others reach through the announced address)")
     return ServerConfig(
         blocks=blocks,
         model=args.model,
@@ -64,7 +66,7 @@ def announce_ready(server: Server) -> None:
         print(f"Listening on {addr}", flush=True)
     print(
         f"Serving blocks {server.config.blocks} of {server.model_name} as {server.peer_id} "
-        f"(dht prefix {server.prefix}, {server.throughput:.1f} tokens/s)",
+        f"(dht prefix {server.prefix}, {server.throughput:.0f} block-steps/s)",
         flush=True,
     )
 

@@ -45,7 +45,7 @@ class Backend:
         return self.stack(step.hidden, step.position_ids, step.attention_mask, None, blocks)
 
     def measure_throughput(self, geometry: KVGeometry, repeats: int = 5) -> float:
-        """Tokens per second of a single-token inference step through the whole span (batch 1)."""
+        """Single-token inference steps per second through ONE block (batch 1): the span's rate x its length."""
         hidden_size = self.stack.config.hidden_size
         cache = geometry.allocate(len(self.stack.span), 1, repeats + 2)
         hidden = torch.zeros(1, 1, hidden_size, dtype=self.dtype)
@@ -53,7 +53,7 @@ class Backend:
         started = time.perf_counter()
         for position in range(1, repeats + 1):
             self.stack(hidden, torch.full((1, 1), position, dtype=torch.long), None, cache)
-        return repeats / max(time.perf_counter() - started, 1e-9)
+        return repeats * len(self.stack.span) / max(time.perf_counter() - started, 1e-9)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -68,8 +68,6 @@ class Server:
         config = self.config
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
@@ -94,6 +92,9 @@ class Server:
         )
 
         self.dht = await loop.run_in_executor(None, SwarmDHT, self._dht_config())
+        # only now: a DHT process forked after this would inherit the handlers and ignore SIGTERM
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
         try:
             p2p = await self.dht.dht.replicate_p2p()

@@ -24,7 +24,7 @@ class ServerInfo:
     peer_id: str
     state: ServerState
     span: BlockRange
-    throughput: float = 0.0  # tokens/s through the whole span for a single-token inference step
+    throughput: float = 0.0  # inference: single-token steps per second through ONE block (batch 1)
     dtype: str = "float32"
     cache_tokens_left: int = 0  # free KV budget in tokens (batch x length summed over sessions)
     version: str = ""
@@ -33,6 +33,8 @@ class ServerInfo:
     maddrs: tuple[str, ...] = ()
     hidden_size: int = 0
     max_request_tokens: int = 0
+    forward_throughput: float = 0.0  # batched forward: tokens per second through ONE block
+    next_pings: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> round trip, seconds
 
     def to_proto(self) -> pb.ServerRecord:
         return pb.ServerRecord(
@@ -49,6 +51,8 @@ class ServerInfo:
             maddrs=list(self.maddrs),
             hidden_size=self.hidden_size,
             max_request_tokens=self.max_request_tokens,
+            forward_throughput=self.forward_throughput,
+            next_pings=dict(self.next_pings),
         )
 
     @classmethod
@@ -66,6 +70,8 @@ class ServerInfo:
             maddrs=tuple(record.maddrs),
             hidden_size=record.hidden_size,
             max_request_tokens=record.max_request_tokens,
+            forward_throughput=record.forward_throughput,
+            next_pings=dict(record.next_pings),
         )
 
     def to_bytes(self) -> bytes:

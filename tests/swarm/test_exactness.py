@@ -112,3 +112,14 @@ def test_chat_session_across_generate_calls(family_swarm):
     expected2 = local.generate(torch.cat([expected1, turn2], dim=1), max_new_tokens=8, do_sample=False)
     assert reply1.tolist() == expected1.tolist()
     assert reply2.tolist() == expected2.tolist()
+
+
+def test_generation_stops_at_eos_like_local(family_swarm):
+    _, local, models = family_swarm
+    prompt = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(7))
+    free_run = local.generate(prompt, max_new_tokens=12, do_sample=False)
+    eos = int(free_run[0, 8 + 4])  # make the 5th generated token the end of sequence
+    expected = local.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    actual = models["two"].generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert actual.tolist() == expected.tolist()
+    assert actual.shape[1] <= 8 + 5

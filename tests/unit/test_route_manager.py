@@ -1,0 +1,73 @@
+"""RouteManager without a network: bans with exponential backoff, allow/block lists, bounded waiting."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from client.config import ClientConfig
+from client.sequence import RouteManager
+from swarm.errors import MissingBlocksError
+from swarm.records import ServerInfo, ServerState
+from swarm.spans import BlockRange
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FixedSwarm:
+    """Stands in for SwarmDHT.fetch_servers: returns a fixed list of records."""
+
+    def __init__(self, servers):
+        self.servers = servers
+
+    def fetch_servers(self, prefix, num_blocks):
+        return list(self.servers)
+
+
+def server(peer, start, end, throughput=1.0):
+    return ServerInfo(peer, ServerState.ONLINE, BlockRange(start, end), throughput, cache_tokens_left=1000)
+
+
+def manager(servers, **options):
+    return RouteManager(FixedSwarm(servers), "m", 4, ClientConfig(**options))
+
+
+def test_ban_doubles_with_each_failure_and_is_capped():
+    routes = manager([server("a", 0, 4)], ban_base=1.0, ban_max=5.0)
+    assert [routes.ban("a") for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    routes.mark_ok("a")
+    assert routes.ban("a") == 1.0
+
+
+def test_banned_server_is_avoided_until_its_ban_expires():
+    routes = manager([server("fast", 0, 4, 10.0), server("slow", 0, 4, 1.0)], ban_base=0.3)
+    assert routes.chain()[0].peer_id == "fast"
+    routes.ban("fast")
+    assert routes.chain()[0].peer_id == "slow"
+    deadline = time.monotonic() + 5
+    while "fast" in routes.banned():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert routes.chain()[0].peer_id == "fast"
+
+
+def test_allow_and_block_lists():
+    servers = [server("a", 0, 4, 3.0), server("b", 0, 4, 2.0), server("c", 0, 4, 1.0)]
+    assert manager(servers, blocked_peers=["a"]).chain()[0].peer_id == "b"
+    assert manager(servers, allowed_peers=["c"]).chain()[0].peer_id == "c"
+
+
+def test_missing_blocks_raise_after_the_bounded_wait():
+    routes = manager([server("a", 0, 2)], wait_for_blocks=0.5)
+    started = time.monotonic()
+    with pytest.raises(MissingBlocksError) as caught:
+        routes.chain()
+    assert caught.value.blocks == [2, 3]
+    assert 0.5 <= time.monotonic() - started < 3
+
+
+def test_banned_only_server_waits_for_ban_to_expire_within_the_wait():
+    routes = manager([server("a", 0, 4)], ban_base=0.5, wait_for_blocks=5)
+    routes.ban("a")
+    assert routes.chain()[0].peer_id == "a"
