@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from client.remote import InferenceStream, ServerFailure
+from swarm.rpc import InferenceStream, ServerFailure
 from proto import pb
 from swarm import tensors
 from swarm.errors import SessionNotFoundError, StamenError

@@ -8,7 +8,7 @@ import torch
 
 from client.config import ClientConfig
 from client.loop import LoopThread
-from client.remote import ServerFailure, call_forward
+from swarm.rpc import ServerFailure, call_forward
 from client.sequence import RouteManager
 from client.session import InferenceSession
 from proto import pb

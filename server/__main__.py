@@ -13,9 +13,13 @@ from swarm.spans import parse_blocks
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    d = ServerConfig(blocks=None)  # defaults, for the help text
+    d = ServerConfig()  # defaults, for the help text
     p = argparse.ArgumentParser(prog="python -m server", description="Host a span of transformer blocks in a swarm.")
-    p.add_argument("--blocks", required=True, help="span of blocks to host, START:END (end exclusive), e.g. 10:20")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--blocks", help="span of blocks to host, START:END (end exclusive), e.g. 10:20")
+    where.add_argument(
+        "--num-blocks", type=int, help="host N blocks where the swarm is weakest, and move as it changes"
+    )
     p.add_argument("--model", default=None, help=f"model name or local Hugging Face folder (default: {DEFAULT_MODEL})")
     p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm members; none = new swarm")
     p.add_argument("--host", default=d.host, help=f"interface to listen on (default: {d.host})")
@@ -34,17 +38,29 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
+    p.add_argument("--rebalance-period", type=float, default=d.rebalance_period, help="seconds between balance checks")
+    p.add_argument(
+        "--balance-quality",
+        type=float,
+        default=d.balance_quality,
+        help="move only if the swarm's throughput would grow by more than 1/this (default 0.75)",
+    )
+    p.add_argument("--throughput-cache", default=None, help="file caching the measured speed")
+    p.add_argument("--test-step-delay", type=float, default=0.0, help="testing only: extra seconds per inference step")
     p.add_argument("--log-level", default="INFO", help="DEBUG shows one line per RPC")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        blocks = parse_blocks(args.blocks)
+        blocks = parse_blocks(args.blocks) if args.blocks else None
     except ValueError as exc:
         p.error(str(exc))
+    if args.num_blocks is not None and args.num_blocks < 1:
+        p.error("--num-blocks must be at least 1")
     if args.announce_host and not args.port:
         p.error("--announce-host needs a fixed --port (the port others reach through the announced address)")
     return ServerConfig(
         blocks=blocks,
+        num_blocks=args.num_blocks,
         model=args.model,
         initial_peers=args.initial_peers,
         host=args.host,
@@ -58,15 +74,24 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         session_idle_timeout=args.session_idle_timeout,
         num_threads=args.num_threads,
         identity_path=args.identity,
+        rebalance_period=args.rebalance_period,
+        balance_quality=args.balance_quality,
+        throughput_cache=args.throughput_cache,
+        test_step_delay=args.test_step_delay,
     )
 
 
 def announce_ready(server: Server) -> None:
     for addr in server.maddrs:
         print(f"Listening on {addr}", flush=True)
+    announce_span(server)
+    server.on_move = announce_span
+
+
+def announce_span(server: Server) -> None:
     print(
-        f"Serving blocks {server.config.blocks} of {server.model_name} as {server.peer_id} "
-        f"(dht prefix {server.prefix}, {server.throughput:.0f} block-steps/s)",
+        f"Serving blocks {server.span} of {server.model_name} as {server.peer_id} "
+        f"(dht prefix {server.prefix}, {server.speed.inference:.0f} block-steps/s)",
         flush=True,
     )
 

@@ -1,14 +1,18 @@
-"""Announcer: keeps this server's record fresh in the DHT, and marks it offline on the way out."""
+"""Announcer: keeps this server's record fresh in the DHT; Pinger: measures round trips to next servers."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import random
+import time
 from collections.abc import Callable
 
 from swarm.dht import SwarmDHT
 from swarm.records import ServerInfo, ServerState
+from swarm.rpc import ServerFailure, call_info
+from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
@@ -35,3 +39,48 @@ class Announcer:
                 await self.announce()
             except Exception:
                 logger.exception("Failed to refresh the announcement; will retry")
+
+
+class Pinger:
+    """Measures round trips to the servers hosting the blocks right after this server's span."""
+
+    def __init__(self, p2p, dht: SwarmDHT, prefix: str, num_blocks: int, results: dict[str, float], config):
+        self.p2p, self.dht, self.prefix, self.num_blocks = p2p, dht, prefix, num_blocks
+        self.results, self.period, self.max_pinged = results, config.ping_period, config.max_pinged
+
+    async def run(self, span: Callable[[], BlockRange]) -> None:
+        while True:
+            try:
+                await self.ping_next(span())
+            except Exception:
+                logger.debug("Pinging next servers failed", exc_info=True)
+            await asyncio.sleep(self.period * random.uniform(0.8, 1.2))
+
+    async def ping_next(self, span: BlockRange) -> None:
+        if span.end >= self.num_blocks:
+            self.results.clear()
+            return
+        servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
+        following = [s.peer_id for s in servers if s.state == ServerState.ONLINE and span.end in s.span]
+        following = random.sample(following, min(len(following), self.max_pinged))
+        measured = {}
+        for peer in following:
+            rtt = await ping(self.p2p, peer)
+            if rtt is not None:
+                measured[peer] = rtt
+        self.results.clear()
+        self.results.update(measured)
+
+
+async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0) -> float | None:
+    """Best round trip of a few Info calls, in seconds; None if the peer does not answer."""
+    best = None
+    for _ in range(tries):
+        started = time.perf_counter()
+        try:
+            await call_info(p2p, peer_id, timeout)
+        except ServerFailure:
+            return best
+        elapsed = time.perf_counter() - started
+        best = elapsed if best is None else min(best, elapsed)
+    return best

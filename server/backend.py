@@ -13,15 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from server.blocks import BlockStack
-from server.cache import KVGeometry
 from server.sessions import Session
 from server.validation import Step
 from swarm.spans import BlockRange
 
 
 class Backend:
-    def __init__(self, stack: BlockStack, dtype: torch.dtype):
+    def __init__(self, stack: BlockStack, dtype: torch.dtype, step_delay: float = 0.0):
         self.stack, self.dtype = stack, dtype
+        self.step_delay = step_delay  # test-only: extra seconds per inference step, to simulate a slow server
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
         self.in_flight = 0  # steps submitted and not finished, for graceful shutdown
 
@@ -39,21 +39,12 @@ class Backend:
         return await self.run(self._forward, blocks, step)
 
     def _inference_step(self, session: Session, step: Step) -> torch.Tensor:
+        if self.step_delay:
+            time.sleep(self.step_delay)  # on the compute thread, never the event loop
         return self.stack(step.hidden, step.position_ids, step.attention_mask, session.cache, session.blocks)
 
     def _forward(self, blocks: BlockRange, step: Step) -> torch.Tensor:
         return self.stack(step.hidden, step.position_ids, step.attention_mask, None, blocks)
-
-    def measure_throughput(self, geometry: KVGeometry, repeats: int = 5) -> float:
-        """Single-token inference steps per second through ONE block (batch 1): the span's rate x its length."""
-        hidden_size = self.stack.config.hidden_size
-        cache = geometry.allocate(len(self.stack.span), 1, repeats + 2)
-        hidden = torch.zeros(1, 1, hidden_size, dtype=self.dtype)
-        self.stack(hidden, torch.zeros(1, 1, dtype=torch.long), None, cache)  # warm-up
-        started = time.perf_counter()
-        for position in range(1, repeats + 1):
-            self.stack(hidden, torch.full((1, 1), position, dtype=torch.long), None, cache)
-        return repeats * len(self.stack.span) / max(time.perf_counter() - started, 1e-9)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -9,7 +9,8 @@ from swarm.spans import BlockRange
 
 @dataclass
 class ServerConfig:
-    blocks: BlockRange  # span of blocks to host, e.g. BlockRange(10, 20) for --blocks 10:20
+    blocks: BlockRange | None = None  # span to host (--blocks 10:20); None = choose (needs num_blocks)
+    num_blocks: int | None = None  # --num-blocks N: host N blocks where the swarm is weakest, and rebalance
     model: str | None = None  # model name or local folder; None = the default model (SmolLM2-135M-Instruct)
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs to join; empty = start a new swarm
     host: str = "0.0.0.0"  # interface to listen on
@@ -28,3 +29,10 @@ class ServerConfig:
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     identity_path: str | None = None  # private key file for a fixed peer id
+    rebalance_period: float = 60.0  # seconds between checks whether moving would help the swarm (--num-blocks)
+    balance_quality: float = 0.75  # move only if the swarm's throughput would grow by more than 1/this
+    move_grace: float = 30.0  # seconds sessions on the old span may finish after a move before handoff
+    ping_period: float = 30.0  # seconds between round-trip measurements to the next servers
+    max_pinged: int = 8  # most next servers to ping
+    throughput_cache: str | None = None  # JSON file caching measured speed; None = <stamen cache>/throughput.json
+    test_step_delay: float = 0.0  # test only: extra seconds per inference step (simulates a slow server)

@@ -15,25 +15,17 @@ from hivemind.p2p import P2P, P2PContext
 
 from proto import pb, rpc_name
 from server import validation
-from server.backend import Backend
-from server.sessions import Session, SessionStore
+from server.serving import Serving
+from server.sessions import Session
 from swarm import errors, tensors
 
 logger = logging.getLogger(__name__)
 
 
 class Handler:
-    def __init__(
-        self,
-        backend: Backend,
-        store: SessionStore,
-        limits: validation.Limits,
-        record: Callable[[], pb.ServerRecord],
-        idle_timeout: float,
-    ):
-        self.backend, self.store, self.limits = backend, store, limits
+    def __init__(self, current: Callable[[], Serving], record: Callable[[], pb.ServerRecord], idle_timeout: float):
+        self.current = current  # the Serving that takes new work (it changes when the server moves)
         self.record, self.idle_timeout = record, idle_timeout
-        self.draining = False  # set on shutdown: no new sessions, no new steps
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(
@@ -47,6 +39,7 @@ class Handler:
     ) -> AsyncIterator[pb.InferenceResponse]:
         peer = context.remote_id.to_base58()
         session: Session | None = None
+        serving = self.current()  # a stream stays with the span it started on
         iterator = requests.__aiter__()
         try:
             while True:
@@ -61,8 +54,8 @@ class Handler:
                     return
                 try:
                     if session is None:
-                        session = self._open(request, peer)
-                    hidden = await self._step(session, request)
+                        session = self._open(serving, request, peer)
+                    hidden = await self._step(serving, session, request)
                     yield pb.InferenceResponse(hidden=tensors.to_proto(hidden), step=request.step)
                 except Exception as exc:  # mapped for the client; the server carries on
                     self._log_failure("inference", peer, exc)
@@ -70,18 +63,18 @@ class Handler:
                     return
         finally:
             if session is not None:
-                self.store.close(session)
+                serving.store.close(session)
                 logger.debug("Closed session %s of %s", session.session_id, peer)
 
-    def _open(self, request: pb.InferenceRequest, peer: str) -> Session:
-        if self.draining:
-            raise errors.ShuttingDownError("server is shutting down")
+    def _open(self, serving: Serving, request: pb.InferenceRequest, peer: str) -> Session:
+        if serving.draining:
+            raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if request.step != 0:
             raise errors.SessionNotFoundError(
                 f"no session here to continue at step {request.step}; a stream must open its session at step 0"
             )
-        opened = validation.open_request(request, self.limits)
-        session = self.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
+        opened = validation.open_request(request, serving.limits)
+        session = serving.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
         logger.debug(
             "Opened session %s of %s: blocks %s, batch %d, max_length %d",
             session.session_id,
@@ -92,9 +85,9 @@ class Handler:
         )
         return session
 
-    async def _step(self, session: Session, request: pb.InferenceRequest):
-        if self.draining:
-            raise errors.ShuttingDownError("server is shutting down")
+    async def _step(self, serving: Serving, session: Session, request: pb.InferenceRequest):
+        if serving.draining:
+            raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if request.step != session.next_step:
             raise errors.InvalidRequestError(f"step {request.step} out of order, expected {session.next_step}")
         if request.position != session.position:
@@ -105,7 +98,7 @@ class Handler:
             request.hidden,
             request.position_ids,
             request.attention_mask,
-            self.limits,
+            serving.limits,
             batch_size=session.batch_size,
             past=session.position,
         )
@@ -115,19 +108,20 @@ class Handler:
                 f"{session.max_length}"
             )
         session.next_step += 1
-        hidden = await self.backend.inference_step(session, step)
+        hidden = await serving.backend.inference_step(session, step)
         session.last_used = asyncio.get_running_loop().time()
         logger.debug("inference %s step %d: %s", session.session_id, request.step, list(step.hidden.shape))
         return hidden
 
     async def rpc_forward(self, request: pb.ForwardRequest, context: P2PContext) -> pb.ForwardResponse:
         peer = context.remote_id.to_base58()
+        serving = self.current()
         try:
-            if self.draining:
-                raise errors.ShuttingDownError("server is shutting down")
-            blocks = validation.requested_blocks(request.start_block, request.end_block, self.limits)
-            step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, self.limits)
-            hidden = await self.backend.forward(blocks, step)
+            if serving.draining:
+                raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
+            blocks = validation.requested_blocks(request.start_block, request.end_block, serving.limits)
+            step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
+            hidden = await serving.backend.forward(blocks, step)
             logger.debug("forward %s from %s: %s", blocks, peer, list(step.hidden.shape))
             return pb.ForwardResponse(hidden=tensors.to_proto(hidden))
         except Exception as exc:

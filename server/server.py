@@ -1,14 +1,15 @@
-"""Server lifecycle: load the span, join the swarm, serve, announce; shut down gracefully.
+"""Server lifecycle: join the swarm, pick and load a span, serve, announce, rebalance; stop gracefully.
 
-Concurrency: one asyncio event loop (uvloop) in the main thread runs the libp2p handlers and the
-announcer; torch work runs on the backend's single worker thread; DHT calls block in the default
-executor (hivemind runs the DHT node in a child process).
+Concurrency: one asyncio event loop (uvloop) in the main thread runs the libp2p handlers, the
+announcer, the pinger and the rebalancer; torch work runs on each span's single compute thread;
+DHT calls are awaited as futures (hivemind runs the DHT node in a child process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -16,19 +17,19 @@ from collections.abc import Callable
 import torch
 from transformers import AutoConfig
 
-from server import validation
-from server.announcer import Announcer
-from server.backend import Backend
+from server import throughput
+from server.announcer import Announcer, Pinger
 from server.blocks import load_block_stack
 from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.handler import Handler
-from server.sessions import SessionStore
+from server.serving import Serving
 from swarm import __version__
 from swarm.dht import DHTConfig, SwarmDHT
-from swarm.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
 from swarm.records import ServerInfo, ServerState
-from swarm.spans import model_prefix
+from swarm.selection import choose_span, should_move
+from swarm.spans import BlockRange, model_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,19 @@ class Server:
     """Create, then ``run(on_ready)``; ``stop()`` (or SIGTERM/SIGINT) ends it gracefully."""
 
     def __init__(self, config: ServerConfig):
+        if (config.blocks is None) == (config.num_blocks is None):
+            raise ValueError("give exactly one of --blocks and --num-blocks")
         self.config = config
         self.model_name = config.model or DEFAULT_MODEL
         self.prefix = config.dht_prefix or model_prefix(self.model_name)
         self.dtype = resolve_dtype(config.dtype)
-        self.throughput = 0.0
+        self.speed = throughput.Throughput(0.0, 0.0)
         self.state = ServerState.JOINING
+        self.serving: Serving | None = None
+        self.span: BlockRange | None = config.blocks
+        self.next_pings: dict[str, float] = {}
         self._stop: asyncio.Event | None = None
+        self.on_move: Callable[[Server], None] | None = None
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
         import uvloop
@@ -70,59 +77,100 @@ class Server:
         self._stop = asyncio.Event()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-
-        folder = await loop.run_in_executor(None, resolve_model, config.model)
-        model_config = AutoConfig.from_pretrained(folder)
-        if config.blocks.end > model_config.num_hidden_layers:
-            raise ValueError(f"--blocks {config.blocks} is outside the model ({model_config.num_hidden_layers} blocks)")
-        self.hidden_size = model_config.hidden_size
-        logger.info("Loading blocks %s of %s (%s) from %s", config.blocks, self.model_name, self.dtype, folder)
-        stack = await loop.run_in_executor(None, load_block_stack, folder, model_config, config.blocks, self.dtype)
-
-        geometry = KVGeometry.from_config(model_config, self.dtype)
+        self.folder = await loop.run_in_executor(None, resolve_model, config.model)
+        self.model_config = AutoConfig.from_pretrained(self.folder)
+        self.num_blocks = self.model_config.num_hidden_layers
+        if config.blocks is not None and config.blocks.end > self.num_blocks:
+            raise ValueError(f"--blocks {config.blocks} is outside the model ({self.num_blocks} blocks)")
         self.budget = CacheBudget(config.cache_tokens)
-        self.backend = Backend(stack, self.dtype)
-        self.throughput = await self.backend.run(self.backend.measure_throughput, geometry)
-        limits = validation.Limits(
-            config.blocks, model_config.hidden_size, self.dtype, config.max_request_tokens, config.max_length_limit
-        )
-        self.store = SessionStore(self.budget, geometry, config.blocks)
-        self.handler = Handler(
-            self.backend, self.store, limits, lambda: self.info().to_proto(), config.session_idle_timeout
-        )
 
         self.dht = await loop.run_in_executor(None, SwarmDHT, self._dht_config())
         # only now: a DHT process forked after this would inherit the handlers and ignore SIGTERM
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
+        self.announcer = Announcer(self.dht, self.prefix, self.info, config.announce_period, config.record_ttl)
+        tasks: list[asyncio.Task] = []
         try:
+            self.span = self.span or await self._choose_span()
+            await self.announcer.announce()  # JOINING: others choosing spans count us in
+            self.serving = await self._load(self.span)
             p2p = await self.dht.dht.replicate_p2p()
+            self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config.session_idle_timeout)
             await self.handler.register(p2p)
-            self.announcer = Announcer(self.dht, self.prefix, self.info, config.announce_period, config.record_ttl)
             self.state = ServerState.ONLINE
             await self.announcer.announce()
-            refresher = asyncio.create_task(self.announcer.run())
+            pinger = Pinger(p2p, self.dht, self.prefix, self.num_blocks, self.next_pings, config)
+            tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(pinger.run(lambda: self.span))]
+            if config.num_blocks is not None:
+                tasks.append(asyncio.create_task(self._rebalance_forever()))
             if on_ready is not None:
                 on_ready(self)
             await self._stop.wait()
-            refresher.cancel()
             await self._shutdown()
         finally:
-            self.backend.shutdown()
+            for task in tasks:
+                task.cancel()
+            if self.serving is not None:
+                self.serving.backend.shutdown()
             self.dht.shutdown()
+
+    async def _load(self, span: BlockRange) -> Serving:
+        loop = asyncio.get_running_loop()
+        logger.info("Loading blocks %s of %s (%s) from %s", span, self.model_name, self.dtype, self.folder)
+        stack = await loop.run_in_executor(None, load_block_stack, self.folder, self.model_config, span, self.dtype)
+        serving = Serving.build(stack, self.config, self.model_config, self.dtype, self.budget)
+        cache_file = self.config.throughput_cache or default_cache_dir() / "throughput.json"
+        key = throughput.cache_key(str(self.folder), self.dtype, self.model_config.to_json_string(use_diff=False))
+        geometry = KVGeometry.from_config(self.model_config, self.dtype)
+        self.speed = await serving.backend.run(throughput.cached_measure, stack, geometry, self.dtype, key, cache_file)
+        return serving
+
+    async def _choose_span(self) -> BlockRange:
+        servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
+        servers = [s for s in servers if s.peer_id != self.peer_id]
+        span = choose_span(servers, self.num_blocks, self.config.num_blocks, self.speed.inference or 1.0)
+        logger.info("Chose blocks %s (the weakest part of the swarm)", span)
+        return span
+
+    async def _rebalance_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rebalance_period * random.uniform(0.5, 1.5))
+            try:
+                servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
+                servers = [s for s in servers if s.peer_id != self.peer_id] + [self.info()]
+                target = should_move(servers, self.peer_id, self.num_blocks, self.config.balance_quality)
+                if target is not None:
+                    await self._move(target)
+            except Exception:
+                logger.exception("Rebalancing check failed; will retry")
+
+    async def _move(self, target: BlockRange) -> None:
+        """Announce the new span, load it, switch new work to it, then retire the old span."""
+        old, self.span = self.serving, target
+        logger.info("Moving from blocks %s to %s to balance the swarm", old.span, target)
+        self.state = ServerState.JOINING
+        await self.announcer.announce()
+        self.serving = await self._load(target)
+        self.state = ServerState.ONLINE
+        await self.announcer.announce()
+        if self.on_move is not None:
+            self.on_move(self)
+        await old.retire(self.config.move_grace)
+        logger.info("Now serving blocks %s", target)
 
     async def _shutdown(self) -> None:
         """Announce offline first, let steps in flight finish, then stop."""
-        logger.info("Shutting down: announcing offline, finishing %d steps in flight", self.backend.in_flight)
+        serving = self.serving
+        logger.info("Shutting down: announcing offline, finishing %d steps in flight", serving.backend.in_flight)
         self.state = ServerState.OFFLINE
-        self.handler.draining = True
+        serving.draining = True
         try:
-            await asyncio.wait_for(self.announcer.announce(ttl=self.config.record_ttl), self.config.shutdown_grace)
+            await asyncio.wait_for(self.announcer.announce(), self.config.shutdown_grace)
         except (TimeoutError, Exception):
             logger.warning("Could not announce offline state before shutdown")
         deadline = time.monotonic() + self.config.shutdown_grace
-        while self.backend.in_flight and time.monotonic() < deadline:
+        while serving.backend.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     def _dht_config(self) -> DHTConfig:
@@ -133,14 +181,16 @@ class Server:
         return ServerInfo(
             peer_id=self.peer_id,
             state=self.state,
-            span=self.config.blocks,
-            throughput=self.throughput,
+            span=self.span,
+            throughput=self.speed.inference,
+            forward_throughput=self.speed.forward,
             dtype=str(self.dtype).removeprefix("torch."),
             cache_tokens_left=self.budget.tokens_left,
             version=__version__,
             public_name=self.config.public_name,
             model=self.model_name,
             maddrs=tuple(self.maddrs),
-            hidden_size=self.hidden_size,
+            hidden_size=self.model_config.hidden_size,
             max_request_tokens=self.config.max_request_tokens,
+            next_pings=dict(self.next_pings),
         )

@@ -7,6 +7,7 @@ answers, so async code must run them in an executor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class SwarmDHT:
         Returns a future (``.result()`` to block, ``await`` in async code) that says if the DHT took it.
         """
         keys = [block_key(prefix, block) for block in range(info.span.start, info.span.end)]
+        info = dataclasses.replace(info, announced_at=get_dht_time())
         coroutine = partial(_store_records, keys=keys, subkey=info.peer_id, value=info.to_bytes(), ttl=ttl)
         return self.dht.run_coroutine(coroutine, return_future=True)
 
@@ -75,6 +77,12 @@ class SwarmDHT:
         """Every well-formed record announced for blocks 0..num_blocks-1, one per peer (freshest kept)."""
         keys = [block_key(prefix, block) for block in range(num_blocks)]
         raw = self.dht.run_coroutine(partial(_get_records, keys=keys))
+        return parse_records(prefix, num_blocks, raw)
+
+    async def fetch_servers_async(self, prefix: str, num_blocks: int) -> list[ServerInfo]:
+        """``fetch_servers`` for async code: waits without blocking the event loop."""
+        keys = [block_key(prefix, block) for block in range(num_blocks)]
+        raw = await self.dht.run_coroutine(partial(_get_records, keys=keys), return_future=True)
         return parse_records(prefix, num_blocks, raw)
 
     def shutdown(self) -> None:
@@ -87,15 +95,20 @@ class SwarmDHT:
 
 
 def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[bytes, float]]]) -> list[ServerInfo]:
-    """Turn raw DHT values into records; drop anything malformed or stored under the wrong key or subkey."""
-    best: dict[str, tuple[float, ServerInfo]] = {}
+    """Turn raw DHT values into records; drop anything malformed or stored under the wrong key or subkey.
+
+    A peer may have records under several keys (after it moved to another span, the old ones linger
+    until they expire): its newest announcement wins, then the latest expiration.
+    """
+    best: dict[str, tuple[tuple[float, float], ServerInfo]] = {}
     for block in range(num_blocks):
         for subkey, (value, expiration) in raw.get(block_key(prefix, block), {}).items():
             info = ServerInfo.from_bytes(value)
             if info is None or info.peer_id != subkey or block not in info.span or info.span.end > num_blocks:
                 continue
-            if info.peer_id not in best or best[info.peer_id][0] < expiration:
-                best[info.peer_id] = (expiration, info)
+            rank = (info.announced_at, expiration)
+            if info.peer_id not in best or best[info.peer_id][0] < rank:
+                best[info.peer_id] = (rank, info)
     return [info for _, info in best.values()]
 
 

@@ -47,6 +47,12 @@ class ServerProcess:
                 self.peer_id = line.split(" as ")[1].split()[0]
                 return
 
+    @property
+    def span(self) -> str | None:
+        """The blocks it serves now, from its latest 'Serving blocks START:END ...' line."""
+        serving = [line for line in list(self.output) if line.startswith("Serving blocks")]
+        return serving[-1].split()[2] if serving else None
+
     def wait_exit(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
 
@@ -74,9 +80,10 @@ def _pump(proc: subprocess.Popen, lines: queue.Queue, output: list[str]) -> None
 
 
 def spawn_server(
-    model: str | None, blocks: str, initial_peers: list[str] = (), *extra: str, env: dict | None = None
+    model: str | None, blocks: str | None, initial_peers: list[str] = (), *extra: str, env: dict | None = None
 ) -> ServerProcess:
-    args = [sys.executable, "-m", "server", "--blocks", blocks, "--host", "127.0.0.1"]
+    """Start ``python -m server``; ``blocks`` None means the extra arguments choose (e.g. --num-blocks)."""
+    args = [sys.executable, "-m", "server", "--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
     args += (["--model", str(model)] if model else []) + list(extra)
     if initial_peers:
         args += ["--initial-peers", *initial_peers]

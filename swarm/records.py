@@ -35,6 +35,7 @@ class ServerInfo:
     max_request_tokens: int = 0
     forward_throughput: float = 0.0  # batched forward: tokens per second through ONE block
     next_pings: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> round trip, seconds
+    announced_at: float = 0.0  # DHT time of the announcement; a peer's newest record wins (e.g. after a move)
 
     def to_proto(self) -> pb.ServerRecord:
         return pb.ServerRecord(
@@ -53,6 +54,7 @@ class ServerInfo:
             max_request_tokens=self.max_request_tokens,
             forward_throughput=self.forward_throughput,
             next_pings=dict(self.next_pings),
+            announced_at=self.announced_at,
         )
 
     @classmethod
@@ -72,6 +74,7 @@ class ServerInfo:
             max_request_tokens=record.max_request_tokens,
             forward_throughput=record.forward_throughput,
             next_pings=dict(record.next_pings),
+            announced_at=record.announced_at,
         )
 
     def to_bytes(self) -> bytes:

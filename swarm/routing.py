@@ -129,8 +129,10 @@ def _latency(
     for server in candidates if push else ():
         measured = {}
         for peer, value in server.next_pings.items():
-            if _seconds(value, -1.0) >= 0:
-                measured.update((j, float(value) / 2) for j in indices.get(peer, ()))
+            targets = indices.get(peer)
+            if targets and isinstance(value, int | float) and value >= 0:
+                for j in targets:
+                    measured[j] = value / 2
         links.append(measured)
     return _Latency(
         step=[1.0 / _speed(s.throughput, DEFAULT_THROUGHPUT) for s in candidates],
@@ -139,6 +141,23 @@ def _latency(
         links=links,
         push=push,
     )
+
+
+# How fastest_chain searches. States are (position p, server whose hop has just run block p - 1); from
+# one, the hop either continues on the same server or a new hop starts on any server covering p. Every
+# edge advances p, so the graph is acyclic and one pass in position order settles it exactly (Dijkstra's
+# order and a topological order coincide here), over sum-of-coverage states.
+#
+# Hop ends are NOT restricted to span boundaries. For a fixed sequence of servers the cost is linear in
+# each switch point, which suggests sliding switches to a boundary; but a switch can slide only until a
+# hop would become empty, and dropping an empty hop changes the links paid: pings need not obey the
+# triangle inequality, so a one-block hop on a slow server can be the cheapest relay between two servers
+# that cannot reach each other, and it then sits off the boundaries (a unit test has such a swarm).
+#
+# Push mode: entering s at p costs min over predecessors j of arrive[j] + link(j, s). Measured links
+# (``next_pings``) are few; every other link(j, s) is rtt(s) / 2 whoever j is, so the first j in
+# increasing arrive[j] that has no measurement of s gives the best unmeasured entry. Each position costs
+# O(sort + measured links) instead of O(servers^2).
 
 
 def fastest_chain(
@@ -165,24 +184,11 @@ def fastest_chain(
     - cache: a server with ``cache_tokens_left < min_cache_tokens`` adds ``cache_penalty`` per hop, so it is
       used only where that is worth ``cache_penalty`` seconds (or where nothing else covers the blocks).
 
-    A hop may run any sub-range of its server's span and servers may change at any block. The search is
-    a shortest path over states (position p, server whose hop has just run block p - 1): from such a
-    state the hop either continues on the same server or a new hop starts on any server covering p.
-    Every edge advances p, so the graph is acyclic and one pass in position order settles it exactly
-    (Dijkstra's order and a topological order coincide here); there are sum-of-coverage states.
-
-    Hop ends are NOT restricted to span boundaries: costs are linear in the switch point, but pings need
-    not obey the triangle inequality, so a one-block hop on a slow server can be the cheapest relay
-    between two servers that cannot reach each other well, and it may sit anywhere inside an overlap
-    (see the unit tests for a case where every optimal chain switches off the boundaries).
-
-    In push mode, entering server s at p costs min over previous servers j of arrive[j] + link(j, s).
-    Measured links are few (``next_pings``); for the rest link(j, s) is rtt(s) / 2 whatever j is, so the
-    first j in increasing arrive[j] without a measurement of s gives the best unmeasured entry: each
-    position costs O(sort + measured links) instead of O(servers^2).
+    A hop may run any sub-range of its server's span, and servers may change at any block (see the
+    search notes above). Ties go to continuing the current hop, then to lower peer ids.
 
     Raises MissingBlocksError naming the blocks no given server covers. Callers filter servers first
-    (online, bans, allow lists). Ties go to continuing the current hop, then to lower peer ids.
+    (online, bans, allow lists).
     """
     if not (default_rtt >= 0 and cache_penalty >= 0):
         raise ValueError(f"default_rtt and cache_penalty must be >= 0, got {default_rtt}, {cache_penalty}")
@@ -223,26 +229,27 @@ def _entries_relay(arrive: dict[int, float], cover: list[int], latency: _Latency
 def _entries_push(arrive: dict[int, float], cover: list[int], latency: _Latency) -> dict[int, tuple[float, int]]:
     """Push: the cheapest way to start a hop on each server of ``cover``, as (seconds, predecessor)."""
     best: dict[int, tuple[float, int]] = {}
-
-    def offer(i: int, cost: float, before: int) -> None:
-        if i not in best or cost < best[i][0]:
-            best[i] = (cost, before)
-
     wanted, unmeasured = set(cover), set(cover)  # unmeasured: no default-link offer made yet
-    for before in sorted(arrive, key=lambda j: (arrive[j], j)):
+    ceiling = math.inf  # once every server has an offer: no entry costs more (links are >= 0)
+    for rank, before in enumerate(sorted(arrive, key=lambda j: (arrive[j], j))):
         base = arrive[before]
+        if base >= ceiling and not unmeasured:
+            break  # this and later predecessors cannot improve any entry
         links = latency.links[before] if before != _CLIENT else {}
         if len(links) <= len(wanted):
-            measured = [i for i in links if i in wanted]
+            measured = [(i, cost) for i, cost in links.items() if i in wanted]
         else:
-            measured = [i for i in wanted if i in links]
-        for i in measured:
-            offer(i, base + links[i], before)
+            measured = [(i, links[i]) for i in wanted if i in links]
         if unmeasured:
             fresh = [i for i in unmeasured if i not in links]
-            for i in fresh:
-                offer(i, base + latency.rtt[i] / 2, before)
+            measured.extend((i, latency.rtt[i] / 2) for i in fresh)
             unmeasured.difference_update(fresh)
+        for i, link in measured:
+            cost = base + link
+            if i not in best or cost < best[i][0]:
+                best[i] = (cost, before)
+        if not unmeasured and (ceiling == math.inf or rank % 16 == 0):
+            ceiling = max(cost for cost, _ in best.values())
     return best
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from client.remote import InferenceStream, ServerFailure, call_forward
+from swarm.rpc import InferenceStream, ServerFailure, call_forward
 from proto import pb, rpc_name
 from swarm import errors, tensors
 from swarm.localswarm import LocalSwarm

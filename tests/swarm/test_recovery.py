@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from client.remote import call_info
+from swarm.rpc import call_info
 from swarm.errors import MissingBlocksError
 from swarm.localswarm import LocalSwarm
 

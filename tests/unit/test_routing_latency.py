@@ -135,6 +135,51 @@ def test_fastest_chain_matches_brute_force(seed, push):
     assert fastest_chain(list(reversed(servers)), span, pings, **kwargs) == chain  # input order is irrelevant
 
 
+def shortest_by_hops(servers, span, pings, push, default=0.05):
+    """A second reference for swarms too big to enumerate: every hop (p, q, server) is an edge between
+    states (p, previous server); a plain dynamic program over p, with no pruning and no shortcuts."""
+    info = {s.peer_id: s for s in servers}
+
+    def rtt(peer):
+        return pings.get(peer, default)
+
+    def hop_cost(previous, peer, blocks):
+        network = rtt(peer) if not push else rtt(peer) / 2 if previous is None else None
+        if network is None:
+            network = info[previous].next_pings.get(peer, rtt(peer)) / 2
+        return network + blocks / (info[peer].throughput if info[peer].throughput > 0 else 1.0)
+
+    states = {(span.start, None): 0.0}
+    for p in range(span.start, span.end):
+        for (position, previous), cost in list(states.items()):
+            if position != p:
+                continue
+            for s in servers:
+                for q in range(p + 1, min(s.span.end, span.end) + 1) if p in s.span else ():
+                    total = cost + hop_cost(previous, s.peer_id, q - p)
+                    if total < states.get((q, s.peer_id), math.inf):
+                        states[(q, s.peer_id)] = total
+    ends = [(cost + (rtt(peer) / 2 if push else 0.0)) for (q, peer), cost in states.items() if q == span.end]
+    return min(ends)
+
+
+@pytest.mark.parametrize("push", [False, True])
+@pytest.mark.parametrize("seed", range(30))
+def test_fastest_chain_matches_a_plain_dynamic_program_on_bigger_swarms(seed, push):
+    rng = random.Random(seed)
+    servers, pings = lognormal_swarm(rng, 60, 12)
+    if seed % 2:  # dense measurements: most pairs of servers have measured each other
+        servers = [
+            dataclasses.replace(s, next_pings={o.peer_id: rng.uniform(0, 0.1) for o in servers if rng.random() < 0.8})
+            for s in servers
+        ]
+    span = BlockRange(0, 12)
+    chain = fastest_chain(servers, span, pings, push=push)
+    check_valid(chain, servers, span)
+    expected = shortest_by_hops(servers, span, pings, push)
+    assert reference_cost(chain, servers, pings, push) == pytest.approx(expected, rel=1e-9)
+
+
 def test_push_switches_inside_an_overlap_when_pings_break_the_triangle_inequality():
     # A -> C is slow, A -> B -> C is fast; B is slow to compute, so the best chain spends exactly one block
     # on B, right after A's last block. The switch to C at 7 is no span boundary (0, 4, 6, 10).

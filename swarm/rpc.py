@@ -1,4 +1,5 @@
-"""Calls to one server: a persistent inference stream, and unary forward / info calls.
+"""Calls to one server (by clients, and by servers for pushes and pings): a persistent inference
+stream, and unary forward / info calls.
 
 Every failure to reach or hear from a server surfaces as ``ServerFailure`` (with the peer id), so the
 caller can ban that server and route around it; typed errors the server sent are kept as the cause.
