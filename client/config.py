@@ -20,5 +20,7 @@ class ClientConfig:
     ban_base: float = 5.0  # seconds a failed server is avoided; doubles with each repeated failure
     ban_max: float = 300.0  # longest ban, in seconds
     max_message_bytes: int = 2 << 20  # larger steps are split (the libp2p daemon caps messages at 4 MiB)
+    push: bool = False  # servers send each step's output straight to the next server of the chain
+    ping_period: float = 60.0  # seconds a measured round trip to a server stays fresh
     allowed_peers: list[str] | None = None  # if set, use only these servers
     blocked_peers: list[str] = field(default_factory=list)  # never use these servers

@@ -7,6 +7,7 @@ bans, allow/block lists) and waits a bounded time for missing blocks.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 
@@ -14,7 +15,7 @@ from client.config import ClientConfig
 from swarm.dht import SwarmDHT
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerInfo
-from swarm.routing import Hop, make_chain, usable
+from swarm.routing import Hop, fastest_chain, spread_forward, usable
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ class RouteManager:
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+        self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         self._lock = threading.Lock()
+        self._rng = random.Random()
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
         with self._lock:
@@ -38,6 +41,25 @@ class RouteManager:
                 self._servers = self.dht.fetch_servers(self.prefix, self.num_blocks)
                 self._fetched_at = time.monotonic()
             return list(self._servers)
+
+    def invalidate(self) -> None:
+        """Forget the fetched view of the swarm (e.g. a server no longer serves what it announced)."""
+        with self._lock:
+            self._fetched_at = -float("inf")
+
+    def record_ping(self, peer_id: str, seconds: float) -> None:
+        with self._lock:
+            self._pings[peer_id] = (seconds, time.monotonic())
+
+    def pings(self) -> dict[str, float]:
+        with self._lock:
+            return {peer: rtt for peer, (rtt, _) in self._pings.items()}
+
+    def stale_pings(self, peers: list[str]) -> list[str]:
+        """Peers whose round trip is unknown or older than ``ping_period``."""
+        now = time.monotonic()
+        with self._lock:
+            return [p for p in peers if p not in self._pings or now - self._pings[p][1] > self.config.ping_period]
 
     def ban(self, peer_id: str, reason: str = "") -> float:
         """Avoid ``peer_id`` for a while; each failure in a row doubles the ban. Returns its length."""
@@ -64,14 +86,23 @@ class RouteManager:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
         return servers
 
-    def chain(self, span: BlockRange | None = None, min_cache_tokens: int = 0) -> list[Hop]:
-        """A chain covering ``span`` (default: the whole model), waiting up to ``wait_for_blocks``."""
+    def chain(self, span: BlockRange | None = None, min_cache_tokens: int = 0, forward: bool = False) -> list[Hop]:
+        """A chain covering ``span`` (default: the whole model), waiting up to ``wait_for_blocks``.
+
+        Inference: the lowest expected latency per token (measured pings, announced throughputs,
+        servers short of cache penalised). Forward passes: load spread by forward throughput.
+        """
         span = span or BlockRange(0, self.num_blocks)
         deadline = time.monotonic() + self.config.wait_for_blocks
         refresh = False
         while True:
             try:
-                return make_chain(self.candidates(refresh), span, min_cache_tokens)
+                servers = self.candidates(refresh)
+                if forward:
+                    return spread_forward(servers, span, self._rng, client_pings=self.pings())
+                return fastest_chain(
+                    servers, span, self.pings(), min_cache_tokens=min_cache_tokens, push=self.config.push
+                )
             except MissingBlocksError as exc:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(exc.blocks, f"waited {self.config.wait_for_blocks:.0f} s") from None

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm.rpc import InferenceStream, ServerFailure
 from proto import pb
 from swarm import tensors
-from swarm.errors import SessionNotFoundError, StamenError
+from swarm.errors import BlocksNotServedError, SessionNotFoundError, StamenError
 from swarm.routing import Hop
+from swarm.rpc import InferenceStream, ServerFailure
 
 if TYPE_CHECKING:
     from client.swarmclient import SwarmClient
@@ -147,12 +147,15 @@ class InferenceSession:
         if attempts.used > attempts.allowed:
             raise StamenError(f"inference step failed after {attempts.used} attempts; last: {failure}") from failure
         logger.warning("Server %s failed (%s); rerouting its blocks", failure.peer_id, failure.reason)
-        if not isinstance(failure.cause, SessionNotFoundError):
+        if isinstance(failure.cause, BlocksNotServedError):  # it moved to other blocks: look again
+            self.client.routes.invalidate()
+        elif not isinstance(failure.cause, SessionNotFoundError):  # an expired session: the server is fine
             self.client.routes.ban(failure.peer_id, failure.reason)
 
     async def _open_chain(self, span, batch: int) -> list[_HopSession]:
         loop = asyncio.get_running_loop()
         needed = batch * self.max_length
+        await self.client.measure_pings()
         chain = await loop.run_in_executor(None, self.client.routes.chain, span, needed)
         hops = []
         try:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
 
 from client.config import ClientConfig
 from client.loop import LoopThread
-from swarm.rpc import ServerFailure, call_forward
 from client.sequence import RouteManager
 from client.session import InferenceSession
 from proto import pb
 from swarm import tensors
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.errors import StamenError
+from swarm.rpc import ServerFailure, call_forward, ping
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,16 @@ class SwarmClient:
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.dht.replicate_p2p())
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
+
+    async def measure_pings(self, limit: int = 32) -> None:
+        """Round trips to candidate servers whose ping is unknown or stale (concurrently, bounded)."""
+        loop = asyncio.get_running_loop()
+        servers = await loop.run_in_executor(None, self.routes.candidates)
+        stale = self.routes.stale_pings([s.peer_id for s in servers])[:limit]
+        results = await asyncio.gather(*(ping(self.p2p, peer, tries=1, timeout=1.0) for peer in stale))
+        for peer, rtt in zip(stale, results, strict=True):
+            if rtt is not None:
+                self.routes.record_ping(peer, rtt)
 
     def server_dtype(self, peer_id: str) -> torch.dtype:
         info = self.routes.server(peer_id)
@@ -49,12 +60,11 @@ class SwarmClient:
         return torch.cat(outputs, dim=0)
 
     async def _forward(self, hidden, position_ids, attention_mask) -> torch.Tensor:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         position, failures = 0, 0
         while position < self.num_blocks:
-            chain = await loop.run_in_executor(None, self.routes.chain, BlockRange(position, self.num_blocks))
+            span = BlockRange(position, self.num_blocks)
+            chain = await loop.run_in_executor(None, self.routes.chain, span, 0, True)
             hop = chain[0]
             request = pb.ForwardRequest(
                 start_block=hop.span.start,

@@ -6,12 +6,11 @@ import asyncio
 import dataclasses
 import logging
 import random
-import time
 from collections.abc import Callable
 
 from swarm.dht import SwarmDHT
 from swarm.records import ServerInfo, ServerState
-from swarm.rpc import ServerFailure, call_info
+from swarm.rpc import ping
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -70,17 +69,3 @@ class Pinger:
                 measured[peer] = rtt
         self.results.clear()
         self.results.update(measured)
-
-
-async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0) -> float | None:
-    """Best round trip of a few Info calls, in seconds; None if the peer does not answer."""
-    best = None
-    for _ in range(tries):
-        started = time.perf_counter()
-        try:
-            await call_info(p2p, peer_id, timeout)
-        except ServerFailure:
-            return best
-        elapsed = time.perf_counter() - started
-        best = elapsed if best is None else min(best, elapsed)
-    return best

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from hivemind.p2p import P2P, PeerID
 
@@ -96,3 +97,17 @@ async def call_info(p2p: P2P, peer_id: str, timeout: float) -> pb.ServerRecord:
         )
     except Exception as exc:
         raise ServerFailure(peer_id, f"info failed: {exc!r}", exc) from exc
+
+
+async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0) -> float | None:
+    """Best round trip of a few Info calls, in seconds; None if the peer does not answer."""
+    best = None
+    for _ in range(tries):
+        started = time.perf_counter()
+        try:
+            await call_info(p2p, peer_id, timeout)
+        except ServerFailure:
+            return best
+        elapsed = time.perf_counter() - started
+        best = elapsed if best is None else min(best, elapsed)
+    return best

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from swarm.rpc import InferenceStream, ServerFailure, call_forward
 from proto import pb, rpc_name
 from swarm import errors, tensors
 from swarm.localswarm import LocalSwarm
+from swarm.rpc import InferenceStream, ServerFailure, call_forward
 
 pytestmark = pytest.mark.timeout(240)
 HIDDEN = 64

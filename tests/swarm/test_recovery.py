@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from swarm.rpc import call_info
 from swarm.errors import MissingBlocksError
 from swarm.localswarm import LocalSwarm
+from swarm.rpc import call_info
 
 pytestmark = pytest.mark.timeout(300)
 
