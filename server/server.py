@@ -123,7 +123,9 @@ class Server:
         cache_file = self.config.throughput_cache or default_cache_dir() / "throughput.json"
         key = throughput.cache_key(str(self.folder), self.dtype, self.model_config.to_json_string(use_diff=False))
         geometry = KVGeometry.from_config(self.model_config, self.dtype)
-        self.speed = await serving.backend.run(throughput.cached_measure, stack, geometry, self.dtype, key, cache_file)
+        self.speed = await serving.backend.run(
+            throughput.cached_measure, stack, geometry, self.dtype, key, cache_file, self.config.test_step_delay
+        )
         return serving
 
     async def _choose_span(self) -> BlockRange:
@@ -140,7 +142,13 @@ class Server:
                 servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
                 servers = [s for s in servers if s.peer_id != self.peer_id] + [self.info()]
                 target = should_move(servers, self.peer_id, self.num_blocks, self.config.balance_quality)
-                if target is not None:
+                if target is None:
+                    continue
+                # others may be deciding the same right now: wait a random beat, look again, then go
+                await asyncio.sleep(random.uniform(0, min(2.0, self.config.rebalance_period)))
+                servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
+                servers = [s for s in servers if s.peer_id != self.peer_id] + [self.info()]
+                if should_move(servers, self.peer_id, self.num_blocks, self.config.balance_quality) == target:
                     await self._move(target)
             except Exception:
                 logger.exception("Rebalancing check failed; will retry")

@@ -40,8 +40,11 @@ def cache_key(model: str, dtype: torch.dtype, config_hash: str) -> str:
     return "|".join([model, config_hash, str(dtype), str(torch.get_num_threads()), torch.__version__, device_name()])
 
 
-def measure(stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, repeats: int = 8) -> Throughput:
-    """Time single-token steps with a KV cache, then one batched forward, through the whole span."""
+def measure(
+    stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, repeats: int = 8, step_delay: float = 0.0
+) -> Throughput:
+    """Time single-token steps with a KV cache, then one batched forward, through the whole span
+    (``step_delay``: the test-only slowdown each inference step gets, so it shows in the figures)."""
     blocks = len(stack.span)
     hidden = torch.randn(1, 1, stack.config.hidden_size, dtype=dtype)
     cache = geometry.allocate(blocks, 1, repeats + 2)
@@ -49,7 +52,7 @@ def measure(stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, repeats
     started = time.perf_counter()
     for position in range(1, repeats + 1):
         stack(hidden, torch.full((1, 1), position, dtype=torch.long), None, cache)
-    inference = repeats * blocks / max(time.perf_counter() - started, 1e-9)
+    inference = repeats * blocks / max(time.perf_counter() - started + repeats * step_delay, 1e-9)
 
     batch = torch.randn(1, FORWARD_TOKENS, stack.config.hidden_size, dtype=dtype)
     positions = torch.arange(FORWARD_TOKENS).unsqueeze(0)
@@ -60,9 +63,16 @@ def measure(stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, repeats
 
 
 def cached_measure(
-    stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, key: str, cache_file: Path | None
+    stack: BlockStack,
+    geometry: KVGeometry,
+    dtype: torch.dtype,
+    key: str,
+    cache_file: Path | None,
+    step_delay: float = 0.0,
 ) -> Throughput:
-    """The cached figures for ``key`` if any, else measure and store them."""
+    """The cached figures for ``key`` if any, else measure and store them (never cached with a test delay)."""
+    if step_delay:
+        cache_file = None
     if cache_file is not None:
         try:
             entry = json.loads(cache_file.read_text()).get(key)
@@ -71,7 +81,7 @@ def cached_measure(
                 return Throughput(**entry)
         except (OSError, ValueError, TypeError):
             pass
-    result = measure(stack, geometry, dtype)
+    result = measure(stack, geometry, dtype, step_delay=step_delay)
     logger.info(
         "Measured throughput: %.0f inference steps/s, %.0f forward tokens/s per block", *asdict(result).values()
     )

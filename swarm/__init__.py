@@ -3,7 +3,11 @@
 - ``spans``: BlockRange and ``--blocks`` parsing, DHT key names
 - ``records``: ServerInfo (what a server announces) <-> DHT bytes
 - ``dht``: SwarmDHT, a typed wrapper over hivemind's DHT (announce, fetch records)
-- ``routing``: pure functions from records to a chain of servers
+- ``routing``: pure functions from records to chains: fewest hops, lowest latency (relay or push), spread load
+- ``selection``: pure block selection for ``--num-blocks`` servers and when to move
+- ``rpc``: calls to one server (inference stream, forward, info, ping), for clients and servers
+- ``localswarm``: real server processes on 127.0.0.1 for tests, the demo and benchmarks
+- ``status``: the report behind ``python -m swarm status``
 - ``families``: model-family adapters (how to build a block, where weights live)
 - ``weights``: read selected tensors from safetensors files
 - ``modelpath``: resolve ``--model`` to a local folder (the default model is converted once from GGUF)

@@ -36,11 +36,15 @@ def _check(num_blocks: int) -> None:
 
 
 def block_throughputs(servers: Iterable[ServerInfo], num_blocks: int) -> list[float]:
-    """Total throughput of the ONLINE servers hosting each block (spans clipped to the model)."""
+    """Total throughput of the servers hosting each block (spans clipped to the model).
+
+    JOINING servers count as well: they are loading those blocks now, and counting them keeps two
+    servers from choosing (or moving into) the same hole at once.
+    """
     _check(num_blocks)
     totals = [0.0] * num_blocks
     for server in servers:
-        if server.state != ServerState.ONLINE:
+        if server.state not in (ServerState.ONLINE, ServerState.JOINING):
             continue
         throughput = _throughput(server.throughput)
         for block in range(server.span.start, min(server.span.end, num_blocks)):

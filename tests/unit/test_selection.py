@@ -22,7 +22,7 @@ def reference_choose(servers, num_blocks, n, own):
     """The documented rule, evaluated window by window from the records themselves."""
     if n >= num_blocks:
         return BlockRange(0, num_blocks)
-    online = [s for s in servers if s.state == ServerState.ONLINE]
+    online = [s for s in servers if s.state in (ServerState.ONLINE, ServerState.JOINING)]
 
     def total(block):
         return sum(s.throughput for s in online if s.span.start <= block < s.span.end)
@@ -83,7 +83,7 @@ def test_the_window_lifting_every_weakest_block_beats_the_one_with_the_lowest_su
     assert choose_span(servers, 5, 3, 10.0) == BlockRange(0, 3)  # swarm: 1.5, where 2:5 would leave 1.0
 
 
-def test_block_throughputs_count_online_servers_only_and_clip_to_the_model():
+def test_block_throughputs_count_online_and_joining_servers_and_clip_to_the_model():
     servers = [
         srv("a", 0, 3, 2.0),
         srv("b", 2, 6, 1.5),
@@ -91,7 +91,7 @@ def test_block_throughputs_count_online_servers_only_and_clip_to_the_model():
         srv("joining", 0, 4, 9.0, ServerState.JOINING),
         srv("broken", 0, 4, float("nan")),
     ]
-    assert block_throughputs(servers, 5) == [2.0, 2.0, 3.5, 1.5, 1.5]
+    assert block_throughputs(servers, 5) == [11.0, 11.0, 12.5, 10.5, 1.5]  # joining counts, offline not
     assert swarm_throughput(servers, 5) == 1.5
     assert swarm_throughput(servers, 7) == 0.0
     assert swarm_throughput([], 3) == 0.0
