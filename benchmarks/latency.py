@@ -13,9 +13,11 @@ Method (the same code times both sides): a greedy loop calls the model's ``forwa
 the prompt at step 0 (prefill) and one token per later step, and times each call with ``perf_counter``
 (forward + argmax). The swarm model gets ``RemoteCache(session)`` inside ``model.inference_session``, as
 ``generate`` does; the local transformers model (float32, sdpa) gets a ``DynamicCache``. Both keep only
-the last position's logits. The swarm session opens its chain of streams lazily inside step 0; that time
-is measured separately ("open") and subtracted from the swarm's prefill. A ``generate`` call on both sides
-is the warm-up and the exactness check: its tokens, and the timed loops' tokens, must be equal.
+the last position's logits. Each swarm run opens its session with ``session.open()`` before step 0
+(choose the chain, open a stream per server), timed separately as "open", so the prefill is the forward
+over the prompt only (``generate`` would open the session lazily inside its first step). A ``generate``
+call on both sides is the warm-up and the exactness check: its tokens, and the timed loops' tokens, must
+be equal. ``--push`` makes the client ask servers to send each step's output straight to the next server.
 
 In each configuration the swarm and local transformers take turns (swarm, local, swarm, local, ...), so
 both see the same background load; the table compares them ("local" = these interleaved runs, with the
@@ -75,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int, default=2, help="torch threads here and in each server (default: 2)")
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="env for servers only")
+    p.add_argument("--push", action="store_true", help="servers push outputs to the next server (client option)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds for a swarm to start serving")
     p.add_argument("--time-limit", type=int, default=290, help="abort (and clean up) after this many seconds")
@@ -93,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Timing:
     """Medians over the repeats of one side (swarm or local) in one configuration, in milliseconds."""
 
-    prefill_ms: float  # step 0: the forward over the prompt (swarm: without opening the chain)
-    open_ms: float  # swarm: opening the chain of streams inside step 0; 0 for local
+    prefill_ms: float  # step 0: the forward over the prompt (swarm: the session is already open)
+    open_ms: float  # swarm: ``session.open()``, choosing the chain and opening its streams; 0 for local
     decode_median_ms: float  # median over the decode steps (steps 1..new_tokens-1)
     decode_mean_ms: float  # mean over the decode steps
     decode_p90_ms: float  # 90th percentile of the decode steps
@@ -126,22 +129,13 @@ def greedy_steps(model, prompt: torch.Tensor, new_tokens: int, cache) -> tuple[l
 
 
 def swarm_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], list[float], float]:
-    """``greedy_steps`` in a fresh inference session; also returns the seconds spent opening its chain."""
+    """``greedy_steps`` in a fresh inference session, opened first; also returns the seconds the opening took."""
     with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
-        opened: list[float] = []
-        original = getattr(session, "_open_chain", None)
-        if original is not None:  # a private hook; without it the open time stays inside the prefill
-
-            async def timed_open(*args, **kwargs):
-                started = time.perf_counter()
-                try:
-                    return await original(*args, **kwargs)
-                finally:
-                    opened.append(time.perf_counter() - started)
-
-            session._open_chain = timed_open
+        started = time.perf_counter()
+        session.open(batch_size=prompt.shape[0])  # choose the chain, open its streams
+        open_seconds = time.perf_counter() - started
         tokens, seconds = greedy_steps(model, prompt, new_tokens, RemoteCache(session))
-    return tokens, seconds, sum(opened)
+    return tokens, seconds, open_seconds
 
 
 def one_run(run, server_pids: list[int]) -> tuple[dict[str, float], list[int]]:
@@ -151,7 +145,7 @@ def one_run(run, server_pids: list[int]) -> tuple[dict[str, float], list[int]]:
     tokens, seconds, open_seconds = run()
     decode = seconds[1:]
     stats = {
-        "prefill": seconds[0] - open_seconds,
+        "prefill": seconds[0],
         "open": open_seconds,
         "median": statistics.median(decode),
         "mean": statistics.fmean(decode),
@@ -213,7 +207,10 @@ def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, arg
     with LocalSwarm(spans, args.model, args.num_threads, args.server_env_dict, args.start_timeout) as swarm:
         phases.mark("start servers")
         pids = [server.proc.pid for server in swarm.servers]
-        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[swarm.initial_peer])
+        options = {"push": True} if args.push else {}
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            args.model, initial_peers=[swarm.initial_peer], **options
+        )
         phases.mark("connect")
         try:
             generated = greedy_generate(model, prompt, args.new_tokens)  # warm-up and exactness check
@@ -330,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = make_prompt(tokenizer, args.prompt_tokens)
     print(f"model {folder.name}: {local.config.num_hidden_layers} blocks; prompt {prompt.shape[1]} tokens, "
           f"{args.new_tokens} new tokens, batch 1, greedy; {args.num_threads} torch threads; "
-          f"server env {args.server_env_dict or '{}'}", flush=True)  # fmt: skip
+          f"server env {args.server_env_dict or '{}'}; push {args.push}", flush=True)  # fmt: skip
     local_alone, reference, results, aborted = None, {}, [], False
     try:
         local_alone, reference = measure_local(local, prompt, args)

@@ -52,6 +52,7 @@ class _HopSession:
         self.next_step = 0
         self.position = 0
         self.decode_seconds: float | None = None  # moving average of single-token step times
+        self.sent: str | None = None  # push mode: "step" or "header" already sent for the current step
 
 
 class InferenceSession:
@@ -64,6 +65,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self._hops: list[_HopSession] = []
         self.closed = False
+        self.relayed = 0  # push mode: inputs the client had to relay because a server did not push them
 
     @property
     def route(self) -> list[Hop]:
@@ -113,14 +115,17 @@ class InferenceSession:
         batch = inputs.hidden.shape[0]
         if not self._hops:
             self._hops = await self._open_with_retries(batch, attempts)
-        index, current = 0, inputs
+        if self.config.push and len(self._hops) > 1:
+            self._send_headers(inputs)
+        index, current, pushed = 0, inputs, False
         while index < len(self._hops):
             hop = self._hops[index]
             try:
-                output = await self._run(hop, current)
+                output, pushed = await self._run(hop, current, delivered=pushed)
             except ServerFailure as failure:
                 self._on_failure(failure, attempts)
                 self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
+                pushed = False
                 continue  # the replacement replayed the history; now run this step through it
             hop.history.append(current)
             current = dataclasses.replace(current, hidden=output)
@@ -179,7 +184,7 @@ class InferenceSession:
             for hop in replacement:
                 outputs = []
                 for item in inputs:
-                    hidden = await self._run(hop, item)
+                    hidden, _ = await self._run(hop, item)
                     hop.history.append(item)
                     outputs.append(dataclasses.replace(item, hidden=hidden))
                 inputs = outputs
@@ -190,23 +195,48 @@ class InferenceSession:
         logger.info("Replayed %d steps into %d replacement server(s)", len(failed.history), len(replacement))
         return replacement
 
-    async def _run(self, hop: _HopSession, item: StepInput) -> torch.Tensor:
-        batch, tokens, _ = item.hidden.shape
+    def _request(self, hop: _HopSession, item: StepInput, with_hidden: bool = True) -> pb.InferenceRequest:
+        """The message for ``hop``'s next step (opening its session on step 0)."""
+        batch = item.hidden.shape[0]
         request = pb.InferenceRequest(
-            step=hop.next_step,
-            position=hop.position,
-            hidden=tensors.to_proto(item.hidden.to(hop.dtype)),
-            position_ids=tensors.to_proto(item.position_ids),
+            step=hop.next_step, position=hop.position, position_ids=tensors.to_proto(item.position_ids)
         )
+        if with_hidden:
+            request.hidden.CopyFrom(tensors.to_proto(item.hidden.to(hop.dtype)))
+        else:
+            request.expect_push = True
         if item.attention_mask is not None:
             request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
         if hop.next_step == 0:
             request.session_id = hop.session_id
             request.start_block, request.end_block = hop.hop.span.start, hop.hop.span.end
             request.max_length, request.batch_size = self.max_length, batch
-        timeout = self._timeout(hop, batch * tokens)
+        hop.next_step += 1
+        return request
+
+    def _send_headers(self, item: StepInput) -> None:
+        """Push mode: the first server gets the step, the others a header naming where to push next."""
+        for index, hop in enumerate(self._hops):
+            request = self._request(hop, item, with_hidden=index == 0)
+            if index + 1 < len(self._hops):
+                request.push_peer_id = self._hops[index + 1].hop.peer_id
+                request.push_session_id = self._hops[index + 1].session_id
+            hop.stream.send(request)
+            hop.sent = "step" if index == 0 else "header"
+
+    async def _run(self, hop: _HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
+        """One step on one server: (its output, whether it pushed that output to the next server)."""
+        batch, tokens, _ = item.hidden.shape
+        if hop.sent is None:
+            hop.stream.send(self._request(hop, item))
+        elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
+            self.relayed += 1
+            fallback = pb.InferenceRequest(fallback=True, position=hop.position)
+            fallback.hidden.CopyFrom(tensors.to_proto(item.hidden.to(hop.dtype)))
+            hop.stream.send(fallback)
+        hop.sent = None
         started = time.perf_counter()
-        response = await hop.stream.step(request, timeout)
+        response = await hop.stream.receive(self._timeout(hop, batch * tokens))
         if tokens == 1:
             elapsed = time.perf_counter() - started
             hop.decode_seconds = elapsed if hop.decode_seconds is None else 0.8 * hop.decode_seconds + 0.2 * elapsed
@@ -216,9 +246,8 @@ class InferenceSession:
             raise ServerFailure(hop.hop.peer_id, f"malformed answer: {exc}", exc) from exc
         if hidden.shape != item.hidden.shape:
             raise ServerFailure(hop.hop.peer_id, f"answered shape {list(hidden.shape)} for {list(item.hidden.shape)}")
-        hop.next_step += 1
         hop.position += tokens
-        return hidden.to(item.hidden.dtype)
+        return hidden.to(item.hidden.dtype), response.pushed
 
     def _timeout(self, hop: _HopSession, tokens: int) -> float:
         """How long to wait for a step: generous at first, then adapted to the server's usual speed."""

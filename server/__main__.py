@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     p.add_argument("--throughput-cache", default=None, help="file caching the measured speed")
     p.add_argument("--test-step-delay", type=float, default=0.0, help="testing only: extra seconds per inference step")
+    p.add_argument("--test-drop-pushes", action="store_true", help="testing only: fail every push to the next server")
     p.add_argument("--log-level", default="INFO", help="DEBUG shows one line per RPC")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         balance_quality=args.balance_quality,
         throughput_cache=args.throughput_cache,
         test_step_delay=args.test_step_delay,
+        test_drop_pushes=args.test_drop_pushes,
     )
 
 

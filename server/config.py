@@ -36,3 +36,4 @@ class ServerConfig:
     max_pinged: int = 8  # most next servers to ping
     throughput_cache: str | None = None  # JSON file caching measured speed; None = <stamen cache>/throughput.json
     test_step_delay: float = 0.0  # test only: extra seconds per inference step (simulates a slow server)
+    test_drop_pushes: bool = False  # test only: every push to the next server fails (clients must relay)

@@ -15,6 +15,7 @@ from hivemind.p2p import P2P, P2PContext
 
 from proto import pb, rpc_name
 from server import validation
+from server.push import Pusher
 from server.serving import Serving
 from server.sessions import Session
 from swarm import errors, tensors
@@ -22,49 +23,96 @@ from swarm import errors, tensors
 logger = logging.getLogger(__name__)
 
 
+class _StreamState:
+    """Per-stream state of rpc_inference: its session and the queue of steps read from the client."""
+
+    def __init__(self):
+        self.session: Session | None = None
+        self.steps: asyncio.Queue = asyncio.Queue()  # requests, then None at the end, or an exception
+
+
 class Handler:
     def __init__(self, current: Callable[[], Serving], record: Callable[[], pb.ServerRecord], idle_timeout: float):
         self.current = current  # the Serving that takes new work (it changes when the server moves)
         self.record, self.idle_timeout = record, idle_timeout
+        self.sessions: dict[str, Session] = {}  # open sessions of every span, by id (for pushes)
+        self.pusher: Pusher | None = None
 
-    async def register(self, p2p: P2P) -> None:
+    async def register(self, p2p: P2P, pusher: Pusher) -> None:
+        self.pusher = pusher
         await p2p.add_protobuf_handler(
             rpc_name("Inference"), self.rpc_inference, pb.InferenceRequest, stream_input=True, stream_output=True
         )
         await p2p.add_protobuf_handler(rpc_name("Forward"), self.rpc_forward, pb.ForwardRequest)
         await p2p.add_protobuf_handler(rpc_name("Info"), self.rpc_info, pb.InfoRequest)
+        await p2p.add_protobuf_handler(
+            rpc_name("Push"), self.rpc_push, pb.PushRequest, stream_input=True, stream_output=True
+        )
 
     async def rpc_inference(
         self, requests: AsyncIterator[pb.InferenceRequest], context: P2PContext
     ) -> AsyncIterator[pb.InferenceResponse]:
         peer = context.remote_id.to_base58()
-        session: Session | None = None
         serving = self.current()  # a stream stays with the span it started on
-        iterator = requests.__aiter__()
+        state = _StreamState()
+        reader = asyncio.create_task(self._read_client(requests, state))
         try:
             while True:
                 try:
-                    request = await asyncio.wait_for(iterator.__anext__(), self.idle_timeout)
-                except StopAsyncIteration:
-                    return
+                    request = await asyncio.wait_for(state.steps.get(), self.idle_timeout)
                 except TimeoutError:
-                    logger.info("Closing idle session %s of %s", session and session.session_id, peer)
+                    logger.info("Closing idle session %s of %s", state.session and state.session.session_id, peer)
                     error = errors.SessionNotFoundError(f"session closed after {self.idle_timeout:.0f} s idle")
                     yield pb.InferenceResponse(error=errors.to_proto(error))
                     return
+                if request is None:
+                    return
                 try:
-                    if session is None:
-                        session = self._open(serving, request, peer)
-                    hidden = await self._step(serving, session, request)
-                    yield pb.InferenceResponse(hidden=tensors.to_proto(hidden), step=request.step)
+                    if isinstance(request, Exception):
+                        raise request
+                    if state.session is None:
+                        state.session = self._open(serving, request, peer)
+                        self.sessions[state.session.session_id] = state.session
+                    response = await self._step(serving, state.session, request)
+                    yield response
                 except Exception as exc:  # mapped for the client; the server carries on
                     self._log_failure("inference", peer, exc)
-                    yield pb.InferenceResponse(error=errors.to_proto(exc), step=request.step)
+                    step = request.step if isinstance(request, pb.InferenceRequest) else 0
+                    yield pb.InferenceResponse(error=errors.to_proto(exc), step=step)
                     return
         finally:
-            if session is not None:
-                serving.store.close(session)
-                logger.debug("Closed session %s of %s", session.session_id, peer)
+            reader.cancel()
+            if state.session is not None:
+                self.sessions.pop(state.session.session_id, None)
+                serving.store.close(state.session)
+                logger.debug("Closed session %s of %s", state.session.session_id, peer)
+
+    async def _read_client(self, requests: AsyncIterator[pb.InferenceRequest], state: _StreamState) -> None:
+        """Steps and headers go to the step queue; fallback inputs go straight to the session."""
+        try:
+            async for request in requests:
+                if not request.fallback:
+                    state.steps.put_nowait(request)
+                elif state.session is None:
+                    raise errors.InvalidRequestError("a fallback input must follow its step's header")
+                else:
+                    state.session.deliver(request.position, tensors.from_proto(request.hidden, "hidden"))
+            state.steps.put_nowait(None)
+        except Exception as exc:
+            state.steps.put_nowait(exc)
+
+    async def rpc_push(self, requests: AsyncIterator[pb.PushRequest], context: P2PContext):
+        """Outputs pushed by the previous server of a chain, for our sessions (unknown ids are dropped)."""
+        async for request in requests:
+            session = self.sessions.get(request.session_id)
+            if session is None:
+                continue
+            try:
+                session.deliver(request.position, tensors.from_proto(request.hidden, "hidden"))
+            except errors.StamenError as exc:
+                logger.info("Dropped a malformed push from %s: %s", context.remote_id.to_base58(), exc)
+        return
+        yield  # an async generator that answers nothing
 
     def _open(self, serving: Serving, request: pb.InferenceRequest, peer: str) -> Session:
         if serving.draining:
@@ -74,6 +122,8 @@ class Handler:
                 f"no session here to continue at step {request.step}; a stream must open its session at step 0"
             )
         opened = validation.open_request(request, serving.limits)
+        if opened.session_id in self.sessions:
+            raise errors.InvalidRequestError(f"session {opened.session_id!r} is already open")
         session = serving.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
         logger.debug(
             "Opened session %s of %s: blocks %s, batch %d, max_length %d",
@@ -85,7 +135,7 @@ class Handler:
         )
         return session
 
-    async def _step(self, serving: Serving, session: Session, request: pb.InferenceRequest):
+    async def _step(self, serving: Serving, session: Session, request: pb.InferenceRequest) -> pb.InferenceResponse:
         if serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if request.step != session.next_step:
@@ -94,8 +144,12 @@ class Handler:
             raise errors.InvalidRequestError(
                 f"position {request.position} sent, session cache holds {session.position}"
             )
+        if request.expect_push == request.HasField("hidden"):
+            raise errors.InvalidRequestError("a step carries its hidden states unless it is a header (expect_push)")
+        session.next_step += 1
+        hidden = await session.take(request.position, self.idle_timeout) if request.expect_push else request.hidden
         step = validation.step_input(
-            request.hidden,
+            hidden,
             request.position_ids,
             request.attention_mask,
             serving.limits,
@@ -107,11 +161,14 @@ class Handler:
                 f"step of {step.hidden.shape[1]} tokens at position {session.position} exceeds max_length "
                 f"{session.max_length}"
             )
-        session.next_step += 1
-        hidden = await serving.backend.inference_step(session, step)
+        output = tensors.to_proto(await serving.backend.inference_step(session, step))
         session.last_used = asyncio.get_running_loop().time()
+        pushed = False
+        if request.push_peer_id:
+            push = pb.PushRequest(session_id=request.push_session_id, position=request.position, hidden=output)
+            pushed = await self.pusher.push(request.push_peer_id, push)
         logger.debug("inference %s step %d: %s", session.session_id, request.step, list(step.hidden.shape))
-        return hidden
+        return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed)
 
     async def rpc_forward(self, request: pb.ForwardRequest, context: P2PContext) -> pb.ForwardResponse:
         peer = context.remote_id.to_base58()

@@ -23,6 +23,7 @@ from server.blocks import load_block_stack
 from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.handler import Handler
+from server.push import Pusher
 from server.serving import Serving
 from swarm import __version__
 from swarm.dht import DHTConfig, SwarmDHT
@@ -97,7 +98,8 @@ class Server:
             self.serving = await self._load(self.span)
             p2p = await self.dht.dht.replicate_p2p()
             self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config.session_idle_timeout)
-            await self.handler.register(p2p)
+            self.pusher = Pusher(p2p, drop_all=config.test_drop_pushes)
+            await self.handler.register(p2p, self.pusher)
             self.state = ServerState.ONLINE
             await self.announcer.announce()
             pinger = Pinger(p2p, self.dht, self.prefix, self.num_blocks, self.next_pings, config)

@@ -6,12 +6,17 @@ and for shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from server.cache import CacheBudget, KVGeometry, SessionCache
-from swarm.errors import InvalidRequestError
+from swarm.errors import InvalidRequestError, SessionNotFoundError
 from swarm.spans import BlockRange
+
+MAX_PENDING_INPUTS = 4  # pushed/relayed inputs a session holds ahead of its steps
 
 
 @dataclass
@@ -24,6 +29,30 @@ class Session:
     cache: SessionCache
     next_step: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hidden inputs by position (push/fallback)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def deliver(self, position: int, hidden: torch.Tensor) -> bool:
+        """An input for a step announced by a header; the first one for a position wins."""
+        if position < self.position or position in self.inputs or len(self.inputs) >= MAX_PENDING_INPUTS:
+            return False
+        self.inputs[position] = hidden
+        self.arrived.set()
+        return True
+
+    async def take(self, position: int, timeout: float) -> torch.Tensor:
+        """Wait for the input of the step at ``position`` (pushed by the previous server or relayed)."""
+        deadline = time.monotonic() + timeout
+        while position not in self.inputs:
+            self.arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SessionNotFoundError(f"no input arrived for position {position} within {timeout:.0f} s")
+            try:
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+            except TimeoutError:
+                continue
+        return self.inputs.pop(position)
 
     @property
     def reserved_tokens(self) -> int:

@@ -66,7 +66,7 @@ def open_request(request: pb.InferenceRequest, limits: Limits) -> OpenRequest:
 
 
 def step_input(
-    hidden_msg: pb.Tensor,
+    hidden_msg: pb.Tensor | torch.Tensor,
     position_ids_msg: pb.Tensor,
     mask_msg: pb.Tensor,
     limits: Limits,
@@ -74,7 +74,7 @@ def step_input(
     past: int = 0,
 ) -> Step:
     """Validate one step (or one stateless forward when ``past`` is 0 and ``batch_size`` is None)."""
-    hidden = tensors.from_proto(hidden_msg, "hidden")
+    hidden = hidden_msg if isinstance(hidden_msg, torch.Tensor) else tensors.from_proto(hidden_msg, "hidden")
     if hidden.dtype != limits.dtype:
         raise InvalidRequestError(f"hidden: dtype {hidden.dtype} sent, this server computes in {limits.dtype}")
     if hidden.ndim != 3 or hidden.shape[2] != limits.hidden_size or hidden.shape[0] < 1 or hidden.shape[1] < 1:

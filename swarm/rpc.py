@@ -56,7 +56,15 @@ class InferenceStream:
             raise ServerFailure(self.peer_id, f"cannot open a stream: {exc!r}", exc) from exc
 
     async def step(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
+        self.send(request)
+        return await self.receive(timeout)
+
+    def send(self, request: pb.InferenceRequest) -> None:
+        """Queue a message for the server (written in order by the stream's writer task)."""
         self._requests.put_nowait(request)
+
+    async def receive(self, timeout: float) -> pb.InferenceResponse:
+        """The server's next answer; ServerFailure if it breaks, errs or stays silent past ``timeout``."""
         try:
             response = await asyncio.wait_for(self._responses.__anext__(), timeout)
         except TimeoutError as exc:

@@ -35,6 +35,9 @@ def family_swarm(request, tiny_models):
             )
             for split in SPLITS
         }
+        models["push"] = AutoDistributedModelForCausalLM.from_pretrained(  # servers push to the next server
+            str(folder), initial_peers=swarm.initial_peers, dht_prefix=f"{family}-three-overlapping", push=True
+        )
         try:
             yield family, local, models
         finally:
@@ -42,7 +45,7 @@ def family_swarm(request, tiny_models):
                 model.shutdown()
 
 
-@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("split", [*SPLITS, "push"])
 def test_greedy_tokens_and_logits_match_local(family_swarm, split):
     family, local, models = family_swarm
     model = models[split]
@@ -68,7 +71,8 @@ def test_stateless_forward_logits_match_local(family_swarm, split):
         torch.testing.assert_close(models[split](ids).logits, local(ids).logits, rtol=0, atol=1e-4)
 
 
-def test_padded_batch_matches_local(family_swarm):
+@pytest.mark.parametrize("split", ["three-overlapping", "push"])
+def test_padded_batch_matches_local(family_swarm, split):
     _, local, models = family_swarm
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 256, (3, 10), generator=generator)
@@ -78,9 +82,7 @@ def test_padded_batch_matches_local(family_swarm):
     ids = ids.masked_fill(mask == 0, 0)
 
     expected = local.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    actual = models["three-overlapping"].generate(
-        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0
-    )
+    actual = models[split].generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert actual.tolist() == expected.tolist()
 
 
@@ -94,10 +96,11 @@ def test_sampling_with_seed_matches_local(family_swarm):
     assert actual.tolist() == expected.tolist()
 
 
-def test_chat_session_across_generate_calls(family_swarm):
+@pytest.mark.parametrize("split", ["three-overlapping", "push"])
+def test_chat_session_across_generate_calls(family_swarm, split):
     """One server-side session across several generate calls gives what local generation gives."""
     _, local, models = family_swarm
-    model = models["three-overlapping"]
+    model = models[split]
     turn1 = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(5))
     turn2 = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(6))
 
@@ -111,6 +114,7 @@ def test_chat_session_across_generate_calls(family_swarm):
         assert len(hops) == 3 and hops[0][0] == 0 and hops[-1][1] == 6
         assert all(a[1] == b[0] for a, b in zip(hops, hops[1:], strict=False))
         assert all(any(s <= start and end <= e for s, e in [(0, 3), (2, 5), (4, 6)]) for start, end in hops)
+        assert session.relayed == 0  # with push on, every server handed its output to the next one
 
     expected1 = local.generate(turn1, max_new_tokens=8, do_sample=False)
     expected2 = local.generate(torch.cat([expected1, turn2], dim=1), max_new_tokens=8, do_sample=False)

@@ -130,3 +130,41 @@ def test_full_server_is_skipped(tiny_models):
                     assert [hop.peer_id for hop in session.route] == [big.peer_id]
         finally:
             model.shutdown()
+
+
+@pytest.mark.parametrize("hop,at", [(1, 5), (0, 0)], ids=["middle-decode", "first-prefill"])
+def test_killed_server_with_push_does_not_change_tokens(replicated, tiny_models, hop, at):
+    swarm, _, local = replicated
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_models["llama"]), initial_peers=swarm.initial_peers, push=True, update_period=0.5
+    )
+    ids = prompt(60 + hop)
+    expected = local.generate(ids, max_new_tokens=14, do_sample=False)
+    try:
+        with model.inference_session(max_length=32) as session:
+            session.open(batch_size=1)
+            killer = KillAtToken(swarm, session, hop, at)
+            actual = model.generate(ids, max_new_tokens=14, do_sample=False, streamer=killer)
+            assert killer.victim is not None
+        assert actual.tolist() == expected.tolist()
+    finally:
+        model.shutdown()
+        restore(swarm)
+
+
+def test_failed_pushes_fall_back_to_client_relay(tiny_models):
+    folder = tiny_models["llama"]
+    local = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with LocalSwarm() as swarm:
+        swarm.start(folder, [(span, ("--test-drop-pushes",)) for span in SPANS])
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(folder), initial_peers=swarm.initial_peers, push=True
+        )
+        ids = prompt(70)
+        try:
+            with model.inference_session(max_length=32) as session:
+                actual = model.generate(ids, max_new_tokens=10, do_sample=False)
+                assert session.relayed == 2 * 10  # two pushes per step (3 servers), all relayed by the client
+        finally:
+            model.shutdown()
+    assert actual.tolist() == local.generate(ids, max_new_tokens=10, do_sample=False).tolist()
