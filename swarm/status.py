@@ -11,7 +11,7 @@ from typing import Any
 
 from swarm.errors import MissingBlocksError, format_blocks
 from swarm.records import ServerInfo
-from swarm.routing import coverage, make_chain, usable
+from swarm.routing import chain_latency, coverage, fastest_chain, usable
 from swarm.spans import BlockRange
 
 _COLUMNS = (  # (header, key in the server dict)
@@ -19,7 +19,8 @@ _COLUMNS = (  # (header, key in the server dict)
     ("NAME", "public_name"),
     ("STATE", "state"),
     ("BLOCKS", "span"),
-    ("TOKENS/S", "throughput"),
+    ("STEPS/S/BLOCK", "throughput"),
+    ("FWD TOK/S/BLOCK", "forward_throughput"),
     ("DTYPE", "dtype"),
     ("CACHE FREE", "cache_tokens_left"),
     ("VERSION", "version"),
@@ -36,6 +37,8 @@ def server_row(info: ServerInfo) -> dict[str, Any]:
         "start": info.span.start,
         "end": info.span.end,
         "throughput": info.throughput,
+        "forward_throughput": info.forward_throughput,
+        "next_pings": dict(info.next_pings),
         "dtype": info.dtype,
         "cache_tokens_left": info.cache_tokens_left,
         "version": info.version,
@@ -50,25 +53,27 @@ def build_report(servers: Iterable[ServerInfo], num_blocks: int) -> dict[str, An
     """The swarm's state for a model of ``num_blocks`` blocks, as a JSON-ready dict.
 
     Keys: ``servers`` (rows sorted by span, then peer id), ``coverage`` (online servers per block),
-    ``gaps`` (blocks no online server hosts), ``route`` (the chain a client would take over online
-    servers, as ``{peer_id, start, end}`` hops) or None when there are gaps.
+    ``gaps`` (blocks no online server hosts), ``route`` (the inference chain a client would take over
+    online servers, lowest expected latency with client relay, as ``{peer_id, start, end}`` hops) or None
+    when there are gaps, ``push_route`` (the same with server-to-server push, using the servers' measured
+    pings), and ``route_ms`` / ``push_route_ms`` (their expected latency per token; the client's own
+    round trips are unknown here and count as the default 50 ms each way they are used).
     """
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be positive, got {num_blocks}")
     ordered = sorted(servers, key=lambda s: (s.span.start, s.span.end, s.peer_id))
     counts = coverage(ordered, num_blocks)
     gaps = [block for block, count in enumerate(counts) if count == 0]
-    try:
-        chain = make_chain(usable(ordered), BlockRange(0, num_blocks))
-        route = [{"peer_id": hop.peer_id, "start": hop.span.start, "end": hop.span.end} for hop in chain]
-    except MissingBlocksError:
-        route = None
-    return {
-        "servers": [server_row(info) for info in ordered],
-        "coverage": counts,
-        "gaps": gaps,
-        "route": route,
-    }
+    online, span = usable(ordered), BlockRange(0, num_blocks)
+    routes: dict[str, Any] = {}
+    for name, push in (("route", False), ("push_route", True)):
+        try:
+            chain = fastest_chain(online, span, {}, push=push)
+            routes[name] = [{"peer_id": hop.peer_id, "start": hop.span.start, "end": hop.span.end} for hop in chain]
+            routes[f"{name}_ms"] = 1e3 * chain_latency(chain, online, {}, push=push)
+        except MissingBlocksError:
+            routes[name], routes[f"{name}_ms"] = None, None
+    return {"servers": [server_row(info) for info in ordered], "coverage": counts, "gaps": gaps, **routes}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -78,7 +83,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"Coverage (online servers per block): {format_coverage(report['coverage'])}")
     gaps = report["gaps"]
     lines.append(f"Gaps: blocks {format_blocks(gaps)}" if gaps else "Gaps: none")
-    lines.append(f"Route: {format_route(report['route'], gaps)}")
+    lines.append(f"Route: {format_route(report['route'], gaps)}{_ms(report.get('route_ms'))}")
+    lines.append(f"Route with push: {format_route(report.get('push_route'), gaps)}{_ms(report.get('push_route_ms'))}")
     return "\n".join(lines)
 
 
@@ -115,8 +121,12 @@ def exit_code(report: dict[str, Any]) -> int:
 
 
 def _cell(key: str, value: Any) -> str:
-    if key == "throughput":
-        return f"{value:.1f}"
+    if key in ("throughput", "forward_throughput"):
+        return f"{value:.0f}"
     if key == "public_name" and not value:
         return "-"
     return str(value)
+
+
+def _ms(value: float | None) -> str:
+    return f" (~{value:.1f} ms/token)" if value is not None else ""

@@ -21,7 +21,7 @@ def srv(peer: str, start: int, end: int, state: ServerState = ServerState.ONLINE
 def test_full_coverage_gives_a_route_and_exit_code_zero():
     servers = [srv("b", 2, 4), srv("a", 0, 3, public_name="alice"), srv("c", 0, 4, state=ServerState.OFFLINE)]
     report = build_report(servers, 4)
-    assert set(report) == {"servers", "coverage", "gaps", "route"}
+    assert set(report) == {"servers", "coverage", "gaps", "route", "route_ms", "push_route", "push_route_ms"}
     assert [row["peer_id"] for row in report["servers"]] == ["a", "c", "b"]  # by span, then peer id
     assert report["coverage"] == [1, 1, 2, 1]
     assert report["gaps"] == []
@@ -44,7 +44,15 @@ def test_gaps_leave_no_route_and_exit_code_one():
 
 def test_an_empty_swarm_is_all_gaps():
     report = build_report([], 4)
-    assert report == {"servers": [], "coverage": [0, 0, 0, 0], "gaps": [0, 1, 2, 3], "route": None}
+    assert report == {
+        "servers": [],
+        "coverage": [0, 0, 0, 0],
+        "gaps": [0, 1, 2, 3],
+        "route": None,
+        "route_ms": None,
+        "push_route": None,
+        "push_route_ms": None,
+    }
     text = format_report(report)
     assert "No servers found." in text and "Coverage (online servers per block): 0:4 x0" in text
 
@@ -67,9 +75,12 @@ def test_text_table_lines_up_columns():
     report = build_report([srv("short", 0, 2, public_name="alice"), srv("a-much-longer-peer-id", 2, 4)], 4)
     lines = format_report(report).splitlines()
     header, first, second = lines[0], lines[1], lines[2]
-    assert header.split() == ["PEER", "ID", "NAME", "STATE", "BLOCKS", "TOKENS/S", "DTYPE", "CACHE", "FREE", "VERSION"]
-    assert first.split() == ["short", "alice", "ONLINE", "0:2", "10.0", "float32", "1000", "0.1.0"]
-    assert second.split() == ["a-much-longer-peer-id", "-", "ONLINE", "2:4", "10.0", "float32", "1000", "0.1.0"]
+    assert header.split() == [
+        *("PEER", "ID", "NAME", "STATE", "BLOCKS", "STEPS/S/BLOCK", "FWD", "TOK/S/BLOCK"),
+        *("DTYPE", "CACHE", "FREE", "VERSION"),
+    ]
+    assert first.split() == ["short", "alice", "ONLINE", "0:2", "10", "0", "float32", "1000", "0.1.0"]
+    assert second.split() == ["a-much-longer-peer-id", "-", "ONLINE", "2:4", "10", "0", "float32", "1000", "0.1.0"]
     for column in ("NAME", "STATE", "BLOCKS", "VERSION"):
         start = header.index(column)
         assert first[start - 2 : start] == "  " and second[start - 2 : start] == "  "
