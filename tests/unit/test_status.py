@@ -85,7 +85,8 @@ def test_text_table_lines_up_columns():
         start = header.index(column)
         assert first[start - 2 : start] == "  " and second[start - 2 : start] == "  "
     assert "Gaps: none" in lines
-    assert "Route: short [0:2] -> a-much-longer-peer-id [2:4]" in lines
+    # 4 blocks at 10 steps/s plus two client round trips of the default 50 ms
+    assert "Route: short [0:2] -> a-much-longer-peer-id [2:4] (~500.0 ms/token)" in lines
 
 
 def test_format_coverage_groups_runs():
