@@ -16,6 +16,7 @@ from functools import partial
 import hivemind
 from hivemind.utils import get_dht_time
 
+from swarm.identity import Identity
 from swarm.records import ServerInfo
 from swarm.spans import block_key
 
@@ -38,9 +39,8 @@ class SwarmDHT:
     """Handle to a running hivemind DHT node."""
 
     def __init__(self, config: DHTConfig):
-        kwargs = {}
-        if config.identity_path:
-            kwargs["identity_path"] = config.identity_path
+        self.identity = Identity.load_or_create(config.identity_path)  # signs this node's announcements
+        kwargs = {"identity_path": str(self.identity.path)}
         if config.announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{config.announce_host}/tcp/{config.port}"]
         self.config = config
@@ -51,6 +51,8 @@ class SwarmDHT:
             client_mode=config.client_mode,
             **kwargs,
         )
+        if config.identity_path is None:  # a throwaway identity: the daemon has read it
+            self.identity.path.unlink(missing_ok=True)
         # hivemind's DHT process outlives a SIGKILLed parent; make it follow its parent out
         self.dht.run_coroutine(partial(_exit_with_parent, parent_pid=os.getpid()), return_future=True)
 
@@ -69,7 +71,7 @@ class SwarmDHT:
         Returns a future (``.result()`` to block, ``await`` in async code) that says if the DHT took it.
         """
         keys = [block_key(prefix, block) for block in range(info.span.start, info.span.end)]
-        info = dataclasses.replace(info, announced_at=get_dht_time())
+        info = dataclasses.replace(info, announced_at=get_dht_time()).signed(self.identity)
         coroutine = partial(_store_records, keys=keys, subkey=info.peer_id, value=info.to_bytes(), ttl=ttl)
         return self.dht.run_coroutine(coroutine, return_future=True)
 
@@ -95,7 +97,8 @@ class SwarmDHT:
 
 
 def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[bytes, float]]]) -> list[ServerInfo]:
-    """Turn raw DHT values into records; drop anything malformed or stored under the wrong key or subkey.
+    """Turn raw DHT values into records; drop anything malformed, stored under the wrong key or subkey,
+    or not signed by the key of the peer it names.
 
     A peer may have records under several keys (after it moved to another span, the old ones linger
     until they expire): its newest announcement wins, then the latest expiration.
@@ -105,6 +108,8 @@ def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[b
         for subkey, (value, expiration) in raw.get(block_key(prefix, block), {}).items():
             info = ServerInfo.from_bytes(value)
             if info is None or info.peer_id != subkey or block not in info.span or info.span.end > num_blocks:
+                continue
+            if not info.verified():  # unsigned, or signed by someone other than the peer it names
                 continue
             rank = (info.announced_at, expiration)
             if info.peer_id not in best or best[info.peer_id][0] < rank:

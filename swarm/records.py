@@ -8,6 +8,7 @@ import enum
 from google.protobuf.message import DecodeError
 
 from proto import pb
+from swarm.identity import Identity, verify
 from swarm.spans import BlockRange
 
 
@@ -36,6 +37,8 @@ class ServerInfo:
     forward_throughput: float = 0.0  # batched forward: tokens per second through ONE block
     next_pings: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> round trip, seconds
     announced_at: float = 0.0  # DHT time of the announcement; a peer's newest record wins (e.g. after a move)
+    public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
+    signature: bytes = b""  # by that key over the record serialized with an empty signature
 
     def to_proto(self) -> pb.ServerRecord:
         return pb.ServerRecord(
@@ -55,6 +58,8 @@ class ServerInfo:
             forward_throughput=self.forward_throughput,
             next_pings=dict(self.next_pings),
             announced_at=self.announced_at,
+            public_key=self.public_key,
+            signature=self.signature,
         )
 
     @classmethod
@@ -75,10 +80,26 @@ class ServerInfo:
             forward_throughput=record.forward_throughput,
             next_pings=dict(record.next_pings),
             announced_at=record.announced_at,
+            public_key=record.public_key,
+            signature=record.signature,
         )
 
     def to_bytes(self) -> bytes:
-        return self.to_proto().SerializeToString()
+        return self.to_proto().SerializeToString(deterministic=True)
+
+    def _signed_content(self) -> bytes:
+        return dataclasses.replace(self, signature=b"").to_bytes()
+
+    def signed(self, identity: Identity) -> ServerInfo:
+        """This record, signed by ``identity`` (which must be the record's own peer)."""
+        if identity.peer_id != self.peer_id:
+            raise ValueError(f"identity {identity.peer_id} cannot sign a record of {self.peer_id}")
+        unsigned = dataclasses.replace(self, public_key=identity.public_key, signature=b"")
+        return dataclasses.replace(unsigned, signature=identity.sign(unsigned.to_bytes()))
+
+    def verified(self) -> bool:
+        """True if the record was signed by the key its peer id belongs to (so nobody else made it)."""
+        return verify(self.public_key, self.peer_id, self._signed_content(), self.signature)
 
     @classmethod
     def from_bytes(cls, data: object) -> ServerInfo | None:

@@ -129,34 +129,46 @@ def test_bootstrap_and_status_of_an_empty_swarm(start_bootstrap):
     )
     assert status.returncode == 1, status.stderr
     report = json.loads(status.stdout)
-    assert report == {"servers": [], "coverage": [0, 0, 0, 0], "gaps": [0, 1, 2, 3], "route": None}
+    assert report == {
+        "servers": [],
+        "coverage": [0, 0, 0, 0],
+        "gaps": [0, 1, 2, 3],
+        "route": None,
+        "route_ms": None,
+        "push_route": None,
+        "push_route_ms": None,
+    }
     assert node.stop() == ["Bootstrap node stopped"]
 
 
 def test_status_shows_announced_servers_and_their_route(start_bootstrap):
     node = start_bootstrap()
-    announcer = SwarmDHT(DHTConfig(initial_peers=[node.addr], client_mode=True))
+    peers = {}  # records are signed by their own peer, so each fake server is a real DHT node
     try:
-        for peer, start, end in [("peer-a", 0, 2), ("peer-b", 1, 4), ("peer-c", 0, 4)]:
-            state = ServerState.OFFLINE if peer == "peer-c" else ServerState.ONLINE
-            info = ServerInfo(peer, state, BlockRange(start, end), throughput=5.0, public_name=peer.upper())
-            assert announcer.announce("cli-test", info, ttl=120).result(timeout=30)
+        for name, start, end in [("peer-a", 0, 2), ("peer-b", 1, 4), ("peer-c", 0, 4)]:
+            peers[name] = SwarmDHT(DHTConfig(initial_peers=[node.addr], client_mode=True))
+            state = ServerState.OFFLINE if name == "peer-c" else ServerState.ONLINE
+            speed = 10.0 if name == "peer-a" else 5.0  # the faster peer-a should run as many blocks as it can
+            info = ServerInfo(peers[name].peer_id, state, BlockRange(start, end), speed, public_name=name.upper())
+            assert peers[name].announce("cli-test", info, ttl=120).result(timeout=30)
     finally:
-        announcer.shutdown()
+        for dht in peers.values():
+            dht.shutdown()
+    a, b, c = (peers[name].peer_id for name in ("peer-a", "peer-b", "peer-c"))
     args = ("status", "--initial-peers", node.addr, "--dht-prefix", "cli-test", "--num-blocks", "4")
     deadline = time.monotonic() + 60  # the records were stored; poll in case a DHT request times out under load
     while (status := run_cli(*args, "--json")).returncode != 0 and time.monotonic() < deadline:
         pass
     assert status.returncode == 0, (status.stdout, status.stderr)
     report = json.loads(status.stdout)
-    assert [row["peer_id"] for row in report["servers"]] == ["peer-a", "peer-c", "peer-b"]
+    assert [row["peer_id"] for row in report["servers"]] == [a, c, b]
     assert report["coverage"] == [1, 2, 1, 1] and report["gaps"] == []
-    assert report["route"] == [{"peer_id": "peer-a", "start": 0, "end": 2}, {"peer_id": "peer-b", "start": 2, "end": 4}]
+    assert report["route"] == [{"peer_id": a, "start": 0, "end": 2}, {"peer_id": b, "start": 2, "end": 4}]
 
     text = run_cli(*args)
     assert text.returncode == 0, text.stderr
     assert "PEER-A" in text.stdout and "OFFLINE" in text.stdout
-    assert "Route: peer-a [0:2] -> peer-b [2:4]" in text.stdout
+    assert f"Route: {a} [0:2] -> {b} [2:4]" in text.stdout
 
 
 def test_identity_file_keeps_the_peer_id(start_bootstrap, tmp_path):

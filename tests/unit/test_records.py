@@ -8,6 +8,7 @@ import pytest
 
 from proto import pb
 from swarm.dht import parse_records
+from swarm.identity import Identity
 from swarm.records import ServerInfo, ServerState
 from swarm.spans import BlockRange, block_key
 
@@ -16,8 +17,24 @@ pytestmark = pytest.mark.timeout(30)
 PREFIX = "tiny-model"
 
 
+_IDENTITIES: dict[str, Identity] = {}
+
+
+def identity(name: str) -> Identity:
+    """A real libp2p identity per test name (so records can be signed as real servers sign them)."""
+    if name not in _IDENTITIES:
+        _IDENTITIES[name] = Identity.load_or_create(None)
+        _IDENTITIES[name].path.unlink()
+    return _IDENTITIES[name]
+
+
+def pid(name: str) -> str:
+    return identity(name).peer_id
+
+
 def info(peer: str, start: int, end: int, state: ServerState = ServerState.ONLINE, **kwargs) -> ServerInfo:
-    return ServerInfo(peer, state, BlockRange(start, end), **kwargs)
+    """A record of the named server, signed by that server."""
+    return ServerInfo(pid(peer), state, BlockRange(start, end), **kwargs).signed(identity(peer))
 
 
 def test_round_trip_keeps_every_field():
@@ -92,17 +109,17 @@ def announce(record: ServerInfo, expiration: float = 100.0) -> list[tuple[int, s
 def test_parse_records_keeps_well_formed_records_once_per_peer():
     a, b = info("a", 0, 2), info("b", 1, 4)
     found = parse_records(PREFIX, 4, raw_store(*announce(a), *announce(b)))
-    assert sorted(found, key=lambda s: s.peer_id) == [a, b]
+    assert sorted(found, key=lambda s: s.peer_id) == sorted([a, b], key=lambda s: s.peer_id)
 
 
 def test_parse_records_drops_a_record_stored_under_a_block_outside_its_span():
     liar = info("liar", 0, 2)
-    assert parse_records(PREFIX, 4, raw_store((3, "liar", liar.to_bytes(), 100.0))) == []
+    assert parse_records(PREFIX, 4, raw_store((3, pid("liar"), liar.to_bytes(), 100.0))) == []
 
 
 def test_parse_records_drops_a_record_whose_peer_id_is_not_its_subkey():
     impostor = info("victim", 0, 2)
-    assert parse_records(PREFIX, 4, raw_store((0, "impostor", impostor.to_bytes(), 100.0))) == []
+    assert parse_records(PREFIX, 4, raw_store((0, pid("impostor"), impostor.to_bytes(), 100.0))) == []
 
 
 def test_parse_records_drops_spans_beyond_the_model():
@@ -120,7 +137,31 @@ def test_parse_records_drops_garbage_and_other_prefixes():
 def test_parse_records_keeps_the_freshest_record_per_peer():
     old = info("a", 0, 2, throughput=1.0)
     new = info("a", 0, 3, state=ServerState.OFFLINE, throughput=2.0)
-    raw = raw_store((0, "a", old.to_bytes(), 10.0), (1, "a", new.to_bytes(), 20.0))
+    raw = raw_store((0, pid("a"), old.to_bytes(), 10.0), (1, pid("a"), new.to_bytes(), 20.0))
     assert parse_records(PREFIX, 4, raw) == [new]
-    raw = raw_store((0, "a", new.to_bytes(), 20.0), (1, "a", old.to_bytes(), 10.0))
+    raw = raw_store((0, pid("a"), new.to_bytes(), 20.0), (1, pid("a"), old.to_bytes(), 10.0))
     assert parse_records(PREFIX, 4, raw) == [new]
+
+
+def test_parse_records_drops_unsigned_records():
+    unsigned = ServerInfo(pid("a"), ServerState.ONLINE, BlockRange(0, 2))
+    assert parse_records(PREFIX, 4, raw_store(*announce(unsigned))) == []
+
+
+def test_parse_records_drops_a_record_forged_for_another_peer():
+    """The attacker signs a record naming the victim: the key does not hash to the victim's peer id."""
+    forged = ServerInfo(pid("victim"), ServerState.OFFLINE, BlockRange(0, 2))
+    with pytest.raises(ValueError):
+        forged.signed(identity("attacker"))  # our own code refuses to sign for someone else...
+    unsigned = forged.signed(identity("victim"))
+    stolen_key = ServerInfo(**{**unsigned.__dict__, "public_key": identity("attacker").public_key})
+    resigned = ServerInfo(**{**stolen_key.__dict__, "signature": identity("attacker").sign(b"whatever")})
+    for record in (stolen_key, resigned):  # ...and records made by hand do not verify
+        assert parse_records(PREFIX, 4, raw_store(*announce(record))) == []
+
+
+def test_parse_records_drops_a_tampered_record():
+    honest = info("a", 0, 2, throughput=1.0)
+    tampered = ServerInfo(**{**honest.__dict__, "throughput": 1e9})
+    assert not tampered.verified() and honest.verified()
+    assert parse_records(PREFIX, 4, raw_store(*announce(tampered))) == []
