@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm member")
     p.add_argument("--model", default=None, help=f"model name or local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
+    p.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, swarm_key=args.swarm_key
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class ClientConfig:
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm member
+    swarm_key: str | None = None  # private swarm: path of the swarm key file
     dht_prefix: str | None = None  # DHT key prefix; None = derived from the model name
     wait_for_blocks: float = 30.0  # seconds to wait for a missing block to get a server before raising
     update_period: float = 5.0  # seconds a fetched view of the swarm stays fresh

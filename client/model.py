@@ -65,13 +65,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         initial_peers: list[str] | tuple[str, ...] = (),
         dht_prefix: str | None = None,
         dtype: torch.dtype = torch.float32,
+        swarm_key: str | None = None,
         **client_options,
     ) -> DistributedModelForCausalLM:
         """Load only the local parts of ``model`` (name or folder) and connect to the swarm."""
         name = model or DEFAULT_MODEL
         folder = resolve_model(model)
         config = AutoConfig.from_pretrained(folder)
-        client_config = ClientConfig(initial_peers=list(initial_peers), dht_prefix=dht_prefix, **client_options)
+        client_config = ClientConfig(
+            initial_peers=list(initial_peers), dht_prefix=dht_prefix, swarm_key=swarm_key, **client_options
+        )
         prefix = dht_prefix or model_prefix(name)
         instance = cls(config)
         instance._load_local_weights(folder, dtype)

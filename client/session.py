@@ -208,6 +208,7 @@ class InferenceSession:
         if item.attention_mask is not None:
             request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
         if hop.next_step == 0:
+            request.membership = self.client.membership.proof_for(hop.hop.peer_id)
             request.session_id = hop.session_id
             request.start_block, request.end_block = hop.hop.span.start, hop.hop.span.end
             request.max_length, request.batch_size = self.max_length, batch

@@ -15,6 +15,7 @@ from proto import pb
 from swarm import tensors
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.errors import StamenError
+from swarm.membership import Membership, load_key
 from swarm.rpc import ServerFailure, call_forward, ping
 from swarm.spans import BlockRange
 
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 class SwarmClient:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int):
         self.config, self.prefix, self.num_blocks = config, prefix, num_blocks
-        self.dht = SwarmDHT(DHTConfig(initial_peers=list(config.initial_peers), client_mode=True))
+        key = load_key(config.swarm_key) if config.swarm_key else None
+        self.dht = SwarmDHT(DHTConfig(initial_peers=list(config.initial_peers), client_mode=True, swarm_key=key))
+        self.membership = Membership(key, self.dht.peer_id)
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.dht.replicate_p2p())
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
@@ -34,7 +37,9 @@ class SwarmClient:
         loop = asyncio.get_running_loop()
         servers = await loop.run_in_executor(None, self.routes.candidates)
         stale = self.routes.stale_pings([s.peer_id for s in servers])[:limit]
-        results = await asyncio.gather(*(ping(self.p2p, peer, tries=1, timeout=1.0) for peer in stale))
+        results = await asyncio.gather(
+            *(ping(self.p2p, peer, 1, 1.0, self.membership.proof_for(peer)) for peer in stale)
+        )
         for peer, rtt in zip(stale, results, strict=True):
             if rtt is not None:
                 self.routes.record_ping(peer, rtt)
@@ -71,6 +76,7 @@ class SwarmClient:
                 end_block=hop.span.end,
                 hidden=tensors.to_proto(hidden.to(self.server_dtype(hop.peer_id))),
                 position_ids=tensors.to_proto(position_ids),
+                membership=self.membership.proof_for(hop.peer_id),
             )
             if attention_mask is not None:
                 request.attention_mask.CopyFrom(tensors.to_proto(attention_mask))

@@ -7,6 +7,7 @@
 - ``sessions``: open inference sessions
 - ``validation``: checks on every remote input
 - ``handler``: RPC handlers (validate + delegate; errors mapped once)
+- ``streams``: streaming RPCs with bounded input (message size, streams per peer)
 - ``backend``: runs torch work on one worker thread
 - ``announcer``: periodic DHT refresh
 

@@ -8,6 +8,7 @@ import sys
 
 from server.config import ServerConfig
 from server.server import Server
+from swarm.errors import StamenError
 from swarm.modelpath import DEFAULT_MODEL
 from swarm.spans import parse_blocks
 
@@ -31,6 +32,27 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--public-name", default="", help="name shown to others in `python -m swarm status`")
     p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="max batch x tokens a request")
     p.add_argument(
+        "--max-length-limit", type=int, default=d.max_length_limit, help="largest max_length a session may ask for"
+    )
+    p.add_argument(
+        "--max-sessions-per-peer",
+        type=int,
+        default=d.max_sessions_per_peer,
+        help=f"inference sessions one peer may hold open at once (default: {d.max_sessions_per_peer})",
+    )
+    p.add_argument(
+        "--max-queued-steps",
+        type=int,
+        default=d.max_queued_steps,
+        help=f"steps a client may send ahead of the answers on one stream (default: {d.max_queued_steps})",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=None,
+        help="largest message accepted on a stream (default: room for the largest valid step)",
+    )
+    p.add_argument(
         "--session-idle-timeout",
         type=float,
         default=d.session_idle_timeout,
@@ -38,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
+    p.add_argument("--swarm-key", default=None, help="swarm key file: serve and join only this private swarm")
     p.add_argument("--rebalance-period", type=float, default=d.rebalance_period, help="seconds between balance checks")
     p.add_argument(
         "--balance-quality",
@@ -57,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(str(exc))
     if args.num_blocks is not None and args.num_blocks < 1:
         p.error("--num-blocks must be at least 1")
+    limits = ("cache_tokens", "max_request_tokens", "max_length_limit", "max_sessions_per_peer", "max_queued_steps")
+    for limit in limits:
+        if getattr(args, limit) < 1:
+            p.error(f"--{limit.replace('_', '-')} must be at least 1")
+    if args.max_message_bytes is not None and args.max_message_bytes < 1:
+        p.error("--max-message-bytes must be at least 1")
     if args.announce_host and not args.port:
         p.error("--announce-host needs a fixed --port (the port others reach through the announced address)")
     return ServerConfig(
@@ -72,9 +101,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         cache_tokens=args.cache_tokens,
         public_name=args.public_name,
         max_request_tokens=args.max_request_tokens,
+        max_length_limit=args.max_length_limit,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        max_queued_steps=args.max_queued_steps,
+        max_message_bytes=args.max_message_bytes,
         session_idle_timeout=args.session_idle_timeout,
         num_threads=args.num_threads,
         identity_path=args.identity,
+        swarm_key=args.swarm_key,
         rebalance_period=args.rebalance_period,
         balance_quality=args.balance_quality,
         throughput_cache=args.throughput_cache,
@@ -102,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         Server(config).run(announce_ready)
-    except ValueError as exc:
+    except (ValueError, StamenError) as exc:  # bad arguments, or the swarm would not let us in
         logging.getLogger("server").error("%s", exc)
         return 2
     print("Server stopped", flush=True)

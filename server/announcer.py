@@ -43,8 +43,9 @@ class Announcer:
 class Pinger:
     """Measures round trips to the servers hosting the blocks right after this server's span."""
 
-    def __init__(self, p2p, dht: SwarmDHT, prefix: str, num_blocks: int, results: dict[str, float], config):
+    def __init__(self, p2p, dht: SwarmDHT, prefix: str, num_blocks: int, results: dict[str, float], config, membership):
         self.p2p, self.dht, self.prefix, self.num_blocks = p2p, dht, prefix, num_blocks
+        self.membership = membership
         self.results, self.period, self.max_pinged = results, config.ping_period, config.max_pinged
 
     async def run(self, span: Callable[[], BlockRange]) -> None:
@@ -64,7 +65,7 @@ class Pinger:
         following = random.sample(following, min(len(following), self.max_pinged))
         measured = {}
         for peer in following:
-            rtt = await ping(self.p2p, peer)
+            rtt = await ping(self.p2p, peer, membership=self.membership.proof_for(peer))
             if rtt is not None:
                 measured[peer] = rtt
         self.results.clear()

@@ -22,6 +22,9 @@ class ServerConfig:
     public_name: str = ""  # name shown to others in `swarm status`
     max_request_tokens: int = 8192  # largest batch x new_tokens a single request may carry
     max_length_limit: int = 8192  # largest max_length a session may ask for
+    max_sessions_per_peer: int = 16  # inference sessions one peer may hold open at once (TOO_MANY_REQUESTS beyond)
+    max_queued_steps: int = 8  # steps a client may send ahead of the server's answers on one stream
+    max_message_bytes: int | None = None  # largest message on a stream; None = room for the largest valid step
     session_idle_timeout: float = 120.0  # seconds without a step before a session is closed and its cache freed
     step_timeout: float = 120.0  # seconds a stream may wait before its first message
     announce_period: float = 10.0  # seconds between DHT refreshes of this server's record
@@ -29,6 +32,7 @@ class ServerConfig:
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     identity_path: str | None = None  # private key file for a fixed peer id
+    swarm_key: str | None = None  # private swarm: path of the swarm key file (only its holders get served)
     rebalance_period: float = 60.0  # seconds between checks whether moving would help the swarm (--num-blocks)
     balance_quality: float = 0.75  # move only if the swarm's throughput would grow by more than 1/this
     move_grace: float = 30.0  # seconds sessions on the old span may finish after a move before handoff

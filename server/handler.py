@@ -3,6 +3,12 @@
 It validates and delegates (to the session store and the backend); it never touches nn.Modules.
 Every exception is mapped to a ``pb.Error`` in one place, so a bad request gets a clear error and
 the server keeps serving everyone else.
+
+What one peer can hold is bounded: its sessions (``max_sessions_per_peer``), its streams of each
+kind (``server.streams``), the size of each message, the steps queued on a stream
+(``max_queued_steps``), its forward passes in flight, and the inputs pushed ahead of a session's steps.
+A session is bound to the stream that opened it; a push fills a header's input only if it comes
+from the peer the header named (``push_from_peer_id``).
 """
 
 from __future__ import annotations
@@ -15,12 +21,17 @@ from hivemind.p2p import P2P, P2PContext
 
 from proto import pb, rpc_name
 from server import validation
+from server.config import ServerConfig
+from server.gate import Gate
 from server.push import Pusher
 from server.serving import Serving
-from server.sessions import Session
+from server.sessions import Session, SessionRegistry
+from server.streams import BoundedStreams
 from swarm import errors, tensors
 
 logger = logging.getLogger(__name__)
+
+PUSH_STREAMS_PER_PEER = 8  # a server pushes to us over one stream; a few more cover its reconnections
 
 
 class _StreamState:
@@ -29,25 +40,34 @@ class _StreamState:
     def __init__(self):
         self.session: Session | None = None
         self.steps: asyncio.Queue = asyncio.Queue()  # requests, then None at the end, or an exception
+        self.ended: Exception | None = None  # set when the client's side of the stream is over
+
+    def end(self, reason: Exception) -> None:
+        self.ended = reason
+        if self.session is not None:
+            self.session.end_inputs(reason)
 
 
 class Handler:
-    def __init__(self, current: Callable[[], Serving], record: Callable[[], pb.ServerRecord], idle_timeout: float):
+    def __init__(self, current: Callable[[], Serving], record: Callable[[], pb.ServerRecord], config: ServerConfig):
         self.current = current  # the Serving that takes new work (it changes when the server moves)
-        self.record, self.idle_timeout = record, idle_timeout
-        self.sessions: dict[str, Session] = {}  # open sessions of every span, by id (for pushes)
+        self.record = record
+        self.idle_timeout = config.session_idle_timeout
+        self.max_queued_steps = config.max_queued_steps
+        self.max_per_peer = config.max_sessions_per_peer
+        self.registry = SessionRegistry(config.max_sessions_per_peer)  # open sessions of every span
+        self.forwards: dict[str, int] = {}  # forward passes in flight, by peer
         self.pusher: Pusher | None = None
+        self.gate = Gate(None, "")  # private swarms: set by the server to check membership proofs
 
     async def register(self, p2p: P2P, pusher: Pusher) -> None:
         self.pusher = pusher
-        await p2p.add_protobuf_handler(
-            rpc_name("Inference"), self.rpc_inference, pb.InferenceRequest, stream_input=True, stream_output=True
-        )
+        streams = BoundedStreams(p2p, lambda: self.current().limits.max_message_bytes)
+        # a peer may hold more inference streams than sessions: a closing stream still counts for a moment
+        await streams.add(rpc_name("Inference"), self.rpc_inference, pb.InferenceRequest, 2 * self.max_per_peer)
+        await streams.add(rpc_name("Push"), self.rpc_push, pb.PushRequest, PUSH_STREAMS_PER_PEER)
         await p2p.add_protobuf_handler(rpc_name("Forward"), self.rpc_forward, pb.ForwardRequest)
         await p2p.add_protobuf_handler(rpc_name("Info"), self.rpc_info, pb.InfoRequest)
-        await p2p.add_protobuf_handler(
-            rpc_name("Push"), self.rpc_push, pb.PushRequest, stream_input=True, stream_output=True
-        )
 
     async def rpc_inference(
         self, requests: AsyncIterator[pb.InferenceRequest], context: P2PContext
@@ -55,16 +75,10 @@ class Handler:
         peer = context.remote_id.to_base58()
         serving = self.current()  # a stream stays with the span it started on
         state = _StreamState()
-        reader = asyncio.create_task(self._read_client(requests, state))
+        reader = asyncio.create_task(self._read_client(requests, state, serving.limits))
         try:
             while True:
-                try:
-                    request = await asyncio.wait_for(state.steps.get(), self.idle_timeout)
-                except TimeoutError:
-                    logger.info("Closing idle session %s of %s", state.session and state.session.session_id, peer)
-                    error = errors.SessionNotFoundError(f"session closed after {self.idle_timeout:.0f} s idle")
-                    yield pb.InferenceResponse(error=errors.to_proto(error))
-                    return
+                request = await self._next_request(state)
                 if request is None:
                     return
                 try:
@@ -72,9 +86,9 @@ class Handler:
                         raise request
                     if state.session is None:
                         state.session = self._open(serving, request, peer)
-                        self.sessions[state.session.session_id] = state.session
-                    response = await self._step(serving, state.session, request)
-                    yield response
+                        if state.ended is not None:
+                            state.session.end_inputs(state.ended)
+                    yield await self._step(serving, state.session, request)
                 except Exception as exc:  # mapped for the client; the server carries on
                     self._log_failure("inference", peer, exc)
                     step = request.step if isinstance(request, pb.InferenceRequest) else 0
@@ -83,38 +97,92 @@ class Handler:
         finally:
             reader.cancel()
             if state.session is not None:
-                self.sessions.pop(state.session.session_id, None)
+                self.registry.remove(state.session)
                 serving.store.close(state.session)
                 logger.debug("Closed session %s of %s", state.session.session_id, peer)
 
-    async def _read_client(self, requests: AsyncIterator[pb.InferenceRequest], state: _StreamState) -> None:
-        """Steps and headers go to the step queue; fallback inputs go straight to the session."""
+    async def _next_request(self, state: _StreamState) -> pb.InferenceRequest | Exception | None:
+        """The client's next step or header; an exception if the stream failed or stayed idle too long."""
+        try:
+            return await asyncio.wait_for(state.steps.get(), self.idle_timeout)
+        except TimeoutError:
+            return errors.SessionNotFoundError(f"session closed after {self.idle_timeout:.0f} s idle")
+
+    async def _read_client(
+        self, requests: AsyncIterator[pb.InferenceRequest], state: _StreamState, limits: validation.Limits
+    ) -> None:
+        """Steps and headers go to the (bounded) step queue; fallback inputs go straight to the session."""
         try:
             async for request in requests:
-                if not request.fallback:
-                    state.steps.put_nowait(request)
-                elif state.session is None:
-                    raise errors.InvalidRequestError("a fallback input must follow its step's header")
+                if request.fallback:
+                    self._relay(state.session, request, limits)
+                elif state.steps.qsize() >= self.max_queued_steps:
+                    raise errors.InvalidRequestError(
+                        f"more than {self.max_queued_steps} steps sent ahead of the server's answers"
+                    )
                 else:
-                    state.session.deliver(request.position, tensors.from_proto(request.hidden, "hidden"))
+                    state.steps.put_nowait(request)
             state.steps.put_nowait(None)
+            state.end(errors.SessionNotFoundError("the stream ended before the input of a header's step arrived"))
         except Exception as exc:
             state.steps.put_nowait(exc)
+            state.end(exc)
+
+    @staticmethod
+    def _relay(session: Session | None, request: pb.InferenceRequest, limits: validation.Limits) -> None:
+        """A fallback: the client relays the input of a header's step (its previous server did not push)."""
+        if session is None:
+            raise errors.InvalidRequestError("a fallback input must follow its step's header")
+        session.deliver(request.position, validation.pushed_input(request.hidden, limits, session.batch_size))
 
     async def rpc_push(self, requests: AsyncIterator[pb.PushRequest], context: P2PContext):
-        """Outputs pushed by the previous server of a chain, for our sessions (unknown ids are dropped)."""
-        async for request in requests:
-            session = self.sessions.get(request.session_id)
-            if session is None:
-                continue
-            try:
-                session.deliver(request.position, tensors.from_proto(request.hidden, "hidden"))
-            except errors.StamenError as exc:
-                logger.info("Dropped a malformed push from %s: %s", context.remote_id.to_base58(), exc)
+        """Outputs pushed by the previous server of a chain, for our sessions (anything else is dropped)."""
+        peer = context.remote_id.to_base58()
+        try:
+            checked = False
+            async for request in requests:
+                if not checked:  # the stream is bound to the authenticated peer: one proof suffices
+                    self.gate.check(peer, request.membership)
+                    checked = True
+                self._accept_push(request, peer)
+        except errors.StamenError as exc:
+            logger.info("Closed a push stream from %s: %s", peer, exc)
         return
         yield  # an async generator that answers nothing
 
+    def _accept_push(self, request: pb.PushRequest, peer: str) -> None:
+        session = self.registry.get(request.session_id)
+        if session is None:
+            self._hold_early_push(request, peer)
+            return
+        if not session.may_push(peer):
+            logger.info(
+                "Dropped a push from %s into session %s: its client named another previous server",
+                peer,
+                session.session_id,
+            )
+            return
+        try:
+            hidden = validation.pushed_input(request.hidden, self.current().limits, session.batch_size)
+        except errors.StamenError as exc:
+            logger.info("Dropped a malformed push from %s: %s", peer, exc)
+            return
+        if not session.deliver(request.position, hidden, peer):
+            logger.debug("Dropped a push from %s for position %d of %s", peer, request.position, session.session_id)
+
+    def _hold_early_push(self, request: pb.PushRequest, peer: str) -> None:
+        """A push for a session not open (yet): its header may be a moment behind; keep it briefly."""
+        try:
+            validation.check_session_id(request.session_id, "session_id")
+            hidden = validation.pushed_input(request.hidden, self.current().limits, batch_size=None)
+        except errors.StamenError as exc:
+            logger.info("Dropped a malformed push from %s: %s", peer, exc)
+            return
+        if not self.registry.early.hold(request.session_id, request.position, hidden, peer):
+            logger.debug("Dropped a push from %s for a session this server does not hold", peer)
+
     def _open(self, serving: Serving, request: pb.InferenceRequest, peer: str) -> Session:
+        self.gate.check(peer, request.membership)
         if serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if request.step != 0:
@@ -122,9 +190,16 @@ class Handler:
                 f"no session here to continue at step {request.step}; a stream must open its session at step 0"
             )
         opened = validation.open_request(request, serving.limits)
-        if opened.session_id in self.sessions:
-            raise errors.InvalidRequestError(f"session {opened.session_id!r} is already open")
+        validation.push_fields(request)
+        self.registry.check_can_open(opened.session_id, peer)  # before anything is allocated
         session = serving.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
+        try:
+            if request.expect_push:  # before the pushes that came early are handed over
+                session.expect_input(request.push_from_peer_id)
+            self.registry.add(session)
+        except BaseException:
+            serving.store.close(session)
+            raise
         logger.debug(
             "Opened session %s of %s: blocks %s, batch %d, max_length %d",
             session.session_id,
@@ -146,8 +221,12 @@ class Handler:
             )
         if request.expect_push == request.HasField("hidden"):
             raise errors.InvalidRequestError("a step carries its hidden states unless it is a header (expect_push)")
+        validation.push_fields(request)
         session.next_step += 1
-        hidden = await session.take(request.position, self.idle_timeout) if request.expect_push else request.hidden
+        hidden = request.hidden
+        if request.expect_push:
+            session.expect_input(request.push_from_peer_id)
+            hidden = await session.take(request.position, self.idle_timeout)
         step = validation.step_input(
             hidden,
             request.position_ids,
@@ -162,6 +241,7 @@ class Handler:
                 f"{session.max_length}"
             )
         output = tensors.to_proto(await serving.backend.inference_step(session, step))
+        session.drop_stale_inputs()
         session.last_used = asyncio.get_running_loop().time()
         pushed = False
         if request.push_peer_id:
@@ -174,18 +254,31 @@ class Handler:
         peer = context.remote_id.to_base58()
         serving = self.current()
         try:
+            self.gate.check(peer, request.membership)
             if serving.draining:
                 raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
+            if self.forwards.get(peer, 0) >= self.max_per_peer:
+                raise errors.TooManyRequestsError(f"this peer already has {self.max_per_peer} forward passes running")
             blocks = validation.requested_blocks(request.start_block, request.end_block, serving.limits)
             step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
-            hidden = await serving.backend.forward(blocks, step)
+            self.forwards[peer] = self.forwards.get(peer, 0) + 1
+            try:
+                hidden = await serving.backend.forward(blocks, step)
+            finally:
+                self._forward_done(peer)
             logger.debug("forward %s from %s: %s", blocks, peer, list(step.hidden.shape))
             return pb.ForwardResponse(hidden=tensors.to_proto(hidden))
         except Exception as exc:
             self._log_failure("forward", peer, exc)
             return pb.ForwardResponse(error=errors.to_proto(exc))
 
+    def _forward_done(self, peer: str) -> None:
+        left = self.forwards.pop(peer) - 1
+        if left:
+            self.forwards[peer] = left
+
     async def rpc_info(self, request: pb.InfoRequest, context: P2PContext) -> pb.ServerRecord:
+        self.gate.check(context.remote_id.to_base58(), request.membership)  # raised: the caller gets its text
         return self.record()
 
     @staticmethod

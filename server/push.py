@@ -15,9 +15,12 @@ from proto import pb, rpc_name
 
 logger = logging.getLogger(__name__)
 
+MAX_IDLE_LOCKS = 1024  # locks kept for peers we have no stream to (clients may name any peer id)
+
 
 class Pusher:
-    def __init__(self, p2p: P2P, connect_timeout: float = 1.0, drop_all: bool = False):
+    def __init__(self, p2p: P2P, connect_timeout: float = 1.0, drop_all: bool = False, membership=None):
+        self.membership = membership  # private swarms: a proof for the receiving server rides on each push
         self.p2p, self.connect_timeout = p2p, connect_timeout
         self.drop_all = drop_all  # test only: pretend every push fails, to exercise the client's fallback
         self._writers: dict[str, asyncio.StreamWriter] = {}
@@ -26,10 +29,14 @@ class Pusher:
     async def push(self, peer_id: str, message: pb.PushRequest) -> bool:
         if self.drop_all:
             return False
+        if len(self._locks) > MAX_IDLE_LOCKS:
+            self._forget_idle()
         lock = self._locks.setdefault(peer_id, asyncio.Lock())
         async with lock:  # one writer per peer; messages must not interleave
             try:
                 writer = self._writers.get(peer_id) or await self._open(peer_id)
+                if self.membership is not None:
+                    message.membership = self.membership.proof_for(peer_id)
                 await P2P.send_protobuf(message, writer)
                 return True
             except Exception as exc:
@@ -38,6 +45,12 @@ class Pusher:
                 if stale is not None:
                     stale.close()
                 return False
+
+    def _forget_idle(self) -> None:
+        """Drop the locks of peers we hold no stream to and nobody is pushing to right now."""
+        for peer_id, lock in list(self._locks.items()):
+            if peer_id not in self._writers and not lock.locked():
+                del self._locks[peer_id]
 
     async def _open(self, peer_id: str) -> asyncio.StreamWriter:
         _, _, writer = await asyncio.wait_for(

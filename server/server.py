@@ -22,11 +22,13 @@ from server.announcer import Announcer, Pinger
 from server.blocks import load_block_stack
 from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
+from server.gate import Gate
 from server.handler import Handler
 from server.push import Pusher
 from server.serving import Serving
 from swarm import __version__
 from swarm.dht import DHTConfig, SwarmDHT
+from swarm.membership import Membership, load_key
 from swarm.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
 from swarm.records import ServerInfo, ServerState
 from swarm.selection import choose_span, should_move
@@ -55,6 +57,7 @@ class Server:
         self.model_name = config.model or DEFAULT_MODEL
         self.prefix = config.dht_prefix or model_prefix(self.model_name)
         self.dtype = resolve_dtype(config.dtype)
+        self.swarm_key = load_key(config.swarm_key) if config.swarm_key else None
         self.speed = throughput.Throughput(0.0, 0.0)
         self.state = ServerState.JOINING
         self.serving: Serving | None = None
@@ -97,12 +100,14 @@ class Server:
             await self.announcer.announce()  # JOINING: others choosing spans count us in
             self.serving = await self._load(self.span)
             p2p = await self.dht.dht.replicate_p2p()
-            self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config.session_idle_timeout)
-            self.pusher = Pusher(p2p, drop_all=config.test_drop_pushes)
+            self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config)
+            self.membership = Membership(self.swarm_key, self.peer_id)
+            self.handler.gate = Gate(self.swarm_key, self.peer_id)
+            self.pusher = Pusher(p2p, drop_all=config.test_drop_pushes, membership=self.membership)
             await self.handler.register(p2p, self.pusher)
             self.state = ServerState.ONLINE
             await self.announcer.announce()
-            pinger = Pinger(p2p, self.dht, self.prefix, self.num_blocks, self.next_pings, config)
+            pinger = Pinger(p2p, self.dht, self.prefix, self.num_blocks, self.next_pings, config, self.membership)
             tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(pinger.run(lambda: self.span))]
             if config.num_blocks is not None:
                 tasks.append(asyncio.create_task(self._rebalance_forever()))
@@ -185,7 +190,7 @@ class Server:
 
     def _dht_config(self) -> DHTConfig:
         c = self.config
-        return DHTConfig(c.initial_peers, c.host, c.port, False, c.identity_path, c.announce_host)
+        return DHTConfig(c.initial_peers, c.host, c.port, False, c.identity_path, c.announce_host, self.swarm_key)
 
     def info(self) -> ServerInfo:
         return ServerInfo(

@@ -46,9 +46,7 @@ class Serving:
     ) -> Serving:
         span = stack.span
         geometry = KVGeometry.from_config(model_config, dtype)
-        limits = validation.Limits(
-            span, model_config.hidden_size, dtype, config.max_request_tokens, config.max_length_limit
-        )
+        limits = validation.Limits.build(span, model_config.hidden_size, dtype, config)
         backend = Backend(stack, dtype, step_delay=config.test_step_delay)
         return cls(span, stack, backend, SessionStore(budget, geometry, span), limits)
 

@@ -1,7 +1,9 @@
 """Checks on everything a peer sends, turning protobuf requests into validated domain objects.
 
 Every check raises InvalidRequestError (or BlocksNotServedError) with a message that says what was
-wrong; nothing here touches server state.
+wrong; nothing here touches server state. A tensor's declared dtype and shape are checked against
+what the request may carry *before* its bytes are copied, so a small message that declares a huge
+tensor costs nothing. Error messages never echo unbounded strings a peer sent.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from proto import pb
+from server.config import ServerConfig
 from swarm import tensors
 from swarm.errors import BlocksNotServedError, InvalidRequestError
 from swarm.spans import BlockRange
 
 MAX_POSITION = 1 << 20  # rotary positions beyond this are surely garbage
 MAX_SESSION_ID = 128
+MAX_PEER_ID = 128  # base58 libp2p peer ids have about 52 characters
+BASE58 = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what another server may push (converted on arrival)
+MESSAGE_OVERHEAD = 64 << 10  # bytes a message may spend on everything besides its tensors
 
 
 @dataclass(frozen=True)
@@ -26,8 +33,36 @@ class Limits:
     span: BlockRange
     hidden_size: int
     dtype: torch.dtype
-    max_request_tokens: int
-    max_length: int
+    max_request_tokens: int  # batch x new tokens of one request
+    max_length: int  # largest max_length of a session
+    cache_tokens: int = 1 << 14  # the server's KV budget: bounds batch x max_length of a session, hence its mask
+    message_bytes: int | None = None  # cap on one stream message; None = derived (max_message_bytes)
+
+    @classmethod
+    def build(cls, span: BlockRange, hidden_size: int, dtype: torch.dtype, config: ServerConfig) -> Limits:
+        return cls(
+            span,
+            hidden_size,
+            dtype,
+            config.max_request_tokens,
+            config.max_length_limit,
+            config.cache_tokens,
+            config.max_message_bytes,
+        )
+
+    @property
+    def dtype_name(self) -> str:
+        return tensors.DTYPE_NAMES[self.dtype]
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message a stream may carry: room for the largest valid step and its small fields."""
+        if self.message_bytes is not None:
+            return self.message_bytes
+        hidden = self.max_request_tokens * self.hidden_size * torch.empty(0, dtype=self.dtype).element_size()
+        position_ids = self.max_request_tokens * 8  # int64 [batch, new_tokens]
+        mask = min(self.cache_tokens, self.max_request_tokens * self.max_length)  # bool [batch, past + new_tokens]
+        return hidden + position_ids + mask + MESSAGE_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -55,14 +90,69 @@ def requested_blocks(start: int, end: int, limits: Limits) -> BlockRange:
 
 
 def open_request(request: pb.InferenceRequest, limits: Limits) -> OpenRequest:
-    if not request.session_id or len(request.session_id) > MAX_SESSION_ID:
-        raise InvalidRequestError(f"session_id must have 1 to {MAX_SESSION_ID} characters")
+    check_session_id(request.session_id, "session_id")
     blocks = requested_blocks(request.start_block, request.end_block, limits)
     if not 1 <= request.max_length <= limits.max_length:
         raise InvalidRequestError(f"max_length must be in 1..{limits.max_length}, got {request.max_length}")
     if not 1 <= request.batch_size <= limits.max_request_tokens:
         raise InvalidRequestError(f"batch_size must be in 1..{limits.max_request_tokens}, got {request.batch_size}")
     return OpenRequest(request.session_id, blocks, request.batch_size, request.max_length)
+
+
+def push_fields(request: pb.InferenceRequest) -> None:
+    """Where a step's output goes (push_peer_id, push_session_id) and who may push its input."""
+    if request.push_peer_id:
+        _check_peer_id(request.push_peer_id, "push_peer_id")
+        check_session_id(request.push_session_id, "push_session_id")
+    if request.push_from_peer_id:
+        _check_peer_id(request.push_from_peer_id, "push_from_peer_id")
+
+
+def check_session_id(value: str, field: str) -> None:
+    """Printable ASCII without spaces (it ends up in logs), 1 to MAX_SESSION_ID characters."""
+    if not 1 <= len(value) <= MAX_SESSION_ID or not (value.isascii() and value.isprintable()) or " " in value:
+        raise InvalidRequestError(f"{field} must have 1 to {MAX_SESSION_ID} printable ASCII characters, no spaces")
+
+
+def _check_peer_id(value: str, field: str) -> None:
+    if len(value) > MAX_PEER_ID or not set(value) <= BASE58:
+        raise InvalidRequestError(f"{field}: not a base58 peer id")
+
+
+def _declared_shape(message: pb.Tensor, field: str, dtypes: tuple[str, ...], ndim: int) -> tuple[int, ...]:
+    """The shape a tensor message declares, once its dtype and rank are right (nothing is copied)."""
+    if message.dtype not in dtypes:
+        raise InvalidRequestError(f"{field}: dtype {message.dtype[:32]!r} sent, expected {' or '.join(dtypes)}")
+    if len(message.shape) != ndim:
+        raise InvalidRequestError(f"{field}: {len(message.shape)} dimensions sent, expected {ndim}")
+    return tuple(message.shape)
+
+
+def _check_hidden_shape(shape: tuple[int, ...], limits: Limits, batch_size: int | None) -> None:
+    """[batch, tokens, hidden_size] within the request limits (on the declared shape, before any copy)."""
+    if len(shape) != 3 or shape[2] != limits.hidden_size or shape[0] < 1 or shape[1] < 1:
+        raise InvalidRequestError(
+            f"hidden: shape must be [batch, tokens, {limits.hidden_size}] with batch, tokens >= 1, got {list(shape)}"
+        )
+    batch, tokens = shape[:2]
+    if batch_size is not None and batch != batch_size:
+        raise InvalidRequestError(f"hidden: batch of {batch} in a session opened for {batch_size}")
+    if batch * tokens > limits.max_request_tokens:
+        raise InvalidRequestError(f"hidden: {batch}x{tokens} tokens exceed the limit of {limits.max_request_tokens}")
+
+
+def _check_finite(hidden: torch.Tensor) -> None:
+    if not torch.isfinite(hidden).all():
+        raise InvalidRequestError("hidden: contains NaN or infinite values")
+
+
+def pushed_input(message: pb.Tensor, limits: Limits, batch_size: int | None) -> torch.Tensor:
+    """The input of a header's step, pushed by another server or relayed by the client: checked, and
+    converted to the server's dtype (the previous server of a chain may compute in another one)."""
+    _check_hidden_shape(_declared_shape(message, "hidden", FLOAT_DTYPES, 3), limits, batch_size)
+    hidden = tensors.from_proto(message, "hidden").to(limits.dtype)
+    _check_finite(hidden)
+    return hidden
 
 
 def step_input(
@@ -73,35 +163,32 @@ def step_input(
     batch_size: int | None = None,
     past: int = 0,
 ) -> Step:
-    """Validate one step (or one stateless forward when ``past`` is 0 and ``batch_size`` is None)."""
-    hidden = hidden_msg if isinstance(hidden_msg, torch.Tensor) else tensors.from_proto(hidden_msg, "hidden")
+    """Validate one step (or one stateless forward when ``past`` is 0 and ``batch_size`` is None).
+
+    ``hidden_msg`` is a tensor for a header's step (its input came from ``pushed_input``)."""
+    if isinstance(hidden_msg, torch.Tensor):
+        hidden = hidden_msg
+        _check_hidden_shape(tuple(hidden.shape), limits, batch_size)
+    else:
+        _check_hidden_shape(_declared_shape(hidden_msg, "hidden", (limits.dtype_name,), 3), limits, batch_size)
+        hidden = tensors.from_proto(hidden_msg, "hidden")
     if hidden.dtype != limits.dtype:
         raise InvalidRequestError(f"hidden: dtype {hidden.dtype} sent, this server computes in {limits.dtype}")
-    if hidden.ndim != 3 or hidden.shape[2] != limits.hidden_size or hidden.shape[0] < 1 or hidden.shape[1] < 1:
-        raise InvalidRequestError(
-            f"hidden: shape must be [batch, tokens, {limits.hidden_size}] with batch, tokens >= 1, "
-            f"got {list(hidden.shape)}"
-        )
+    _check_finite(hidden)
     batch, tokens = hidden.shape[:2]
-    if batch_size is not None and batch != batch_size:
-        raise InvalidRequestError(f"hidden: batch of {batch} in a session opened for {batch_size}")
-    if batch * tokens > limits.max_request_tokens:
-        raise InvalidRequestError(f"hidden: {batch}x{tokens} tokens exceed the limit of {limits.max_request_tokens}")
-    if not torch.isfinite(hidden).all():
-        raise InvalidRequestError("hidden: contains NaN or infinite values")
 
     if tensors.is_empty(position_ids_msg):
         position_ids = torch.arange(past, past + tokens).expand(batch, tokens)
     else:
-        position_ids = tensors.from_proto(position_ids_msg, "position_ids")
-        if position_ids.dtype != torch.int64 or tuple(position_ids.shape) != (batch, tokens):
+        if _declared_shape(position_ids_msg, "position_ids", ("int64",), 2) != (batch, tokens):
             raise InvalidRequestError(f"position_ids: must be int64 [{batch}, {tokens}]")
-        if position_ids.numel() and not (0 <= int(position_ids.min()) and int(position_ids.max()) < MAX_POSITION):
+        position_ids = tensors.from_proto(position_ids_msg, "position_ids")
+        if not (0 <= int(position_ids.min()) and int(position_ids.max()) < MAX_POSITION):
             raise InvalidRequestError(f"position_ids: values must be in 0..{MAX_POSITION - 1}")
 
     attention_mask = None
     if not tensors.is_empty(mask_msg):
-        attention_mask = tensors.from_proto(mask_msg, "attention_mask")
-        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (batch, past + tokens):
+        if _declared_shape(mask_msg, "attention_mask", ("bool",), 2) != (batch, past + tokens):
             raise InvalidRequestError(f"attention_mask: must be bool [{batch}, {past + tokens}] (past + new tokens)")
+        attention_mask = tensors.from_proto(mask_msg, "attention_mask")
     return Step(hidden, position_ids, attention_mask)

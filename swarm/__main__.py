@@ -15,6 +15,8 @@ import sys
 import threading
 
 from swarm.dht import DHTConfig, SwarmDHT
+from swarm.errors import StamenError
+from swarm.membership import SwarmKeyError, generate_key, load_key
 from swarm.modelpath import DEFAULT_MODEL
 from swarm.spans import model_prefix
 from swarm.status import build_report, exit_code, format_report
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT (needs --port)")
     b.add_argument("--identity", default=None, help="private key file for a fixed peer id (created if missing)")
     b.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of other bootstrap nodes, if any")
+    b.add_argument("--swarm-key", default=None, help="swarm key file: run a private swarm only its holders join")
     b.add_argument("--log-level", default="INFO", help="logging level on stderr (default: INFO)")
 
     s = commands.add_parser("status", help="show the servers, block coverage and route of a swarm")
@@ -50,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     s.add_argument("--num-blocks", type=positive_int, help="blocks in the model (default: from its config)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    s.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
     s.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
+
+    k = commands.add_parser("keygen", help="make a new swarm key file for a private swarm")
+    k.add_argument("path", help="file to create (it must not exist); give it to every member")
+    k.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
     return p
 
 
@@ -72,7 +80,7 @@ def join(config: DHTConfig) -> SwarmDHT | None:
 
     try:
         return SwarmDHT(config)
-    except (P2PDaemonError, OSError, TimeoutError, RuntimeError) as exc:  # RuntimeError: no initial peer answered
+    except (P2PDaemonError, OSError, TimeoutError, RuntimeError, StamenError) as exc:  # no initial peer answered
         peers = " ".join(config.initial_peers) or "(none)"
         logger.error("Cannot start a DHT node on %s (initial peers: %s): %s", config.host, peers, exc)
         return None
@@ -88,6 +96,7 @@ def run_bootstrap(args: argparse.Namespace) -> int:
         client_mode=False,
         identity_path=identity,
         announce_host=args.announce_host,
+        swarm_key=load_key(args.swarm_key) if args.swarm_key else None,
     )
     dht = join(config)
     if dht is None:
@@ -132,7 +141,8 @@ def run_status(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             logger.error("Cannot read the depth of model %r (pass --num-blocks): %s", args.model, exc)
             return 2
-    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True))
+    key = load_key(args.swarm_key) if args.swarm_key else None
+    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key))
     if dht is None:
         return 2
     try:
@@ -158,9 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bootstrap" and args.announce_host and not args.port:
         parser.error("--announce-host needs a fixed --port (the advertised address would say port 0)")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    if args.command == "bootstrap":
-        return run_bootstrap(args)
-    return run_status(args)
+    try:
+        if args.command == "keygen":
+            print(f"Wrote a new swarm key to {generate_key(args.path)}; share it only with members", flush=True)
+            return 0
+        if args.command == "bootstrap":
+            return run_bootstrap(args)
+        return run_status(args)
+    except SwarmKeyError as exc:
+        logger.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

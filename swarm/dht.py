@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import hivemind
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
+from hivemind.utils.serializer import MSGPackSerializer
 
+from swarm.errors import StamenError
 from swarm.identity import Identity
+from swarm.membership import SwarmKeyAuthorizer
 from swarm.records import ServerInfo
 from swarm.spans import block_key
 
@@ -33,6 +37,39 @@ class DHTConfig:
     client_mode: bool = False  # True: reach others but accept no DHT requests (clients, status)
     identity_path: str | None = None  # private key file for a fixed peer id (bootstrap nodes)
     announce_host: str | None = None  # public address to advertise instead of the listening one
+    swarm_key: bytes | None = None  # private swarm: only nodes holding this key can use its DHT
+
+
+EXPIRY_SLACK = 1.0  # seconds of rounding allowed between a record's signed expiry and the DHT's
+
+
+class SignedRecordValidator(RecordValidatorBase):
+    """Runs in every node's DHT, on every store it is asked to make and every value it receives: a
+    value stored under a peer id (as servers store their records) must be that peer's own signed record,
+    kept no longer than it signed for. So no one can overwrite, fake or prolong another server's record."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey) if record.subkey else None
+        except Exception:
+            return False
+        if not isinstance(subkey, str) or not subkey.startswith(("Qm", "12D3")):
+            return True  # not a server record: no rule of ours applies
+        try:
+            value = MSGPackSerializer.loads(record.value)
+        except Exception:
+            return False
+        info = ServerInfo.from_bytes(value)
+        return (
+            info is not None
+            and info.peer_id == subkey
+            and info.verified()
+            and record.expiration_time <= info.expires_at + EXPIRY_SLACK
+        )
+
+
+class SwarmJoinError(StamenError):
+    """No initial peer let this node in: unreachable, or a private swarm we are not a member of."""
 
 
 class SwarmDHT:
@@ -40,17 +77,37 @@ class SwarmDHT:
 
     def __init__(self, config: DHTConfig):
         self.identity = Identity.load_or_create(config.identity_path)  # signs this node's announcements
-        kwargs = {"identity_path": str(self.identity.path)}
+        # a fresh throwaway identity cannot be in use elsewhere: skip hivemind's probe for that (~0.5 s)
+        kwargs = {
+            "identity_path": str(self.identity.path),
+            "check_if_identity_free": config.identity_path is not None,
+            "record_validators": [SignedRecordValidator()],
+        }
+        if config.swarm_key is not None:
+            kwargs["authorizer"] = SwarmKeyAuthorizer(config.swarm_key)
         if config.announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{config.announce_host}/tcp/{config.port}"]
         self.config = config
-        self.dht = hivemind.DHT(
-            start=True,
-            initial_peers=list(config.initial_peers),
-            host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
-            client_mode=config.client_mode,
-            **kwargs,
-        )
+        try:
+            self.dht = hivemind.DHT(
+                start=True,
+                initial_peers=list(config.initial_peers),
+                host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
+                client_mode=config.client_mode,
+                **kwargs,
+            )
+        except RuntimeError as exc:
+            if not config.initial_peers:
+                raise
+            hint = (
+                "this swarm may be private and your swarm key wrong"
+                if config.swarm_key
+                else "if the swarm is private, pass its --swarm-key"
+            )
+            raise SwarmJoinError(
+                f"could not join the swarm: none of the initial peers answered as a member ({hint}); "
+                f"peers tried: {', '.join(config.initial_peers)}"
+            ) from exc
         if config.identity_path is None:  # a throwaway identity: the daemon has read it
             self.identity.path.unlink(missing_ok=True)
         # hivemind's DHT process outlives a SIGKILLed parent; make it follow its parent out
@@ -71,8 +128,11 @@ class SwarmDHT:
         Returns a future (``.result()`` to block, ``await`` in async code) that says if the DHT took it.
         """
         keys = [block_key(prefix, block) for block in range(info.span.start, info.span.end)]
-        info = dataclasses.replace(info, announced_at=get_dht_time()).signed(self.identity)
-        coroutine = partial(_store_records, keys=keys, subkey=info.peer_id, value=info.to_bytes(), ttl=ttl)
+        now = get_dht_time()
+        info = dataclasses.replace(info, announced_at=now, expires_at=now + ttl).signed(self.identity)
+        coroutine = partial(
+            _store_records, keys=keys, subkey=info.peer_id, value=info.to_bytes(), ttl=ttl, expiration=info.expires_at
+        )
         return self.dht.run_coroutine(coroutine, return_future=True)
 
     def fetch_servers(self, prefix: str, num_blocks: int) -> list[ServerInfo]:
@@ -109,7 +169,7 @@ def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[b
             info = ServerInfo.from_bytes(value)
             if info is None or info.peer_id != subkey or block not in info.span or info.span.end > num_blocks:
                 continue
-            if not info.verified():  # unsigned, or signed by someone other than the peer it names
+            if not info.verified() or expiration > info.expires_at + EXPIRY_SLACK:  # forged, or replayed for longer
                 continue
             rank = (info.announced_at, expiration)
             if info.peer_id not in best or best[info.peer_id][0] < rank:
@@ -127,8 +187,10 @@ async def _exit_with_parent(dht, node, parent_pid: int) -> None:
         os._exit(0)
 
 
-async def _store_records(dht, node, keys: list[str], subkey: str, value: bytes, ttl: float) -> bool:
-    expiration = get_dht_time() + ttl
+async def _store_records(
+    dht, node, keys: list[str], subkey: str, value: bytes, ttl: float, expiration: float | None = None
+) -> bool:
+    expiration = expiration or get_dht_time() + ttl
     results = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
     return all(results.values())
 

@@ -45,6 +45,18 @@ class ShuttingDownError(StamenError):
     code = pb.SHUTTING_DOWN
 
 
+class TooManyRequestsError(StamenError):
+    """This peer already holds as many sessions or streams on the server as it allows; go elsewhere."""
+
+    code = pb.TOO_MANY_REQUESTS
+
+
+class NotAMemberError(StamenError):
+    """Private swarm: the caller did not prove it holds the swarm key."""
+
+    code = pb.NOT_A_MEMBER
+
+
 class RemoteInternalError(StamenError):
     """The server failed for a reason of its own; the request may be retried elsewhere."""
 
@@ -62,7 +74,15 @@ class MissingBlocksError(StamenError):
 
 _BY_CODE = {
     cls.code: cls
-    for cls in (InvalidRequestError, CacheFullError, SessionNotFoundError, BlocksNotServedError, ShuttingDownError)
+    for cls in (
+        InvalidRequestError,
+        CacheFullError,
+        SessionNotFoundError,
+        BlocksNotServedError,
+        ShuttingDownError,
+        TooManyRequestsError,
+        NotAMemberError,
+    )
 }
 
 

@@ -37,6 +37,7 @@ class ServerInfo:
     forward_throughput: float = 0.0  # batched forward: tokens per second through ONE block
     next_pings: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> round trip, seconds
     announced_at: float = 0.0  # DHT time of the announcement; a peer's newest record wins (e.g. after a move)
+    expires_at: float = 0.0  # DHT time the announcement may be kept until (signed: replays cannot extend it)
     public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
     signature: bytes = b""  # by that key over the record serialized with an empty signature
 
@@ -60,6 +61,7 @@ class ServerInfo:
             announced_at=self.announced_at,
             public_key=self.public_key,
             signature=self.signature,
+            expires_at=self.expires_at,
         )
 
     @classmethod
@@ -82,6 +84,7 @@ class ServerInfo:
             announced_at=record.announced_at,
             public_key=record.public_key,
             signature=record.signature,
+            expires_at=record.expires_at,
         )
 
     def to_bytes(self) -> bytes:

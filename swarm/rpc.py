@@ -96,24 +96,25 @@ async def call_forward(p2p: P2P, peer_id: str, request: pb.ForwardRequest, timeo
     return response
 
 
-async def call_info(p2p: P2P, peer_id: str, timeout: float) -> pb.ServerRecord:
+async def call_info(p2p: P2P, peer_id: str, timeout: float, membership: bytes = b"") -> pb.ServerRecord:
     """The server's current record (state, span, free cache...), straight from the server."""
+    request = pb.InfoRequest(membership=membership)
     try:
         return await asyncio.wait_for(
-            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Info"), pb.InfoRequest(), pb.ServerRecord),
+            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Info"), request, pb.ServerRecord),
             timeout,
         )
     except Exception as exc:
         raise ServerFailure(peer_id, f"info failed: {exc!r}", exc) from exc
 
 
-async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0) -> float | None:
+async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0, membership: bytes = b"") -> float | None:
     """Best round trip of a few Info calls, in seconds; None if the peer does not answer."""
     best = None
     for _ in range(tries):
         started = time.perf_counter()
         try:
-            await call_info(p2p, peer_id, timeout)
+            await call_info(p2p, peer_id, timeout, membership)
         except ServerFailure:
             return best
         elapsed = time.perf_counter() - started

@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
 
 from proto import pb
-from swarm.dht import parse_records
+from swarm.dht import SignedRecordValidator, parse_records
 from swarm.identity import Identity
 from swarm.records import ServerInfo, ServerState
 from swarm.spans import BlockRange, block_key
@@ -33,7 +35,8 @@ def pid(name: str) -> str:
 
 
 def info(peer: str, start: int, end: int, state: ServerState = ServerState.ONLINE, **kwargs) -> ServerInfo:
-    """A record of the named server, signed by that server."""
+    """A record of the named server, signed by that server (valid until DHT time 1000 unless told)."""
+    kwargs.setdefault("expires_at", 1000.0)
     return ServerInfo(pid(peer), state, BlockRange(start, end), **kwargs).signed(identity(peer))
 
 
@@ -165,3 +168,28 @@ def test_parse_records_drops_a_tampered_record():
     tampered = ServerInfo(**{**honest.__dict__, "throughput": 1e9})
     assert not tampered.verified() and honest.verified()
     assert parse_records(PREFIX, 4, raw_store(*announce(tampered))) == []
+
+
+def test_parse_records_drops_a_record_kept_longer_than_signed_for():
+    """A replayed record stored with a later expiration than its signed one is ignored."""
+    honest = info("a", 0, 2, expires_at=50.0)
+    assert parse_records(PREFIX, 4, raw_store(*announce(honest, expiration=50.0))) == [honest]
+    assert parse_records(PREFIX, 4, raw_store(*announce(honest, expiration=500.0))) == []
+
+
+def test_dht_validator_rejects_what_parse_records_would_drop():
+    """The same rules run inside every DHT node, so forged records are never even stored."""
+    validator = SignedRecordValidator()
+
+    def record(subkey, value, expiration=50.0):
+        dumps = MSGPackSerializer.dumps
+        return DHTRecord(b"key-id", dumps(subkey), dumps(value), expiration)
+
+    honest = info("a", 0, 2, expires_at=50.0)
+    assert validator.validate(record(pid("a"), honest.to_bytes()))
+    assert not validator.validate(record(pid("b"), honest.to_bytes()))  # under someone else's peer id
+    assert not validator.validate(record(pid("a"), honest.to_bytes(), expiration=60.0))  # prolonged
+    unsigned = ServerInfo(pid("a"), ServerState.OFFLINE, BlockRange(0, 2), expires_at=50.0)
+    assert not validator.validate(record(pid("a"), unsigned.to_bytes()))
+    assert not validator.validate(record(pid("a"), b"junk"))
+    assert validator.validate(record("not-a-peer-subkey", b"anything"))  # other uses of the DHT are not ours

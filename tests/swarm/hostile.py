@@ -1,0 +1,106 @@
+"""A hostile peer for tests: a bare libp2p node that talks to a server directly, frame by frame.
+
+Used by test_malformed.py and test_fuzz.py to send what a well-behaved client never would: raw
+bytes, frames that declare huge lengths, pushes into other peers' sessions, floods of steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import suppress
+
+import psutil
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from proto import pb, rpc_name
+from swarm import tensors
+
+HIDDEN = 64  # hidden size of the tiny test models
+FRAME_END = P2P.ERROR_MARKER + (0).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)  # what ends a hivemind stream
+
+
+class RawMessage:
+    """Quacks like a protobuf message whose serialization is any bytes (for unary garbage)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
+class HostilePeer:
+    """One peer id of its own (its own p2p daemon); every call runs on the caller's event loop."""
+
+    def __init__(self, p2p: P2P):
+        self.p2p = p2p
+        self.peer_id = p2p.peer_id.to_base58()
+
+    @classmethod
+    async def start(cls, maddrs: list[str]) -> HostilePeer:
+        return cls(await P2P.create(initial_peers=maddrs))
+
+    async def stream(self, server: str, rpc: str = "Inference") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(server), rpc_name(rpc))
+        return reader, writer
+
+    async def unary(self, server: str, rpc: str, message, response_type):
+        return await self.p2p.call_protobuf_handler(PeerID.from_base58(server), rpc_name(rpc), message, response_type)
+
+    async def shutdown(self) -> None:
+        with suppress(Exception):
+            await self.p2p.shutdown()
+
+
+async def send(writer: asyncio.StreamWriter, *messages) -> None:
+    for message in messages:
+        await P2P.send_protobuf(message, writer)
+
+
+async def receive(reader: asyncio.StreamReader, timeout: float) -> pb.InferenceResponse | None:
+    """The next answer on an inference stream; None if the server closed it or said nothing in time."""
+    try:
+        response, error = await asyncio.wait_for(P2P.receive_protobuf(pb.InferenceResponse, reader), timeout)
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return response if error is None else pb.InferenceResponse(error=pb.Error(code=pb.INTERNAL, message=error.message))
+
+
+async def answers(reader: asyncio.StreamReader, timeout: float) -> list[pb.InferenceResponse]:
+    """Every answer until an error (the last answer of a stream), the end of the stream, or ``timeout``."""
+    found, deadline = [], time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0 and (response := await receive(reader, left)) is not None:
+        found.append(response)
+        if response.HasField("error"):
+            break
+    return found
+
+
+def step_request(session_id: str, step: int = 0, position: int = 0, tokens: int = 2, **fields) -> pb.InferenceRequest:
+    """A valid step of a session over blocks 0:6 (step 0 opens it); ``fields`` override anything."""
+    message = pb.InferenceRequest(
+        session_id=session_id, start_block=0, end_block=6, max_length=16, batch_size=1, step=step, position=position
+    )
+    message.hidden.CopyFrom(tensors.to_proto(torch.randn(1, tokens, HIDDEN)))
+    for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            getattr(message, name).CopyFrom(tensors.to_proto(value))
+        elif isinstance(value, pb.Tensor):
+            getattr(message, name).CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
