@@ -219,6 +219,8 @@ class InferenceSession:
         """Push mode: the first server gets the step, the others a header naming where to push next."""
         for index, hop in enumerate(self._hops):
             request = self._request(hop, item, with_hidden=index == 0)
+            if index > 0:  # the only peer allowed to push this step's input
+                request.push_from_peer_id = self._hops[index - 1].hop.peer_id
             if index + 1 < len(self._hops):
                 request.push_peer_id = self._hops[index + 1].hop.peer_id
                 request.push_session_id = self._hops[index + 1].session_id
