@@ -25,7 +25,8 @@ configuration's servers up but idle). "local alone" is local transformers timed 
 server exists, and "idle srv CPU ms/tok" is the CPU the idle servers burned per token during the local runs:
 together they show whether idle servers steal CPU. Overhead per hop = (swarm median per-token - local median
 per-token) / number of servers. The benchmark process sets ``torch.set_num_threads`` to ``--num-threads``,
-which it also passes to every server. "CPU ms/tok srv+cli/local" is user+system CPU per generated token:
+which it also passes to every server (``--client-threads`` changes only the client's own threads during
+swarm runs, for experiments). "CPU ms/tok srv+cli/local" is user+system CPU per generated token:
 of the servers (with their DHT child and p2pd) and of the benchmark process (the client, with its own DHT
 child and p2pd, servers excluded) during the swarm runs, and of the benchmark process during the local runs.
 Server memory is the RSS of the server's main process, and the RSS summed over it and its children (the
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per configuration; median (default 3)")
     p.add_argument("--num-threads", type=int, default=2, help="torch threads here and in each server (default: 2)")
+    p.add_argument("--client-threads", type=int, default=None, help="torch threads for the client's own work "
+                   "(embeddings, head) during swarm runs (default: --num-threads)")  # fmt: skip
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="env for servers only")
     p.add_argument("--push", action="store_true", help="servers push outputs to the next server (client option)")
@@ -192,8 +195,10 @@ def interleaved(model, local, prompt: torch.Tensor, args, pids: list[int]) -> tu
     swarm_samples, local_samples = [], []
     swarm_tokens, local_tokens = [], []
     for _ in range(args.repeats):
+        torch.set_num_threads(args.client_threads or args.num_threads)
         stats, swarm_tokens = one_run(lambda: swarm_steps(model, prompt, args.new_tokens), pids)
         swarm_samples.append(stats)
+        torch.set_num_threads(args.num_threads)
         stats, local_tokens = one_run(lambda: local_run(local, prompt, args.new_tokens), pids)
         local_samples.append(stats)
     return summarize(swarm_samples, swarm_tokens), summarize(local_samples, local_tokens)
@@ -326,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     prompt = make_prompt(tokenizer, args.prompt_tokens)
     print(f"model {folder.name}: {local.config.num_hidden_layers} blocks; prompt {prompt.shape[1]} tokens, "
-          f"{args.new_tokens} new tokens, batch 1, greedy; {args.num_threads} torch threads; "
+          f"{args.new_tokens} new tokens, batch 1, greedy; {args.num_threads} torch threads "
+          f"(client: {args.client_threads or args.num_threads}); "
           f"server env {args.server_env_dict or '{}'}; push {args.push}", flush=True)  # fmt: skip
     local_alone, reference, results, aborted = None, {}, [], False
     try:
