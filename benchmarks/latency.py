@@ -2,9 +2,10 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/latency.py                  # 1, 2 and 3 servers; about 2-3 minutes
+    .venv/bin/python benchmarks/latency.py                  # 1, 2 and 3 servers; about 2.5 minutes when idle
     .venv/bin/python benchmarks/latency.py --servers 2 --repeats 5 --json latency.json
     .venv/bin/python benchmarks/latency.py --server-env OMP_WAIT_POLICY=PASSIVE   # env for the servers only
+    GOMP_SPINCOUNT=20000 .venv/bin/python benchmarks/latency.py   # env for every process: client, local, servers
 
 For each configuration the model's blocks are split evenly over N ``python -m server`` subprocesses on
 127.0.0.1 (30 blocks: 0:30 / 0:15,15:30 / 0:10,10:20,20:30) and a client connects to them.
@@ -14,7 +15,8 @@ the prompt at step 0 (prefill) and one token per later step, and times each call
 (forward + argmax). The swarm model gets ``RemoteCache(session)`` inside ``model.inference_session``, as
 ``generate`` does; the local transformers model (float32, sdpa) gets a ``DynamicCache``. Both keep only
 the last position's logits. Each swarm run opens its session with ``session.open()`` before step 0
-(choose the chain, open a stream per server), timed separately as "open", so the prefill is the forward
+(refresh the client's view of the swarm from the DHT if it is stale, measure pings if needed, choose the
+chain, open a stream per server), timed separately as "open", so the prefill is the forward
 over the prompt only (``generate`` would open the session lazily inside its first step). A ``generate``
 call on both sides is the warm-up and the exactness check: its tokens, and the timed loops' tokens, must
 be equal. ``--push`` makes the client ask servers to send each step's output straight to the next server.
