@@ -1,7 +1,7 @@
 """Route manager: the client's view of the swarm, bans, and chains through it.
 
-The decision itself is ``swarm.routing.make_chain`` (pure); this class gathers its inputs (DHT records,
-bans, allow/block lists) and waits a bounded time for missing blocks.
+The decisions themselves are ``swarm.routing.fastest_chain`` and ``spread_forward`` (pure); this class
+gathers their inputs (DHT records, pings, bans, allow/block lists) and waits a bounded time for missing blocks.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ class ServerConfig:
     max_queued_steps: int = 8  # steps a client may send ahead of the server's answers on one stream
     max_message_bytes: int | None = None  # largest message on a stream; None = room for the largest valid step
     session_idle_timeout: float = 120.0  # seconds without a step before a session is closed and its cache freed
-    step_timeout: float = 120.0  # seconds a stream may wait before its first message
     announce_period: float = 10.0  # seconds between DHT refreshes of this server's record
     record_ttl: float = 30.0  # seconds a record stays valid in the DHT without refresh
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT

@@ -242,7 +242,6 @@ class Handler:
             )
         output = tensors.to_proto(await serving.backend.inference_step(session, step))
         session.drop_stale_inputs()
-        session.last_used = asyncio.get_running_loop().time()
         pushed = False
         if request.push_peer_id:
             push = pb.PushRequest(session_id=request.push_session_id, position=request.position, hidden=output)

@@ -37,7 +37,6 @@ class Session:
     max_length: int
     cache: SessionCache
     next_step: int = 0
-    last_used: float = field(default_factory=time.monotonic)
     # hidden inputs of headers' steps by position, with the peer that pushed each (None: the client relayed it)
     inputs: dict[int, tuple[torch.Tensor, str | None]] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)

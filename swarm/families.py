@@ -71,9 +71,6 @@ def _family_from_module(model_type: str) -> Family:
     )
 
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-
-
 @cache
 def get_family(model_type: str) -> Family:
     """The adapter for ``config.model_type``; raises ValueError for families we cannot serve."""
