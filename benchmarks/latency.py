@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import LocalSwarm, even_spans, format_span, tree_cpu_seconds, tree_memory  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
-from swarm.modelpath import resolve_model  # noqa: E402
+from swarm.models.modelpath import resolve_model  # noqa: E402
 
 PROMPT_TEXT = (
     "In a quiet village at the edge of a great forest, an old clockmaker kept a shop full of ticking "

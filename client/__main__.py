@@ -16,7 +16,7 @@ import sys  # noqa: E402
 from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
-from swarm.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:

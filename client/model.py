@@ -21,10 +21,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.config import ClientConfig
 from client.session import InferenceSession
 from client.swarmclient import SwarmClient
-from swarm.families import get_family
-from swarm.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.models.families import get_family
+from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 from swarm.spans import model_prefix
-from swarm.weights import load_tensors, tensor_index
+from swarm.models.weights import load_tensors, tensor_index
 
 logger = logging.getLogger(__name__)
 

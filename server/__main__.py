@@ -16,7 +16,7 @@ import sys  # noqa: E402
 from server.config import ServerConfig
 from server.server import Server
 from swarm.errors import StamenError
-from swarm.modelpath import DEFAULT_MODEL
+from swarm.models.modelpath import DEFAULT_MODEL
 from swarm.spans import parse_blocks
 
 

@@ -29,7 +29,7 @@ from server.serving import Serving
 from swarm import __version__
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.membership import Membership, load_key
-from swarm.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
+from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
 from swarm.records import ServerInfo, ServerState
 from swarm.selection import choose_span, should_move
 from swarm.spans import BlockRange, model_prefix

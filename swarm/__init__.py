@@ -8,9 +8,7 @@
 - ``rpc``: calls to one server (inference stream, forward, info, ping), for clients and servers
 - ``localswarm``: real server processes on 127.0.0.1 for tests, the demo and benchmarks
 - ``status``: the report behind ``python -m swarm status``
-- ``families``: model-family adapters (how to build a block, where weights live)
-- ``weights``: read selected tensors from safetensors files
-- ``modelpath``: resolve ``--model`` to a local folder (the default model is converted once from GGUF)
+- ``models``: model code shared by servers and clients (family adapters, weights, ``--model`` resolution)
 - ``tensors``: torch <-> ``pb.Tensor``
 - ``errors``: typed errors and their wire mapping
 - ``__main__``: ``python -m swarm bootstrap | status``
