@@ -23,8 +23,8 @@ from client.session import InferenceSession
 from client.swarmclient import SwarmClient
 from swarm.models.families import get_family
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
-from swarm.spans import model_prefix
 from swarm.models.weights import load_tensors, tensor_index
+from swarm.spans import model_prefix
 
 logger = logging.getLogger(__name__)
 

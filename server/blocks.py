@@ -16,8 +16,8 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.models.families import Family, attention_kind, get_family
-from swarm.spans import BlockRange
 from swarm.models.weights import load_tensors, tensor_index
+from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
