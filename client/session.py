@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 class StepInput:
     hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
     position_ids: torch.Tensor  # [batch, new_tokens] int64
-    attention_mask: torch.Tensor | None  # [batch, past + new_tokens] bool, or None
+    attention_mask: torch.Tensor | None  # [batch, new_tokens] bool (False marks padding), or None
 
 
 @dataclasses.dataclass
@@ -56,12 +56,13 @@ class _HopSession:
 
 
 class InferenceSession:
-    """Use as a context manager; ``step`` is synchronous and thread-safe for one caller at a time."""
+    """Use as a context manager. One caller at a time: a session is one conversation's state."""
 
     def __init__(self, client: SwarmClient, max_length: int):
         self.client, self.max_length = client, max_length
         self.config = client.config
         self.position = 0  # tokens processed so far (per sequence)
+        self.padding: torch.Tensor | None = None  # [batch, position] bool: the padding mask the servers hold
         self.batch_size: int | None = None
         self._hops: list[_HopSession] = []
         self.closed = False
@@ -88,9 +89,18 @@ class InferenceSession:
         return self
 
     def step(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run new tokens through all blocks; returns the last block's hidden states for them."""
+        """Run new tokens through all blocks; returns the last block's hidden states for them.
+
+        ``hidden`` [batch, new_tokens, hidden_size], ``position_ids`` [batch, new_tokens], ``attention_mask``
+        [batch, new_tokens] bool (False marks padding) or None. Synchronous; any thread may call it."""
+        return self.client.loop.run(self.step_async(hidden, position_ids, attention_mask))
+
+    async def step_async(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``step`` for code running on the client's event loop (e.g. one engine stepping many sessions)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
         batch, tokens, hidden_size = hidden.shape
@@ -100,13 +110,18 @@ class InferenceSession:
             raise ValueError(f"session was opened for a batch of {self.batch_size}, got {batch}")
         if self.position + tokens > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded ({self.position} + {tokens} tokens)")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, tokens):
+            raise ValueError(f"attention_mask must be [{batch}, {tokens}] (the new tokens), got {attention_mask.shape}")
+        new_padding = attention_mask if attention_mask is not None else torch.ones(batch, tokens, dtype=torch.bool)
+        self.padding = new_padding if self.padding is None else torch.cat([self.padding, new_padding], dim=1)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
         chunk = max(1, self.config.max_message_bytes // (batch * hidden_size * 4))
         outputs = []
         for start in range(0, tokens, chunk):
             end = min(tokens, start + chunk)
-            mask = attention_mask[:, : self.position + end - start] if attention_mask is not None else None
-            piece = StepInput(hidden[:, start:end], position_ids[:, start:end], mask)
-            outputs.append(self.client.loop.run(self._step(piece)))
+            mask = attention_mask[:, start:end] if attention_mask is not None else None
+            outputs.append(await self._step(StepInput(hidden[:, start:end], position_ids[:, start:end], mask)))
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 

@@ -65,6 +65,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=d.session_idle_timeout,
         help="seconds before an idle session is closed",
     )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=d.max_batch_tokens,
+        help=f"decode steps of many sessions run as one batch of up to this many rows x tokens "
+        f"(default: {d.max_batch_tokens})",
+    )
+    p.add_argument(
+        "--chunk-token-blocks",
+        type=int,
+        default=d.chunk_token_blocks,
+        help="long prompts and forward passes run in slices of about this many tokens x blocks, so decode steps "
+        f"of other sessions wait at most one slice (default: {d.chunk_token_blocks})",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
     p.add_argument("--swarm-key", default=None, help="swarm key file: serve and join only this private swarm")
@@ -87,7 +101,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(str(exc))
     if args.num_blocks is not None and args.num_blocks < 1:
         p.error("--num-blocks must be at least 1")
-    limits = ("cache_tokens", "max_request_tokens", "max_length_limit", "max_sessions_per_peer", "max_queued_steps")
+    limits = (
+        "cache_tokens",
+        "max_request_tokens",
+        "max_length_limit",
+        "max_sessions_per_peer",
+        "max_queued_steps",
+        "max_batch_tokens",
+        "chunk_token_blocks",
+    )
     for limit in limits:
         if getattr(args, limit) < 1:
             p.error(f"--{limit.replace('_', '-')} must be at least 1")
@@ -113,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_queued_steps=args.max_queued_steps,
         max_message_bytes=args.max_message_bytes,
         session_idle_timeout=args.session_idle_timeout,
+        max_batch_tokens=args.max_batch_tokens,
+        chunk_token_blocks=args.chunk_token_blocks,
         num_threads=args.num_threads,
         identity_path=args.identity,
         swarm_key=args.swarm_key,

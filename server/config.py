@@ -29,6 +29,8 @@ class ServerConfig:
     announce_period: float = 10.0  # seconds between DHT refreshes of this server's record
     record_ttl: float = 30.0  # seconds a record stays valid in the DHT without refresh
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT
+    max_batch_tokens: int = 256  # decode steps of many sessions run as one batch of up to this many rows x tokens
+    chunk_token_blocks: int = 4096  # long work runs in slices of about this many tokens x blocks between decode steps
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     identity_path: str | None = None  # private key file for a fixed peer id
     swarm_key: str | None = None  # private swarm: path of the swarm key file (only its holders get served)

@@ -1,6 +1,6 @@
 """RPC handler: translates protobuf requests into validated domain objects and back.
 
-It validates and delegates (to the session store and the backend); it never touches nn.Modules.
+It validates and delegates (to the session store and the span's Serving); it never touches nn.Modules.
 Every exception is mapped to a ``pb.Error`` in one place, so a bad request gets a clear error and
 the server keeps serving everyone else.
 
@@ -235,12 +235,7 @@ class Handler:
             batch_size=session.batch_size,
             past=session.position,
         )
-        if session.position + step.hidden.shape[1] > session.max_length:
-            raise errors.InvalidRequestError(
-                f"step of {step.hidden.shape[1]} tokens at position {session.position} exceeds max_length "
-                f"{session.max_length}"
-            )
-        output = tensors.to_proto(await serving.backend.inference_step(session, step))
+        output = tensors.to_proto(await serving.inference_step(session, step))
         session.drop_stale_inputs()
         pushed = False
         if request.push_peer_id:
@@ -262,7 +257,7 @@ class Handler:
             step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
             self.forwards[peer] = self.forwards.get(peer, 0) + 1
             try:
-                hidden = await serving.backend.forward(blocks, step)
+                hidden = await serving.forward(blocks, step)
             finally:
                 self._forward_done(peer)
             logger.debug("forward %s from %s: %s", blocks, peer, list(step.hidden.shape))

@@ -119,7 +119,7 @@ class Server:
             for task in tasks:
                 task.cancel()
             if self.serving is not None:
-                self.serving.backend.shutdown()
+                self.serving.scheduler.shutdown()
             self.dht.shutdown()
 
     async def _load(self, span: BlockRange) -> Serving:
@@ -130,8 +130,8 @@ class Server:
         cache_file = self.config.throughput_cache or default_cache_dir() / "throughput.json"
         key = throughput.cache_key(str(self.folder), self.dtype, self.model_config.to_json_string(use_diff=False))
         geometry = KVGeometry.from_config(self.model_config, self.dtype)
-        self.speed = await serving.backend.run(
-            throughput.cached_measure, stack, geometry, self.dtype, key, cache_file, self.config.test_step_delay
+        self.speed = await loop.run_in_executor(
+            None, throughput.cached_measure, stack, geometry, self.dtype, key, cache_file, self.config.test_step_delay
         )
         return serving
 
@@ -177,7 +177,7 @@ class Server:
     async def _shutdown(self) -> None:
         """Announce offline first, let steps in flight finish, then stop."""
         serving = self.serving
-        logger.info("Shutting down: announcing offline, finishing %d steps in flight", serving.backend.in_flight)
+        logger.info("Shutting down: announcing offline, finishing %d steps in flight", serving.scheduler.in_flight)
         self.state = ServerState.OFFLINE
         serving.draining = True
         try:
@@ -185,7 +185,7 @@ class Server:
         except (TimeoutError, Exception):
             logger.warning("Could not announce offline state before shutdown")
         deadline = time.monotonic() + self.config.shutdown_grace
-        while serving.backend.in_flight and time.monotonic() < deadline:
+        while serving.scheduler.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     def _dht_config(self) -> DHTConfig:
