@@ -103,6 +103,7 @@ class Scheduler:
         works = [pending.work for pending in pendings]
         if self.config.step_delay and any(work.cache is not None for work in works):
             time.sleep(self.config.step_delay)  # test only, on the compute thread
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 outputs = self.stack.run(works, blocks)
@@ -117,6 +118,14 @@ class Scheduler:
             return
         self.slices += 1
         self.batched_items += len(works)
+        logger.debug(
+            "slice: %d x %s, %d rows x tokens, %d blocks, %.1f ms",
+            len(works),
+            works[0].kind.name,
+            sum(work.size for work in works),
+            blocks,
+            1000 * (time.perf_counter() - started),
+        )
         unfinished = []
         for pending, output in zip(pendings, outputs, strict=True):
             work = pending.work
