@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from server.blocks import BlockStack
-from server.work import Kind, Work, next_batch
+from server.work import ActiveSessions, Kind, Work, next_batch
 from swarm.errors import ShuttingDownError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class SchedulerConfig:
     max_batch_tokens: int = 256  # rows x tokens of decode steps run as one batch
     chunk_token_blocks: int = 4096  # a slice of other work runs at most about this many tokens x blocks
     decode_tokens: int = 16  # inference steps of at most this many rows x tokens count as decode steps
+    batch_wait: float = 0.01  # at most this many seconds (and half a decode slice) a decode batch waits for...
+    active_window: float = 0.5  # ...the sessions that stepped within this many seconds and are not queued yet
     step_delay: float = 0.0  # test only: extra seconds per slice with inference work (a slow server)
 
 
@@ -64,6 +66,8 @@ class Scheduler:
         self.in_flight = 0  # submitted and not finished, for graceful shutdown
         self.slices = 0  # slices run so far (tests and benchmarks read how work was batched)
         self.batched_items = 0  # items run in those slices
+        self._active = ActiveSessions(self.config.active_window)
+        self._decode_seconds = 0.0  # moving average of a decode slice's time
         self._thread = threading.Thread(target=self._work_loop, name="stamen-compute", daemon=True)
         self._thread.start()
 
@@ -75,6 +79,7 @@ class Scheduler:
                 raise ShuttingDownError("server is shutting down")
             work.seq = next(self._counter)
             self._ready[work] = pending
+            self._active.saw(work, time.monotonic())
             self._cond.notify()
         self.in_flight += 1
         try:
@@ -93,11 +98,27 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopped:
                     return
+                batch, blocks = self._next_batch()
+                pendings = [self._ready.pop(work) for work in batch if work in self._ready]  # none cancelled
+            if pendings:
+                self._run_slice(pendings, blocks)
+
+    def _next_batch(self) -> tuple[list[Work], int]:
+        """The next slice; a decode batch first waits briefly for active sessions not queued yet."""
+        batch, blocks = next_batch(list(self._ready), self.config.max_batch_tokens, self.config.chunk_token_blocks)
+        if batch[0].kind != Kind.DECODE:
+            return batch, blocks
+        deadline = time.monotonic() + min(self.config.batch_wait, self._decode_seconds / 2)
+        while not self._stopped and sum(work.size for work in batch) < self.config.max_batch_tokens:
+            now = time.monotonic()
+            if now >= deadline or len(batch) >= self._active.expected(batch[0].blocks, now):
+                break
+            self._cond.wait(deadline - now)
+            if self._ready:
                 batch, blocks = next_batch(
                     list(self._ready), self.config.max_batch_tokens, self.config.chunk_token_blocks
                 )
-                pendings = [self._ready.pop(work) for work in batch]
-            self._run_slice(pendings, blocks)
+        return batch, blocks
 
     def _run_slice(self, pendings: list[_Pending], blocks: int) -> None:
         works = [pending.work for pending in pendings]
@@ -118,6 +139,9 @@ class Scheduler:
             return
         self.slices += 1
         self.batched_items += len(works)
+        if works[0].kind == Kind.DECODE:
+            elapsed = time.perf_counter() - started
+            self._decode_seconds = elapsed if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * elapsed
         logger.debug(
             "slice: %d x %s, %d rows x tokens, %d blocks, %.1f ms",
             len(works),

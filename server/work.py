@@ -11,6 +11,9 @@ slice from the items that are ready:
   rows x tokens), whatever their sessions; small prefill steps ride along if there is room.
 - Anything else runs alone, ``chunk_token_blocks // tokens`` blocks at a time, so a long prompt or a
   large forward pass delays the decode steps that arrive meanwhile by at most one bounded slice.
+- ``ActiveSessions`` knows which sessions stepped lately: a decode batch waits a moment (a fraction of
+  a slice) for those of them not queued yet, so sessions that step in lockstep share every batch
+  instead of one running alone while the rest queue behind it. A lone session never waits.
 """
 
 from __future__ import annotations
@@ -61,6 +64,23 @@ class Work:
 
     def order(self) -> tuple:
         return (int(self.kind), -self.points, self.seq)
+
+
+class ActiveSessions:
+    """The sessions that sent decode steps within the last ``window`` seconds, by the blocks they run."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self._seen: dict[tuple[BlockRange, int], float] = {}  # (blocks, session cache id) -> last step
+
+    def saw(self, work: Work, now: float) -> None:
+        if work.cache is not None and work.kind == Kind.DECODE:
+            self._seen[(work.blocks, id(work.cache))] = now
+
+    def expected(self, blocks: BlockRange, now: float) -> int:
+        """How many sessions on ``blocks`` are likely to send a step any moment."""
+        self._seen = {key: seen for key, seen in self._seen.items() if now - seen <= self.window}
+        return sum(1 for key_blocks, _ in self._seen if key_blocks == blocks)
 
 
 def step_kind(size: int, decode_tokens: int) -> Kind:
