@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.work import Kind, Work, next_batch, step_kind
+from server.work import ActiveSessions, Kind, Work, next_batch, step_kind
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)
@@ -66,3 +66,17 @@ def test_solo_items_run_alone():
 
 def test_step_kind():
     assert step_kind(1, 16) == Kind.DECODE and step_kind(16, 16) == Kind.DECODE and step_kind(17, 16) == Kind.PREFILL
+
+
+def test_active_sessions_are_those_that_stepped_lately_on_the_same_blocks():
+    active = ActiveSessions(window=0.5)
+    first, second = work(Kind.DECODE), work(Kind.DECODE)
+    first.cache, second.cache = object(), object()
+    other = work(Kind.DECODE, blocks=(2, 6))
+    other.cache = object()
+    for item in (first, second, other):
+        active.saw(item, now=10.0)
+    active.saw(work(Kind.FORWARD), now=10.0)  # stateless work is not a session
+    assert active.expected(BlockRange(0, 6), now=10.2) == 2
+    active.saw(first, now=10.4)
+    assert active.expected(BlockRange(0, 6), now=10.8) == 1  # the second one went quiet
