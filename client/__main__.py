@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=f"model name or local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
+    p.add_argument(
+        "--points-key", default=None, help="your server's identity file: busy servers serve you by its points"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -42,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, swarm_key=args.swarm_key
+        args.model,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        swarm_key=args.swarm_key,
+        points_key=args.points_key,
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

@@ -76,9 +76,10 @@ class HopTimeouts:
 class HopSession:
     """This session's state on one server. The owner runs one step at a time on it."""
 
-    def __init__(self, hop: Hop, stream: InferenceStream, dtype: torch.dtype, p2p, membership: bytes):
+    def __init__(self, hop: Hop, stream: InferenceStream, dtype: torch.dtype, p2p, membership: bytes, voucher=None):
         self.hop, self.stream, self.dtype, self.p2p = hop, stream, dtype, p2p
         self.membership = membership  # private swarms: this server's proof, sent when the session opens
+        self.voucher: pb.Voucher | None = voucher  # points: the standing this client uses, sent on opening
         self.session_id = uuid.uuid4().hex
         self.history: list[StepInput] = []
         self.next_step = 0
@@ -104,6 +105,8 @@ class HopSession:
             request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
         if self.next_step == 0:
             request.membership = self.membership
+            if self.voucher is not None:
+                request.voucher.CopyFrom(self.voucher)
             request.session_id = self.session_id
             request.start_block, request.end_block = self.hop.span.start, self.hop.span.end
             request.max_length, request.batch_size = max_length, item.hidden.shape[0]

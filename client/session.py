@@ -140,6 +140,7 @@ class InferenceSession:
                 continue  # the replacement replayed the history; now run this step through it
             hop.history.append(current)
             self.client.routes.mark_ok(hop.peer_id)
+            self.client.receipts.add(hop.peer_id, batch * current.hidden.shape[1] * len(hop.hop.span))
             if hop.draining and hop not in self._handovers:
                 logger.info("Server %s is leaving; moving its blocks %s in the background", hop.peer_id, hop.hop.span)
                 self._handovers[hop] = asyncio.ensure_future(self._prepare_handover(hop, batch))
@@ -182,7 +183,8 @@ class InferenceSession:
             for hop in chain:
                 stream = InferenceStream(self.client.p2p, hop.peer_id)
                 proof = self.client.membership.proof_for(hop.peer_id)
-                hops.append(HopSession(hop, stream, self.client.server_dtype(hop.peer_id), self.client.p2p, proof))
+                dtype = self.client.server_dtype(hop.peer_id)
+                hops.append(HopSession(hop, stream, dtype, self.client.p2p, proof, self.client.vouchers.current()))
                 await stream.open(self.config.connect_timeout)
         except BaseException:
             for hop in hops:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstamen.proto\x12\tstamen.v1\"6\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"<\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.stamen.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x92\x03\n\x10InferenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x10\n\x08position\x18\x07 \x01(\r\x12!\n\x06hidden\x18\x08 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\t \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\n \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x13\n\x0b\x65xpect_push\x18\x0b \x01(\x08\x12\x14\n\x0cpush_peer_id\x18\x0c \x01(\t\x12\x17\n\x0fpush_session_id\x18\r \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x0e \x01(\x08\x12\x19\n\x11push_from_peer_id\x18\x0f \x01(\t\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x87\x01\n\x11InferenceResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.stamen.v1.Error\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"j\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x0e\n\x0cPushResponse\"\xc3\x01\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\r\x12\x11\n\tend_block\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"U\n\x0f\x46orwardResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.stamen.v1.Error\"!\n\x0bInfoRequest\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\xfd\x03\n\x0cServerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.stamen.v1.ServerState\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x07 \x01(\x04\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bpublic_name\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x0e\n\x06maddrs\x18\x0b \x03(\t\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x1a\n\x12max_request_tokens\x18\r \x01(\r\x12\x1a\n\x12\x66orward_throughput\x18\x0e \x01(\x01\x12:\n\nnext_pings\x18\x0f \x03(\x0b\x32&.stamen.v1.ServerRecord.NextPingsEntry\x12\x14\n\x0c\x61nnounced_at\x18\x10 \x01(\x01\x12\x12\n\npublic_key\x18\x14 \x01(\x0c\x12\x11\n\tsignature\x18\x15 \x01(\x0c\x12\x12\n\nexpires_at\x18\x16 \x01(\x01\x1a\x30\n\x0eNextPingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xc5\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0e\n\nCACHE_FULL\x10\x02\x12\x15\n\x11SESSION_NOT_FOUND\x10\x03\x12\x15\n\x11\x42LOCKS_NOT_SERVED\x10\x04\x12\x11\n\rSHUTTING_DOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x12\x15\n\x11TOO_MANY_REQUESTS\x10\x07\x12\x10\n\x0cNOT_A_MEMBER\x10\x14*Q\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07JOINING\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x32\x92\x02\n\x0c\x42lockService\x12J\n\tInference\x12\x1b.stamen.v1.InferenceRequest\x1a\x1c.stamen.v1.InferenceResponse(\x01\x30\x01\x12@\n\x07\x46orward\x12\x19.stamen.v1.ForwardRequest\x1a\x1a.stamen.v1.ForwardResponse\x12\x37\n\x04Info\x12\x16.stamen.v1.InfoRequest\x1a\x17.stamen.v1.ServerRecord\x12;\n\x04Push\x12\x16.stamen.v1.PushRequest\x1a\x17.stamen.v1.PushResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstamen.proto\x12\tstamen.v1\"6\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"<\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.stamen.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb7\x03\n\x10InferenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x10\n\x08position\x18\x07 \x01(\r\x12!\n\x06hidden\x18\x08 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\t \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\n \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x13\n\x0b\x65xpect_push\x18\x0b \x01(\x08\x12\x14\n\x0cpush_peer_id\x18\x0c \x01(\t\x12\x17\n\x0fpush_session_id\x18\r \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x0e \x01(\x08\x12\x19\n\x11push_from_peer_id\x18\x0f \x01(\t\x12\x12\n\nmembership\x18\x14 \x01(\x0c\x12#\n\x07voucher\x18\x15 \x01(\x0b\x32\x12.stamen.v1.Voucher\"\x87\x01\n\x11InferenceResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.stamen.v1.Error\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"j\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x0e\n\x0cPushResponse\"\xe8\x01\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\r\x12\x11\n\tend_block\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\x12#\n\x07voucher\x18\x15 \x01(\x0b\x32\x12.stamen.v1.Voucher\"U\n\x0f\x46orwardResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.stamen.v1.Error\"\x94\x01\n\x07Receipt\x12\x16\n\x0eserver_peer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63lient_peer_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04work\x18\x04 \x01(\x04\x12\x15\n\rverified_work\x18\x05 \x01(\x04\x12\x12\n\npublic_key\x18\x14 \x01(\x0c\x12\x11\n\tsignature\x18\x15 \x01(\x0c\"t\n\x07Voucher\x12\x16\n\x0eissuer_peer_id\x18\x01 \x01(\t\x12\x16\n\x0eholder_peer_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x01\x12\x12\n\npublic_key\x18\x14 \x01(\x0c\x12\x11\n\tsignature\x18\x15 \x01(\x0c\"I\n\x0eReceiptRequest\x12#\n\x07receipt\x18\x01 \x01(\x0b\x32\x12.stamen.v1.Receipt\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"2\n\x0fReceiptResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.stamen.v1.Error\"!\n\x0bInfoRequest\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x8d\x04\n\x0cServerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.stamen.v1.ServerState\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x07 \x01(\x04\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bpublic_name\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x0e\n\x06maddrs\x18\x0b \x03(\t\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x1a\n\x12max_request_tokens\x18\r \x01(\r\x12\x1a\n\x12\x66orward_throughput\x18\x0e \x01(\x01\x12:\n\nnext_pings\x18\x0f \x03(\x0b\x32&.stamen.v1.ServerRecord.NextPingsEntry\x12\x14\n\x0c\x61nnounced_at\x18\x10 \x01(\x01\x12\x12\n\npublic_key\x18\x14 \x01(\x0c\x12\x11\n\tsignature\x18\x15 \x01(\x0c\x12\x12\n\nexpires_at\x18\x16 \x01(\x01\x12\x0e\n\x06points\x18\x18 \x01(\x01\x1a\x30\n\x0eNextPingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xc5\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0e\n\nCACHE_FULL\x10\x02\x12\x15\n\x11SESSION_NOT_FOUND\x10\x03\x12\x15\n\x11\x42LOCKS_NOT_SERVED\x10\x04\x12\x11\n\rSHUTTING_DOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x12\x15\n\x11TOO_MANY_REQUESTS\x10\x07\x12\x10\n\x0cNOT_A_MEMBER\x10\x14*Q\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07JOINING\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x32\xd4\x02\n\x0c\x42lockService\x12J\n\tInference\x12\x1b.stamen.v1.InferenceRequest\x1a\x1c.stamen.v1.InferenceResponse(\x01\x30\x01\x12@\n\x07\x46orward\x12\x19.stamen.v1.ForwardRequest\x1a\x1a.stamen.v1.ForwardResponse\x12\x37\n\x04Info\x12\x16.stamen.v1.InfoRequest\x1a\x17.stamen.v1.ServerRecord\x12@\n\x07Receipt\x12\x19.stamen.v1.ReceiptRequest\x1a\x1a.stamen.v1.ReceiptResponse\x12;\n\x04Push\x12\x16.stamen.v1.PushRequest\x1a\x17.stamen.v1.PushResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERRECORD_NEXTPINGSENTRY']._loaded_options = None
   _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCODE']._serialized_start=1645
-  _globals['_ERRORCODE']._serialized_end=1842
-  _globals['_SERVERSTATE']._serialized_start=1844
-  _globals['_SERVERSTATE']._serialized_end=1925
+  _globals['_ERRORCODE']._serialized_start=2131
+  _globals['_ERRORCODE']._serialized_end=2328
+  _globals['_SERVERSTATE']._serialized_start=2330
+  _globals['_SERVERSTATE']._serialized_end=2411
   _globals['_TENSOR']._serialized_start=27
   _globals['_TENSOR']._serialized_end=81
   _globals['_ERROR']._serialized_start=83
   _globals['_ERROR']._serialized_end=143
   _globals['_INFERENCEREQUEST']._serialized_start=146
-  _globals['_INFERENCEREQUEST']._serialized_end=548
-  _globals['_INFERENCERESPONSE']._serialized_start=551
-  _globals['_INFERENCERESPONSE']._serialized_end=686
-  _globals['_PUSHREQUEST']._serialized_start=688
-  _globals['_PUSHREQUEST']._serialized_end=794
-  _globals['_PUSHRESPONSE']._serialized_start=796
-  _globals['_PUSHRESPONSE']._serialized_end=810
-  _globals['_FORWARDREQUEST']._serialized_start=813
-  _globals['_FORWARDREQUEST']._serialized_end=1008
-  _globals['_FORWARDRESPONSE']._serialized_start=1010
-  _globals['_FORWARDRESPONSE']._serialized_end=1095
-  _globals['_INFOREQUEST']._serialized_start=1097
-  _globals['_INFOREQUEST']._serialized_end=1130
-  _globals['_SERVERRECORD']._serialized_start=1133
-  _globals['_SERVERRECORD']._serialized_end=1642
-  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_start=1594
-  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_end=1642
-  _globals['_BLOCKSERVICE']._serialized_start=1928
-  _globals['_BLOCKSERVICE']._serialized_end=2202
+  _globals['_INFERENCEREQUEST']._serialized_end=585
+  _globals['_INFERENCERESPONSE']._serialized_start=588
+  _globals['_INFERENCERESPONSE']._serialized_end=723
+  _globals['_PUSHREQUEST']._serialized_start=725
+  _globals['_PUSHREQUEST']._serialized_end=831
+  _globals['_PUSHRESPONSE']._serialized_start=833
+  _globals['_PUSHRESPONSE']._serialized_end=847
+  _globals['_FORWARDREQUEST']._serialized_start=850
+  _globals['_FORWARDREQUEST']._serialized_end=1082
+  _globals['_FORWARDRESPONSE']._serialized_start=1084
+  _globals['_FORWARDRESPONSE']._serialized_end=1169
+  _globals['_RECEIPT']._serialized_start=1172
+  _globals['_RECEIPT']._serialized_end=1320
+  _globals['_VOUCHER']._serialized_start=1322
+  _globals['_VOUCHER']._serialized_end=1438
+  _globals['_RECEIPTREQUEST']._serialized_start=1440
+  _globals['_RECEIPTREQUEST']._serialized_end=1513
+  _globals['_RECEIPTRESPONSE']._serialized_start=1515
+  _globals['_RECEIPTRESPONSE']._serialized_end=1565
+  _globals['_INFOREQUEST']._serialized_start=1567
+  _globals['_INFOREQUEST']._serialized_end=1600
+  _globals['_SERVERRECORD']._serialized_start=1603
+  _globals['_SERVERRECORD']._serialized_end=2128
+  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_start=2080
+  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_end=2128
+  _globals['_BLOCKSERVICE']._serialized_start=2414
+  _globals['_BLOCKSERVICE']._serialized_end=2754
 # @@protoc_insertion_point(module_scope)

@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
+    p.add_argument(
+        "--announce-period",
+        type=float,
+        default=d.announce_period,
+        help=f"seconds between refreshes of this server's DHT record (default: {d.announce_period})",
+    )
     p.add_argument("--swarm-key", default=None, help="swarm key file: serve and join only this private swarm")
     p.add_argument("--rebalance-period", type=float, default=d.rebalance_period, help="seconds between balance checks")
     p.add_argument(
@@ -113,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     for limit in limits:
         if getattr(args, limit) < 1:
             p.error(f"--{limit.replace('_', '-')} must be at least 1")
+    if not 0 < args.announce_period < ServerConfig.record_ttl:
+        p.error(f"--announce-period must be above 0 and below the record lifetime ({ServerConfig.record_ttl:.0f} s)")
     if args.max_message_bytes is not None and args.max_message_bytes < 1:
         p.error("--max-message-bytes must be at least 1")
     if args.announce_host and not args.port:
@@ -139,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         chunk_token_blocks=args.chunk_token_blocks,
         num_threads=args.num_threads,
         identity_path=args.identity,
+        announce_period=args.announce_period,
         swarm_key=args.swarm_key,
         rebalance_period=args.rebalance_period,
         balance_quality=args.balance_quality,

@@ -143,11 +143,12 @@ class Scheduler:
             elapsed = time.perf_counter() - started
             self._decode_seconds = elapsed if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * elapsed
         logger.debug(
-            "slice: %d x %s, %d rows x tokens, %d blocks, %.1f ms",
+            "slice: %d x %s, %d rows x tokens, %d blocks, standing %.1f, %.1f ms",
             len(works),
             works[0].kind.name,
             sum(work.size for work in works),
             blocks,
+            works[0].points,
             1000 * (time.perf_counter() - started),
         )
         unfinished = []

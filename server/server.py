@@ -23,6 +23,7 @@ from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.gate import Gate
 from server.handler import Handler
+from server.ledger import Ledger
 from server.push import Pusher
 from server.serving import Serving
 from swarm import __version__
@@ -92,6 +93,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
+        self.ledger = Ledger(self.peer_id)
         self.announcer = Announcer(self.dht, self.prefix, self.info, config.announce_period, config.record_ttl)
         tasks: list[asyncio.Task] = []
         try:
@@ -102,12 +104,17 @@ class Server:
             self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config)
             self.membership = Membership(self.swarm_key, self.peer_id)
             self.handler.gate = Gate(self.swarm_key, self.peer_id)
+            self.handler.ledger = self.ledger
             self.pusher = Pusher(p2p, drop_all=config.test_drop_pushes, membership=self.membership)
             await self.handler.register(p2p, self.pusher)
             self.state = ServerState.ONLINE
             await self.announcer.announce()
             pinger = Pinger(p2p, self.dht, self.prefix, self.num_blocks, self.next_pings, config, self.membership)
-            tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(pinger.run(lambda: self.span))]
+            tasks = [
+                asyncio.create_task(self.announcer.run()),
+                asyncio.create_task(pinger.run(lambda: self.span)),
+                asyncio.create_task(self._refresh_standings_forever()),
+            ]
             if config.num_blocks is not None:
                 tasks.append(asyncio.create_task(self._rebalance_forever()))
             if on_ready is not None:
@@ -190,6 +197,18 @@ class Server:
         c = self.config
         return DHTConfig(c.initial_peers, c.host, c.port, False, c.identity_path, c.announce_host, self.swarm_key)
 
+    async def _refresh_standings_forever(self) -> None:
+        """Keep the points every server announces at hand: they order this server's queue when it is busy."""
+        while True:
+            try:
+                servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
+                standings = {server.peer_id: server.points for server in servers if server.points > 0}
+                self.ledger.update_standings(standings)
+                logger.debug("Standings: %s", standings)
+            except Exception:
+                logger.debug("Could not refresh the servers' points", exc_info=True)
+            await asyncio.sleep(self.config.announce_period * random.uniform(0.8, 1.2))
+
     def info(self) -> ServerInfo:
         return ServerInfo(
             peer_id=self.peer_id,
@@ -206,4 +225,5 @@ class Server:
             hidden_size=self.model_config.hidden_size,
             max_request_tokens=self.config.max_request_tokens,
             next_pings=dict(self.next_pings),
+            points=self.ledger.points,
         )

@@ -66,12 +66,13 @@ class Serving:
         session.cache.set_padding(session.position, step.attention_mask, tokens)
         kind = step_kind(batch * tokens, self.scheduler.config.decode_tokens)
         work = Work(kind, session.blocks, step.hidden, step.position_ids, session.cache, session.block_offset)
+        work.points = session.points
         return await self.scheduler.submit(work)
 
-    async def forward(self, blocks: BlockRange, step: validation.Step) -> torch.Tensor:
-        """A stateless pass of a validated batch through ``blocks``."""
+    async def forward(self, blocks: BlockRange, step: validation.Step, points: float = 0.0) -> torch.Tensor:
+        """A stateless pass of a validated batch through ``blocks`` (``points``: the requester's standing)."""
         offset = blocks.start - self.span.start
-        work = Work(Kind.FORWARD, blocks, step.hidden, step.position_ids, None, offset, step.attention_mask)
+        work = Work(Kind.FORWARD, blocks, step.hidden, step.position_ids, None, offset, step.attention_mask, points)
         return await self.scheduler.submit(work)
 
     async def wind_down(self, grace: float) -> None:

@@ -37,6 +37,7 @@ class Session:
     max_length: int
     cache: SessionCache
     block_offset: int = 0  # index of the session's first block in the server's span
+    points: float = 0.0  # the client's standing: a busy server runs steps of higher standing first
     next_step: int = 0
     # hidden inputs of headers' steps by position, with the peer that pushed each (None: the client relayed it)
     inputs: dict[int, tuple[torch.Tensor, str | None]] = field(default_factory=dict)
