@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
     p.add_argument(
+        "--compression",
+        choices=["none", "float16", "int8"],
+        default="none",
+        help="activations on the wire (default none: exact; float16 and int8 round, for slow links)",
+    )
+    p.add_argument(
         "--points-key", default=None, help="your server's identity file: busy servers serve you by its points"
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         dht_prefix=args.dht_prefix,
         swarm_key=args.swarm_key,
         points_key=args.points_key,
+        compression=args.compression,
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

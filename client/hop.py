@@ -76,8 +76,18 @@ class HopTimeouts:
 class HopSession:
     """This session's state on one server. The owner runs one step at a time on it."""
 
-    def __init__(self, hop: Hop, stream: InferenceStream, dtype: torch.dtype, p2p, membership: bytes, voucher=None):
+    def __init__(
+        self,
+        hop: Hop,
+        stream: InferenceStream,
+        dtype: torch.dtype,
+        p2p,
+        membership: bytes,
+        voucher=None,
+        compression: int = pb.COMPRESSION_NONE,
+    ):
         self.hop, self.stream, self.dtype, self.p2p = hop, stream, dtype, p2p
+        self.compression = compression  # how hidden states travel to and from this server
         self.membership = membership  # private swarms: this server's proof, sent when the session opens
         self.voucher: pb.Voucher | None = voucher  # points: the standing this client uses, sent on opening
         self.session_id = uuid.uuid4().hex
@@ -95,10 +105,13 @@ class HopSession:
     def request(self, item: StepInput, max_length: int, with_hidden: bool = True) -> pb.InferenceRequest:
         """The message for this hop's next step (opening its session on step 0)."""
         request = pb.InferenceRequest(
-            step=self.next_step, position=self.position, position_ids=tensors.to_proto(item.position_ids)
+            step=self.next_step,
+            position=self.position,
+            position_ids=tensors.to_proto(item.position_ids),
+            compression=self.compression,
         )
         if with_hidden:
-            request.hidden.CopyFrom(tensors.to_proto(item.hidden.to(self.dtype)))
+            request.hidden.CopyFrom(tensors.to_proto(item.hidden.to(self.dtype), self.compression))
         else:
             request.expect_push = True
         if item.attention_mask is not None:
@@ -116,7 +129,7 @@ class HopSession:
     def relay(self, item: StepInput) -> None:
         """Push mode: send the input of a header's step that the previous server did not push."""
         fallback = pb.InferenceRequest(fallback=True, position=self.position)
-        fallback.hidden.CopyFrom(tensors.to_proto(item.hidden.to(self.dtype)))
+        fallback.hidden.CopyFrom(tensors.to_proto(item.hidden.to(self.dtype), self.compression))
         self.stream.send(fallback)
 
     async def answer(self, item: StepInput, timeouts: HopTimeouts) -> tuple[torch.Tensor, bool]:

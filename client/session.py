@@ -183,8 +183,9 @@ class InferenceSession:
             for hop in chain:
                 stream = InferenceStream(self.client.p2p, hop.peer_id)
                 proof = self.client.membership.proof_for(hop.peer_id)
-                dtype = self.client.server_dtype(hop.peer_id)
-                hops.append(HopSession(hop, stream, dtype, self.client.p2p, proof, self.client.vouchers.current()))
+                dtype, compression = self.client.server_dtype(hop.peer_id), self.client.compression_for(hop.peer_id)
+                voucher = self.client.vouchers.current()
+                hops.append(HopSession(hop, stream, dtype, self.client.p2p, proof, voucher, compression))
                 await stream.open(self.config.connect_timeout)
         except BaseException:
             for hop in hops:

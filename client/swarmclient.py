@@ -28,6 +28,10 @@ RECEIPT_FLUSH_SECONDS = 3.0  # at shutdown: how long to spend handing out the la
 class SwarmClient:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int):
         self.config, self.prefix, self.num_blocks = config, prefix, num_blocks
+        if config.compression not in tensors.COMPRESSIONS:
+            raise ValueError(
+                f"compression must be one of {', '.join(tensors.COMPRESSIONS)}, got {config.compression!r}"
+            )
         key = load_key(config.swarm_key) if config.swarm_key else None
         self.dht = SwarmDHT(DHTConfig(initial_peers=list(config.initial_peers), client_mode=True, swarm_key=key))
         self.membership = Membership(key, self.dht.peer_id)
@@ -66,6 +70,12 @@ class SwarmClient:
         info = self.routes.server(peer_id)
         return tensors.DTYPES.get(info.dtype, torch.float32) if info else torch.float32
 
+    def compression_for(self, peer_id: str) -> int:
+        """The activation compression to use with a server: the configured one if the server supports it."""
+        wanted = tensors.COMPRESSIONS[self.config.compression]
+        info = self.routes.server(peer_id)
+        return wanted if info is not None and wanted in info.compressions else pb.COMPRESSION_NONE
+
     def inference_session(self, max_length: int) -> InferenceSession:
         return InferenceSession(self, max_length)
 
@@ -92,8 +102,9 @@ class SwarmClient:
             request = pb.ForwardRequest(
                 start_block=hop.span.start,
                 end_block=hop.span.end,
-                hidden=tensors.to_proto(hidden.to(self.server_dtype(hop.peer_id))),
+                hidden=tensors.to_proto(hidden.to(self.server_dtype(hop.peer_id)), self.compression_for(hop.peer_id)),
                 position_ids=tensors.to_proto(position_ids),
+                compression=self.compression_for(hop.peer_id),
                 membership=self.membership.proof_for(hop.peer_id),
             )
             voucher = self.vouchers.current()

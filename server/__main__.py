@@ -33,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--host", default=d.host, help=f"interface to listen on (default: {d.host})")
     p.add_argument("--port", type=int, default=d.port, help="TCP port to listen on (default: 0, any free port)")
     p.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
+    p.add_argument(
+        "--announce-port",
+        type=int,
+        default=None,
+        help="port to advertise with --announce-host when it differs from --port (port forwarding, a proxy)",
+    )
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto (float32 on CPU)")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens, help="KV-cache budget in tokens (batch x len)")
@@ -123,8 +129,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"--announce-period must be above 0 and below the record lifetime ({ServerConfig.record_ttl:.0f} s)")
     if args.max_message_bytes is not None and args.max_message_bytes < 1:
         p.error("--max-message-bytes must be at least 1")
-    if args.announce_host and not args.port:
-        p.error("--announce-host needs a fixed --port (the port others reach through the announced address)")
+    if args.announce_host and not (args.port or args.announce_port):
+        p.error("--announce-host needs a fixed --port or an --announce-port (the port others reach it through)")
+    if args.announce_port is not None and not (args.announce_host and 0 < args.announce_port < 65536):
+        p.error("--announce-port needs --announce-host and a port in 1..65535")
     return ServerConfig(
         blocks=blocks,
         num_blocks=args.num_blocks,
@@ -133,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         host=args.host,
         port=args.port,
         announce_host=args.announce_host,
+        announce_port=args.announce_port,
         dtype=args.dtype,
         dht_prefix=args.dht_prefix,
         cache_tokens=args.cache_tokens,

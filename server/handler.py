@@ -241,7 +241,8 @@ class Handler:
             batch_size=session.batch_size,
             past=session.position,
         )
-        output = tensors.to_proto(await serving.inference_step(session, step))
+        compression = validation.output_compression(request.compression)
+        output = tensors.to_proto(await serving.inference_step(session, step), compression)
         self.ledger.record_work(session.peer, step.hidden.shape[0] * step.hidden.shape[1] * len(session.blocks))
         session.drop_stale_inputs()
         pushed = False
@@ -262,6 +263,7 @@ class Handler:
                 raise errors.TooManyRequestsError(f"this peer already has {self.max_per_peer} forward passes running")
             blocks = validation.requested_blocks(request.start_block, request.end_block, serving.limits)
             step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
+            compression = validation.output_compression(request.compression)
             points = self._standing(peer, request.voucher if request.HasField("voucher") else None)
             logger.debug("forward %s from %s: %s, standing %.1f", blocks, peer, list(step.hidden.shape), points)
             self.forwards[peer] = self.forwards.get(peer, 0) + 1
@@ -270,7 +272,7 @@ class Handler:
             finally:
                 self._forward_done(peer)
             self.ledger.record_work(peer, step.hidden.shape[0] * step.hidden.shape[1] * len(blocks))
-            return pb.ForwardResponse(hidden=tensors.to_proto(hidden))
+            return pb.ForwardResponse(hidden=tensors.to_proto(hidden, compression))
         except Exception as exc:
             self._log_failure("forward", peer, exc)
             return pb.ForwardResponse(error=errors.to_proto(exc))

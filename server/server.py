@@ -26,7 +26,7 @@ from server.handler import Handler
 from server.ledger import Ledger
 from server.push import Pusher
 from server.serving import Serving
-from swarm import __version__
+from swarm import __version__, tensors
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.membership import Membership, load_key
 from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
@@ -195,7 +195,16 @@ class Server:
 
     def _dht_config(self) -> DHTConfig:
         c = self.config
-        return DHTConfig(c.initial_peers, c.host, c.port, False, c.identity_path, c.announce_host, self.swarm_key)
+        return DHTConfig(
+            c.initial_peers,
+            c.host,
+            c.port,
+            False,
+            c.identity_path,
+            c.announce_host,
+            self.swarm_key,
+            announce_port=c.announce_port,
+        )
 
     async def _refresh_standings_forever(self) -> None:
         """Keep the points every server announces at hand: they order this server's queue when it is busy."""
@@ -226,4 +235,5 @@ class Server:
             max_request_tokens=self.config.max_request_tokens,
             next_pings=dict(self.next_pings),
             points=self.ledger.points,
+            compressions=tuple(tensors.COMPRESSIONS.values()),
         )

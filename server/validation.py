@@ -106,6 +106,13 @@ def push_fields(request: pb.InferenceRequest) -> None:
         _check_peer_id(request.push_from_peer_id, "push_from_peer_id")
 
 
+def output_compression(value: int) -> int:
+    """How the caller wants outputs sent (``pb.Compression``); only the ones this server knows."""
+    if value not in tensors.COMPRESSIONS.values():
+        raise InvalidRequestError(f"compression: unknown value {value}")
+    return value
+
+
 def check_session_id(value: str, field: str) -> None:
     """Printable ASCII without spaces (it ends up in logs), 1 to MAX_SESSION_ID characters."""
     if not 1 <= len(value) <= MAX_SESSION_ID or not (value.isascii() and value.isprintable()) or " " in value:

@@ -38,6 +38,7 @@ class DHTConfig:
     identity_path: str | None = None  # private key file for a fixed peer id (bootstrap nodes)
     announce_host: str | None = None  # public address to advertise instead of the listening one
     swarm_key: bytes | None = None  # private swarm: only nodes holding this key can use its DHT
+    announce_port: int | None = None  # port to advertise with announce_host; None = the listening port
 
 
 EXPIRY_SLACK = 1.0  # seconds of rounding allowed between a record's signed expiry and the DHT's
@@ -86,7 +87,7 @@ class SwarmDHT:
         if config.swarm_key is not None:
             kwargs["authorizer"] = SwarmKeyAuthorizer(config.swarm_key)
         if config.announce_host:
-            kwargs["announce_maddrs"] = [f"/ip4/{config.announce_host}/tcp/{config.port}"]
+            kwargs["announce_maddrs"] = [f"/ip4/{config.announce_host}/tcp/{config.announce_port or config.port}"]
         self.config = config
         try:
             self.dht = hivemind.DHT(
