@@ -28,6 +28,8 @@ from swarm.models.weights import load_tensors, tensor_index
 from swarm.spans import model_prefix
 
 logger = logging.getLogger(__name__)
+# what generate() and model outputs call the cache: "past_key_values", or "cache" since transformers 5.24
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class RemoteCache(Cache):
@@ -43,6 +45,11 @@ class RemoteCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """One attention cache (not a linear-attention state), so generate sends only the tokens it lacks."""
+        return [False]
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -122,16 +129,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return getattr(self._local, "session", None)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             return super().generate(inputs, *args, **kwargs)
         session = session or self._active_session
         if session is not None:
-            return super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)
+            return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(session)}, **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         prompt_length = ids.shape[1] if ids is not None else 1
         max_length = self._max_length(prompt_length, kwargs)
         with self.inference_session(max_length) as new_session:
-            return super().generate(inputs, *args, past_key_values=RemoteCache(new_session), **kwargs)
+            return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(new_session)}, **kwargs)
 
     def _max_length(self, prompt_length: int, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config
@@ -150,8 +157,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        cache: Cache | None = None,  # transformers >= 5.24 passes the cache under this name
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         past = session.position if session is not None else 0
@@ -168,7 +177,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: past_key_values})
 
     def shutdown(self) -> None:
         """Leave the swarm (also done at interpreter exit)."""
