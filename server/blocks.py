@@ -45,7 +45,8 @@ class BlockStack(nn.Module):
         hidden_size = self.config.hidden_size
         hidden = _flat([item.hidden.reshape(1, -1, hidden_size) for item in items])  # [1, total, hidden]
         position_ids = _flat([item.position_ids.reshape(1, -1) for item in items])  # [1, total]
-        embeddings = self.family.position_embeddings(self.rotary, hidden, position_ids)
+        sizes = [s.end - s.start for s in segments]
+        embeddings = self.family.position_embeddings(self.rotary, hidden, position_ids, sizes)
         attention_kwargs = {PLAN_KWARG: Plan(segments)}
         first = items[0].cursor - self.span.start
         for local in range(first, first + num_blocks):

@@ -27,6 +27,16 @@ FAMILIES = {  # name -> (config class, model class, config arguments)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {**TINY}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {**TINY, "sliding_window": 4096}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**TINY}),
+    # rotary frequencies that change once a sequence passes 16 positions (transformers' "dynamic" scaling)
+    "llama-dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            **SMALL,
+            "max_position_embeddings": 16,
+            "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        },
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**SMALL, "head_dim": 16}),
     # a sliding window shorter than the tests' sequences, and rotary on half of each head
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**SMALL, "sliding_window": 7, "partial_rotary_factor": 0.5}),

@@ -96,10 +96,13 @@ class Family:
         """The family's position encoding, built once per server (a rotary module; BLOOM/Falcon: ALiBi)."""
         return self.rotary_class(config=config) if self.rotary_class is not None else None
 
-    def position_embeddings(self, rotary: nn.Module | None, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    def position_embeddings(
+        self, rotary, hidden: torch.Tensor, position_ids: torch.Tensor, sizes: list[int] | None = None
+    ) -> dict:
         """What the blocks of each attention kind take as ``position_embeddings`` (rotary cos and sin), computed once
-        per batch for the tokens of all its requests (``hidden`` [1, total, hidden], ``position_ids`` [1, total])."""
-        embeddings = rotary(hidden, position_ids=position_ids)
+        per batch for the tokens of all its requests (``hidden`` [1, total, hidden], ``position_ids`` [1, total],
+        ``sizes``: each request's number of tokens on that axis, in order)."""
+        embeddings = by_request(lambda h, p: rotary(h, position_ids=p), rotary, hidden, position_ids, sizes)
         return {"full_attention": embeddings, "sliding_attention": embeddings}
 
     def call_block(
@@ -163,6 +166,21 @@ class Family:
         if prefix.startswith(base) and any(name.startswith(prefix[len(base) :]) for name in names):
             return prefix[len(base) :]
         return prefix
+
+
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # frequencies chosen from the largest position in the call
+
+
+def by_request(compute, rotary, hidden: torch.Tensor, position_ids: torch.Tensor, sizes: list[int] | None):
+    """``compute(hidden, position_ids) -> (cos, sin)`` for a whole batch at once; per request when the rotary type
+    picks its frequencies from the largest position it sees (as transformers computes it for one sequence
+    batch), so that requests of other lengths in the same batch do not change them."""
+    types = getattr(rotary, "rope_type", None)
+    types = types.values() if isinstance(types, dict) else [types]  # Gemma 3: one type per layer type
+    if not sizes or len(sizes) == 1 or not any(kind in LENGTH_DEPENDENT_ROPE for kind in types):
+        return compute(hidden, position_ids)
+    parts = [compute(h, p) for h, p in zip(hidden.split(sizes, dim=1), position_ids.split(sizes, dim=1), strict=True)]
+    return tuple(torch.cat(tensors, dim=1) for tensors in zip(*parts, strict=True))  # cos, sin: [1, total, dim]
 
 
 def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

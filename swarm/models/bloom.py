@@ -95,7 +95,7 @@ class BloomFamily(Family):
     def build_rotary(self, config: PretrainedConfig) -> Alibi:
         return Alibi(self.alibi_builder, config.n_head)
 
-    def position_embeddings(self, alibi: Alibi, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    def position_embeddings(self, alibi: Alibi, hidden: torch.Tensor, position_ids: torch.Tensor, sizes=None) -> dict:
         return {"full_attention": alibi.batch_bias(hidden.dtype)}
 
     def call_block(self, block, hidden, position_ids, position_embeddings, attention_kwargs) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.models.base import PLAN_KWARG, Family, LocalLayout, eager_config
+from swarm.models.base import PLAN_KWARG, Family, LocalLayout, by_request, eager_config
 from swarm.models.bloom import Alibi
 
 FALCON_LAYOUT = LocalLayout(layers="transformer.h", embed="transformer.word_embeddings", norm="transformer.ln_f")
@@ -94,10 +94,11 @@ class FalconFamily(Family):
             return Alibi(self.alibi_builder, heads, math.sqrt(config.hidden_size // heads))
         return self.rotary_class(config=config)
 
-    def position_embeddings(self, rotary, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    def position_embeddings(self, rotary, hidden: torch.Tensor, position_ids: torch.Tensor, sizes=None) -> dict:
         if isinstance(rotary, Alibi):
             return {"full_attention": (None, rotary.batch_bias(hidden.dtype))}
-        return {"full_attention": (rotary(hidden, position_ids=position_ids), None)}
+        embeddings = by_request(lambda h, p: rotary(h, position_ids=p), rotary, hidden, position_ids, sizes)
+        return {"full_attention": (embeddings, None)}
 
     def call_block(self, block, hidden, position_ids, position_embeddings, attention_kwargs) -> torch.Tensor:
         rotary, alibi = position_embeddings

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.models.base import Family, UnsupportedModelError
+from swarm.models.base import Family, UnsupportedModelError, by_request
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,12 @@ class Gemma3Family(GemmaFamily):
         if getattr(config, "use_bidirectional_attention", False):
             raise UnsupportedModelError("Gemma 3 with use_bidirectional_attention (an embedding model) is not served")
 
-    def position_embeddings(self, rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    def position_embeddings(self, rotary, hidden: torch.Tensor, position_ids: torch.Tensor, sizes=None) -> dict:
         kinds = [kind for kind in rotary.layer_types if hasattr(rotary, f"{kind}_inv_freq")]
-        return {kind: rotary(hidden, position_ids, kind) for kind in kinds}
+        return {
+            kind: by_request(lambda h, p, k=kind: rotary(h, p, k), rotary, hidden, position_ids, sizes)
+            for kind in kinds
+        }
 
 
 def gemma2() -> Family:

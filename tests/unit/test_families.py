@@ -124,6 +124,24 @@ def test_other_families_get_an_error_that_lists_the_supported_ones():
     assert {"bloom", "falcon", "mixtral", "qwen2_moe", "qwen3", "gemma2", "gemma3_text", "phi3"} <= set(FAMILIES)
 
 
+def test_requests_batched_together_keep_their_own_length_dependent_rotary(tiny_models):
+    """Dynamic (and longrope) rotary picks frequencies from the largest position it sees: a short request
+    batched with a long one must get the frequencies it gets alone, as it would locally."""
+    folder = tiny_models["llama-dynamic"]
+    stack = load_block_stack(folder, AutoConfig.from_pretrained(folder), BlockRange(0, 4), torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    long, short = torch.randn(1, 24, 64, generator=generator), torch.randn(1, 5, 64, generator=generator)
+
+    def work(hidden):
+        return Work(Kind.FORWARD, BlockRange(0, 4), hidden, torch.arange(hidden.shape[1]).unsqueeze(0))
+
+    with torch.inference_mode():
+        alone = [stack.run([work(long)], 4)[0], stack.run([work(short)], 4)[0]]
+        together = stack.run([work(long), work(short)], 4)
+    for got, want in zip(together, alone, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # batched matmuls round differently
+
+
 def test_mixtral_experts_are_fused_from_per_expert_tensors(tiny_models):
     """The checkpoint stores one tensor per expert; the server's block holds transformers' fused layout."""
     folder = tiny_models["mixtral"]
