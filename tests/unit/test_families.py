@@ -124,6 +124,17 @@ def test_other_families_get_an_error_that_lists_the_supported_ones():
     assert {"bloom", "falcon", "mixtral", "qwen2_moe", "qwen3", "gemma2", "gemma3_text", "phi3"} <= set(FAMILIES)
 
 
+def test_checkpoints_without_the_base_model_prefix_are_found():
+    """The original BLOOM files name tensors ``h.0....`` and ``word_embeddings...``, without ``transformer.``."""
+    bloom = get_family("bloom")
+    names = ["h.0.input_layernorm.weight", "word_embeddings.weight", "word_embeddings_layernorm.bias", "ln_f.weight"]
+    assert bloom.checkpoint_prefix(bloom.block_prefix(0), names) == "h.0."
+    parts = {"embed_tokens": ("embed", torch.nn.Embedding(4, 2)), "lm_head": ("head", torch.nn.Linear(2, 4))}
+    assert bloom.local_weights(parts, names, tied=True) == {"word_embeddings.weight": "embed_tokens.weight"}
+    llama = get_family("llama")
+    assert llama.checkpoint_prefix(llama.block_prefix(3), ["model.layers.3.mlp.up_proj.weight"]) == "model.layers.3."
+
+
 def test_requests_batched_together_keep_their_own_length_dependent_rotary(tiny_models):
     """Dynamic (and longrope) rotary picks frequencies from the largest position it sees: a short request
     batched with a long one must get the frequencies it gets alone, as it would locally."""
