@@ -26,6 +26,10 @@ echo "==> Resolved versions ($VENV)"
   | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|safetensors|accelerate|hivemind|protobuf|numpy|gguf|uvloop|multiaddr|pytest|pytest-timeout)==' \
   | sed 's/^/    /'
 
+# Every family adapter in process (the server's block stacks and the client's generate, against local
+# transformers), and the swarm exactness suite (real servers: splits, push, padded batches, sessions). The
+# per-family swarm tests (tests/swarm/test_families.py) add nothing that depends on transformers' version
+# beyond these and would double this run's time; the main run has them.
 echo "==> pytest: exactness tests with the newest allowed versions"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/unit/test_families.py tests/unit/test_masks.py tests/swarm/test_exactness.py tests/swarm/test_families.py "$@"
+  tests/unit/test_families.py tests/unit/test_masks.py tests/swarm/test_exactness.py "$@"

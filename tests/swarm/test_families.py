@@ -58,9 +58,9 @@ def family_swarm(request, tiny_models):
 
 
 def greedy(model, prompt, **options):
-    return model.generate(
-        prompt, max_new_tokens=14, do_sample=False, output_logits=True, return_dict_in_generate=True, **options
-    )
+    """14 greedy tokens (no early end of sequence, so a kill at token 5 always happens) and their logits."""
+    options = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False, output_logits=True, **options)
+    return model.generate(prompt, return_dict_in_generate=True, **options)
 
 
 def assert_same(actual, expected):
