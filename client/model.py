@@ -22,12 +22,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.config import ClientConfig
 from client.session import InferenceSession
 from client.swarmclient import SwarmClient
-from swarm.models.families import get_family
+from swarm.models.families import family_for, soft_cap
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 from swarm.models.weights import load_tensors, tensor_index
 from swarm.spans import model_prefix
 
 logger = logging.getLogger(__name__)
+# what generate() and model outputs call the cache: "past_key_values", or "cache" since transformers 5.24
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class RemoteCache(Cache):
@@ -44,6 +46,11 @@ class RemoteCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """One attention cache (not a linear-attention state), so generate sends only the tokens it lacks."""
+        return [False]
+
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PretrainedConfig
@@ -52,10 +59,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PretrainedConfig, client: SwarmClient | None = None):
         super().__init__(config)
-        family = get_family(config.model_type)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
-        self.norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        family = family_for(config)  # the local parts and their transformers module names (family.layout)
+        self.embed_tokens = family.build_embedding(config)
+        self.embed_norm = family.build_embed_norm(config)  # None except BLOOM's word_embeddings_layernorm
+        self.norm = family.build_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logit_softcap = family.logit_softcap(config)  # Gemma 2: final-logit soft-capping
         self.client = client
         self._local = threading.local()  # per thread: the session of an enclosing ``inference_session``
 
@@ -85,19 +94,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return instance.eval()
 
     def _load_local_weights(self, folder: Path, dtype: torch.dtype) -> None:
-        family = get_family(self.config.model_type)
-        wanted = {
-            family.embed_key: "embed_tokens.weight",
-            family.norm_key: "norm.weight",
-            family.head_key: "lm_head.weight",
-        }
-        state = load_tensors(folder, lambda name: name in wanted, dtype, tensor_index(folder))
-        if family.head_key not in state:  # tied embeddings
-            state[family.head_key] = state[family.embed_key]
+        family, index = family_for(self.config), tensor_index(folder)
+        tied = family.tied_head(self.config)
+        parts = {"embed_tokens": "embed", "embed_norm": "embed_norm", "norm": "norm", "lm_head": "head"}
+        wanted = family.local_weights({ours: (role, getattr(self, ours)) for ours, role in parts.items()}, index, tied)
+        state = load_tensors(folder, lambda name: name in wanted, dtype, index)
         missing = [key for key in wanted if key not in state]
         if missing:
             raise ValueError(f"{folder} lacks the local weights {missing}")
-        self.load_state_dict({wanted[key]: value for key, value in state.items()}, strict=True, assign=True)
+        state = {wanted[key]: value for key, value in state.items()}
+        if tied:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        self.load_state_dict(state, strict=True, assign=True)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -122,16 +132,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return getattr(self._local, "session", None)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             return super().generate(inputs, *args, **kwargs)
         session = session or self._active_session
         if session is not None:
-            return super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)
+            return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(session)}, **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         prompt_length = ids.shape[1] if ids is not None else 1
         max_length = self._max_length(prompt_length, kwargs)
         with self.inference_session(max_length) as new_session:
-            return super().generate(inputs, *args, past_key_values=RemoteCache(new_session), **kwargs)
+            return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(new_session)}, **kwargs)
 
     def _max_length(self, prompt_length: int, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config
@@ -150,9 +160,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        cache: Cache | None = None,  # transformers >= 5.24 passes the cache under this name
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         past = session.position if session is not None else 0
         batch, tokens, _ = hidden.shape
@@ -167,8 +181,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden = self.client.forward(hidden, position_ids, mask)
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        logits = soft_cap(self.lm_head(hidden[:, keep, :]), self.logit_softcap)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: past_key_values})
 
     def shutdown(self) -> None:
         """Leave the swarm (also done at interpreter exit)."""

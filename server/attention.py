@@ -6,7 +6,8 @@ runs once for all of them. Only attention must keep requests apart. A ``Plan`` l
 (``Segment``: where its tokens are, its rows and new tokens, the tokens its cache already holds) and
 computes each one's attention against its own cache, with its own causal, padding and sliding-window
 masks. Families whose transformers attention calls the attention-function registry get it through
-``hf_attention`` (registered as ``"stamen"``); others (ALiBi) call ``Plan.attention`` from their adapter.
+``hf_attention`` (registered as ``"stamen"``); others (BLOOM, Falcon) call ``Plan.attention`` from their
+adapter, which reaches the plan under ``PLAN_KWARG`` in the attention kwargs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from server.cache import SessionCache
+from swarm.models.base import PLAN_KWARG
 
 ATTENTION_NAME = "stamen"
 
@@ -48,6 +50,14 @@ class Segment:
         """This segment's part of [1, heads, total, dim] as [batch, heads, tokens, dim] (a view)."""
         heads, dim = states.shape[1], states.shape[-1]
         return states[0, :, self.start : self.end].view(heads, self.batch, self.tokens, dim).transpose(0, 1)
+
+    def key_padding(self, keys: int) -> torch.Tensor:
+        """[batch, keys] bool: which of the first ``keys`` tokens are real (False marks padding); for ALiBi."""
+        if self.cache is not None:
+            return self.cache.padding[:, :keys]
+        if self.padding is not None:
+            return self.padding[:, :keys]
+        return torch.ones(self.batch, keys, dtype=torch.bool)
 
     def mask(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(bool mask [batch or 1, 1, tokens, past + tokens] or None, whether sdpa's is_causal does it)."""
@@ -152,10 +162,10 @@ def hf_attention(
     dropout: float = 0.0,
     softcap: float | None = None,
     sliding_window: int | None = None,
-    stamen_plan: Plan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The attention function transformers' attention modules call (registered as ``"stamen"``)."""
+    stamen_plan = kwargs.get(PLAN_KWARG)
     if stamen_plan is None:
         raise RuntimeError("stamen attention needs the batch plan (stamen_plan=...) passed to the block")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from server.attention import ATTENTION_NAME, Plan, Segment
 from server.work import Work
-from swarm.models.families import Family, attention_kind, get_family
+from swarm.models.families import PLAN_KWARG, Family, attention_kind, family_for
 from swarm.models.weights import load_tensors, tensor_index
 from swarm.spans import BlockRange
 
@@ -45,8 +45,9 @@ class BlockStack(nn.Module):
         hidden_size = self.config.hidden_size
         hidden = _flat([item.hidden.reshape(1, -1, hidden_size) for item in items])  # [1, total, hidden]
         position_ids = _flat([item.position_ids.reshape(1, -1) for item in items])  # [1, total]
-        embeddings = self.family.position_embeddings(self.rotary, hidden, position_ids)
-        attention_kwargs = {"stamen_plan": Plan(segments)}
+        sizes = [s.end - s.start for s in segments]
+        embeddings = self.family.position_embeddings(self.rotary, hidden, position_ids, sizes)
+        attention_kwargs = {PLAN_KWARG: Plan(segments)}
         first = items[0].cursor - self.span.start
         for local in range(first, first + num_blocks):
             block_embeddings = embeddings[self.kinds[local]]
@@ -63,18 +64,16 @@ def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
 def load_block_stack(folder: Path, config: PretrainedConfig, span: BlockRange, dtype: torch.dtype) -> BlockStack:
     """Build blocks ``span`` and load only their weights from the folder's safetensors files."""
     config._attn_implementation = ATTENTION_NAME
-    family = get_family(config.model_type)
+    family = family_for(config)
     index = tensor_index(folder)
     blocks = []
     started = time.perf_counter()
     for local, absolute in enumerate(range(span.start, span.end)):
-        prefix = family.block_prefix(absolute)
+        prefix = family.checkpoint_prefix(family.block_prefix(absolute), index)
         state = load_tensors(folder, lambda name, p=prefix: name.startswith(p), dtype, index)
         if not state:
             raise ValueError(f"block {absolute} has no weights in {folder}")
-        block = family.build_block(config, absolute)
-        block.load_state_dict({name[len(prefix) :]: value for name, value in state.items()}, strict=True, assign=True)
-        block.self_attn.layer_idx = local  # the attention plan finds the block's cache by its index in the span
-        blocks.append(block.eval())
+        state = {name[len(prefix) :]: value for name, value in state.items()}
+        blocks.append(family.load_block(config, absolute, state, cache_index=local))  # cache: index in the span
         logger.info("Loaded block %d (%d/%d) in %.1f s", absolute, local + 1, len(span), time.perf_counter() - started)
     return BlockStack(config, family, span, blocks).eval()

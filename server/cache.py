@@ -16,6 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from swarm.errors import CacheFullError, InvalidRequestError
+from swarm.models.families import get_family
 
 
 class SessionCache:
@@ -78,9 +79,7 @@ class KVGeometry:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, dtype: torch.dtype) -> KVGeometry:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads, head_dim = get_family(config.model_type).kv_shape(config)  # e.g. Falcon: 1 for multi-query
         return cls(kv_heads, head_dim, dtype)
 
     def bytes_per_token(self, num_blocks: int) -> int:

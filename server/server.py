@@ -29,6 +29,7 @@ from server.serving import Serving
 from swarm import __version__, tensors
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.membership import Membership, load_key
+from swarm.models.families import family_for
 from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
 from swarm.records import ServerInfo, ServerState
 from swarm.selection import choose_span, should_move
@@ -83,6 +84,7 @@ class Server:
             torch.set_num_threads(config.num_threads)
         self.folder = await loop.run_in_executor(None, resolve_model, config.model)
         self.model_config = AutoConfig.from_pretrained(self.folder)
+        family_for(self.model_config)  # an unsupported family fails here, before joining the swarm
         self.num_blocks = self.model_config.num_hidden_layers
         if config.blocks is not None and config.blocks.end > self.num_blocks:
             raise ValueError(f"--blocks {config.blocks} is outside the model ({self.num_blocks} blocks)")

@@ -1,6 +1,9 @@
 """Model code shared by servers and clients: what a model is made of and where its weights live.
 
-- ``families``: one adapter per model family (how a block is built and called, what the client keeps)
+- ``families``: the registry of supported families (``get_family``, ``family_for``, ``FAMILIES``)
+- ``base``: the adapter interface and its default (rotary decoder families whose attention uses the registry)
+- ``llama``: Llama, Mistral, Qwen2, Qwen3, Phi-3; ``gemma``: Gemma 2, Gemma 3 (text); ``moe``: Mixtral,
+  Qwen2-MoE (experts fused at load); ``bloom``: BLOOM (ALiBi); ``falcon``: Falcon (both architectures)
 - ``weights``: read selected tensors from safetensors files
 - ``modelpath``: resolve ``--model`` to a local folder (the default model is converted once from GGUF)
 """
