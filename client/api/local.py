@@ -20,10 +20,6 @@ def final_logits(model: DistributedModelForCausalLM, hidden: torch.Tensor) -> to
         return model.lm_head(model.norm(hidden)).float()
 
 
-def hidden_size(model: DistributedModelForCausalLM) -> int:
-    return model.config.hidden_size
-
-
 def eos_ids(model: DistributedModelForCausalLM, tokenizer) -> frozenset[int]:
     """The tokens that end a completion: the generation config's eos (as transformers' ``generate``
     uses), else the tokenizer's."""
