@@ -30,7 +30,9 @@ LIMITS = {
 
 def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
     d = APIConfig()
-    p = argparse.ArgumentParser(prog="python -m client.api", description=__doc__.split(":", 1)[1].strip())
+    p = argparse.ArgumentParser(
+        prog="python -m client.api", description="An OpenAI-compatible HTTP API and a chat page over a swarm."
+    )
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm member")
     p.add_argument("--model", default=None, help=f"model name or local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, help="model id shown in /v1/models (default: its name)")
