@@ -71,11 +71,23 @@ class InferenceSession:
 
     def open(self, batch_size: int = 1) -> InferenceSession:
         """Choose the chain and open its streams now (``step`` does it lazily otherwise)."""
+        return self.client.loop.run(self.open_async(batch_size))
+
+    async def open_async(self, batch_size: int = 1) -> InferenceSession:
+        """``open`` for code running on the client's event loop. Raises ``MissingBlocksError`` if some
+        blocks have no server after ``wait_for_blocks``."""
         if self.batch_size is not None and batch_size != self.batch_size:
             raise ValueError(f"session already opened for a batch of {self.batch_size}")
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
         self.batch_size = batch_size
         if not self._hops:
-            self._hops = self.client.loop.run(self._open_with_retries(batch_size))
+            hops = await self._open_with_retries(batch_size)
+            if self.closed:  # closed while opening: nobody will close these streams later
+                for hop in hops:
+                    hop.stream.close()
+                raise RuntimeError("this inference session was closed while it opened")
+            self._hops = hops
         return self
 
     def step(

@@ -28,24 +28,29 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
     maddrs: list[str] = field(default_factory=list)
     peer_id: str = ""
+    url: str = ""  # an API process (``start_api``): its HTTP address
 
     def wait_ready(self, deadline: float) -> None:
         """Read stdout until the 'Serving' line (or fail with the server's output at ``deadline``)."""
+        line = self.wait_line("Serving blocks", deadline)
+        self.peer_id = line.split(" as ")[1].split()[0]
+
+    def wait_line(self, prefix: str, deadline: float) -> str:
+        """Read stdout until a line starting with ``prefix`` and return it (fail with the output at ``deadline``)."""
         while True:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
-                raise TimeoutError(f"server {self.args} not ready in time; output:\n" + "".join(self.output))
+                raise TimeoutError(f"process {self.args} not ready in time; output:\n" + "".join(self.output))
             try:
                 line = self.lines.get(timeout=timeout)
             except queue.Empty:
                 continue
             if line is None:
-                raise RuntimeError(f"server {self.args} exited early; output:\n" + "".join(self.output))
+                raise RuntimeError(f"process {self.args} exited early; output:\n" + "".join(self.output))
             if line.startswith("Listening on "):
                 self.maddrs.append(line.split()[-1])
-            if line.startswith("Serving blocks"):
-                self.peer_id = line.split(" as ")[1].split()[0]
-                return
+            if line.startswith(prefix):
+                return line
 
     @property
     def span(self) -> str | None:
@@ -87,6 +92,13 @@ def spawn_server(
     args += (["--model", str(model)] if model else []) + list(extra)
     if initial_peers:
         args += ["--initial-peers", *initial_peers]
+    server = spawn(args, env)
+    server.model, server.blocks, server.extra = model, blocks, tuple(extra)
+    return server
+
+
+def spawn(args: list[str], env: dict | None = None) -> ServerProcess:
+    """Start a process in its own process group, its output collected line by line."""
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -96,9 +108,9 @@ def spawn_server(
         start_new_session=True,
         env=env,
     )
-    server = ServerProcess(args, proc, model, blocks, tuple(extra))
-    threading.Thread(target=_pump, args=(proc, server.lines, server.output), daemon=True).start()
-    return server
+    process = ServerProcess(args, proc)
+    threading.Thread(target=_pump, args=(proc, process.lines, process.output), daemon=True).start()
+    return process
 
 
 class LocalSwarm:
@@ -106,6 +118,7 @@ class LocalSwarm:
 
     def __init__(self, timeout: float = 120.0, env: dict | None = None):
         self.servers: list[ServerProcess] = []
+        self.apis: list[ServerProcess] = []
         self.timeout, self.env = timeout, env
 
     @property
@@ -140,9 +153,19 @@ class LocalSwarm:
             server.wait_ready(deadline)
         return started + batch
 
+    def start_api(self, model, *extra: str) -> ServerProcess:
+        """Start ``python -m client.api`` on a free port of 127.0.0.1, joined to this swarm; its ``url`` is
+        set once it serves. It stops with the swarm."""
+        args = [sys.executable, "-m", "client.api", "--host", "127.0.0.1", "--port", "0"]
+        args += (["--model", str(model)] if model else []) + list(extra) + ["--initial-peers", *self.initial_peers]
+        api = spawn(args, self.env)
+        self.apis.append(api)
+        api.url = api.wait_line("Serving the API on ", time.monotonic() + self.timeout).split()[-1]
+        return api
+
     def __enter__(self) -> LocalSwarm:
         return self
 
     def __exit__(self, *exc) -> None:
-        for server in self.servers:
-            server.kill_group()
+        for process in self.apis + self.servers:
+            process.kill_group()

@@ -1,0 +1,23 @@
+"""An OpenAI-compatible HTTP API and a chat page over the swarm: ``python -m client.api``.
+
+A client application: it imports ``client`` (never ``server``).
+
+- ``config``: APIConfig (one dataclass, built by ``__main__`` from the CLI)
+- ``app``: APIServer lifecycle (join the swarm, listen, shut down) and the limits it enforces
+- ``routes``: aiohttp routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, the page at ``/``);
+  errors become OpenAI's error body in one middleware
+- ``protocol``: request validation and translation (body -> token ids, limits, sampling settings)
+- ``responses``: response bodies and server-sent events as OpenAI sends them
+- ``engine``: the generation engine (one session per request; all requests stepped together)
+- ``decoding``: per-request sampling, detokenization and stop strings (pure)
+- ``local``: the model's local modules (embeddings, final norm + LM head), behind small functions
+- ``static/``: the chat page (HTML, CSS, a little JavaScript; no build step)
+
+Concurrency model: everything runs on the client's one event loop (``client.loop``, a background
+thread): libp2p, the aiohttp server and the engine. The engine is one task that steps every open
+request in lockstep rounds (``asyncio.gather`` of ``InferenceSession.step_async``), so servers batch
+their decode steps; each round's torch work (head, sampling, embeddings) runs as one batch on one
+worker thread, so the loop keeps serving HTTP and libp2p meanwhile. Per-request state (session,
+generator, text) lives in its ``Generation`` and is touched by the loop, except the generator, which
+only the worker uses. The main thread only starts the server and waits for SIGINT/SIGTERM.
+"""

@@ -1,0 +1,261 @@
+"""The generation engine: one task on the client's event loop steps every open request together.
+
+Each request has its own ``InferenceSession`` (its own session on every server), so requests join and
+leave between rounds. A request first opens its session and runs its prompt through the swarm on its
+own (prefill: a long prompt never holds up the others' rounds); then it joins the rounds. Each round:
+
+1. the local work of all requests in the round as one batch, on one worker thread (off the event loop):
+   final norm + LM head over their last hidden states, then per request sampling with its own settings
+   and generator, then the embeddings of the new tokens;
+2. each request takes its token (text, stop strings, eos, max_tokens) and its handler gets the new text;
+3. the requests still going step their sessions at once (``asyncio.gather`` of ``step_async``), so every
+   server receives their decode steps together and runs them as one batch.
+
+A request whose HTTP client went away is marked cancelled; it leaves at the end of the round (its step
+in flight is not interrupted, which would look like a server failure) and its session is closed on
+every server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from client.api.config import APIConfig
+from client.api.decoding import TextTracker, new_generator, sample
+from client.api.errors import APIError
+from client.api.local import embed, eos_ids, final_logits
+from client.api.protocol import CompletionRequest
+from client.model import DistributedModelForCausalLM
+from client.session import InferenceSession
+from swarm.routing import Hop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    text: str = ""  # new text of the completion
+    finish_reason: str | None = None  # set on the last event: "stop" or "length"
+    error: BaseException | None = None  # the request failed after it started
+
+
+class Generation:
+    """One request in the engine. Its handler awaits ``opened``, then reads ``events`` until the last one."""
+
+    def __init__(self, request: CompletionRequest, tracker: TextTracker):
+        self.request, self.tracker = request, tracker
+        self.generator = new_generator(request.sampling.seed)  # used only on the engine's worker thread
+        self.session: InferenceSession | None = None
+        self.hidden: torch.Tensor | None = None  # [1, hidden_size]: last output, waiting for the next round
+        self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        self.route: list[dict] = []  # the servers that answered: peer id, public name, blocks
+        self.cancelled = False  # its HTTP client went away
+        self.released = False
+
+    @property
+    def usage(self) -> dict[str, int]:
+        prompt, completion = len(self.request.prompt_ids), len(self.tracker.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Engine:
+    """Create, ``start`` and ``stop`` on the client's event loop; every method runs there."""
+
+    def __init__(self, model: DistributedModelForCausalLM, tokenizer, config: APIConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.eos_ids = eos_ids(model, tokenizer)
+        self._slots = asyncio.Semaphore(config.max_concurrent_requests)
+        self._waiting = 0
+        self._open: set[Generation] = set()
+        self._joining: list[Generation] = []  # prefilled, joining at the next round
+        self._active: list[Generation] = []
+        self._wake = asyncio.Event()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="stamen-api-local")
+        self._task: asyncio.Task | None = None
+        self.rounds = 0  # rounds run so far, and requests stepped in them (a batch size of rounds / items)
+        self.round_items = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="stamen-api-engine")
+
+    async def submit(self, request: CompletionRequest) -> Generation:
+        """Wait for a free slot (429 if too many wait already) and start the request."""
+        if self._slots.locked() and self._waiting >= self.config.max_waiting_requests:
+            raise APIError(
+                429,
+                f"Too many requests: {self.config.max_concurrent_requests} are generating and "
+                f"{self._waiting} waiting; try again later.",
+                "rate_limit_error",
+                None,
+                "too_many_requests",
+            )
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        generation = Generation(request, TextTracker(decode, request.stop, self.eos_ids, request.max_tokens))
+        self._open.add(generation)
+        generation.task = asyncio.create_task(self._start(generation))
+        generation.task.add_done_callback(lambda task: task.cancelled() and self._release(generation))
+        return generation
+
+    def cancel(self, generation: Generation) -> None:
+        """The request's client went away (or the handler is done): free its sessions. Idempotent."""
+        if generation.released:
+            return
+        generation.cancelled = True
+        if generation.task is not None and not generation.task.done():
+            generation.task.cancel()  # opening or prefilling: only this request's session is involved
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for generation in list(self._open):
+            if generation.task is not None:
+                generation.task.cancel()
+            self._fail(generation, APIError(503, "The API server is shutting down.", "service_unavailable"))
+        self._worker.shutdown(wait=False)
+
+    async def _start(self, generation: Generation) -> None:
+        """Open the request's session and run its prompt through the swarm; then it joins the rounds."""
+        prompt = generation.request.prompt_ids
+        try:
+            session = self.model.client.inference_session(len(prompt) + generation.request.max_tokens)
+            generation.session = session
+            await session.open_async(batch_size=1)
+            generation.opened.set_result(None)
+            ids = torch.tensor([prompt], dtype=torch.int64)  # [1, prompt]
+            positions = torch.arange(len(prompt), dtype=torch.int64)[None]  # [1, prompt]
+            hidden = await session.step_async(embed(self.model, ids), positions)  # [1, prompt, hidden_size]
+            generation.hidden = hidden[:, -1]  # [1, hidden_size]
+        except Exception as exc:
+            self._fail(generation, exc)
+            return
+        self._joining.append(generation)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._active and not self._joining:
+                self._wake.clear()
+                await self._wake.wait()
+            self._active.extend(self._joining)
+            self._joining.clear()
+            self._drop_cancelled()
+            if not self._active:
+                continue
+            try:
+                await self._round()
+            except Exception as exc:  # a bug, not one request's fault: fail this round's requests, keep serving
+                logger.exception("Engine round failed")
+                for generation in list(self._active):
+                    self._fail(generation, exc)
+
+    async def _round(self) -> None:
+        generations = list(self._active)
+        started = time.perf_counter()
+        hidden = torch.cat([generation.hidden for generation in generations])  # [n, hidden_size]
+        tokens, embeddings = await asyncio.get_running_loop().run_in_executor(
+            self._worker, self._local_work, hidden, generations
+        )  # embeddings: [n, 1, hidden_size]
+        local_seconds = time.perf_counter() - started
+        stepping = []
+        for generation, token, embedding in zip(generations, tokens, embeddings, strict=True):
+            if generation.cancelled:
+                continue
+            piece = generation.tracker.add(token)
+            if piece:
+                generation.events.put_nowait(Event(piece))
+            if generation.tracker.finish_reason:
+                self._finish(generation)
+            else:
+                stepping.append((generation, embedding[None]))  # [1, 1, hidden_size]
+        results = await asyncio.gather(
+            *(g.session.step_async(e, torch.tensor([[g.session.position]])) for g, e in stepping),
+            return_exceptions=True,
+        )
+        for (generation, _), result in zip(stepping, results, strict=True):
+            if isinstance(result, BaseException):
+                self._fail(generation, result)
+            else:
+                generation.hidden = result[:, -1]  # [1, hidden_size]
+        self._drop_cancelled()
+        self.rounds += 1
+        self.round_items += len(generations)
+        logger.debug(
+            "Round of %d requests: local %.1f ms, swarm step %.1f ms",
+            len(generations),
+            1000 * local_seconds,
+            1000 * (time.perf_counter() - started - local_seconds),
+        )
+
+    def _local_work(self, hidden: torch.Tensor, generations: list[Generation]) -> tuple[list[int], torch.Tensor]:
+        """On the worker thread: head over the batch, per-request sampling, embeddings of the new tokens."""
+        logits = final_logits(self.model, hidden)  # [n, vocab]
+        tokens = [sample(logits[i], g.request.sampling, g.generator) for i, g in enumerate(generations)]
+        return tokens, embed(self.model, torch.tensor(tokens, dtype=torch.int64)[:, None])  # [n, 1, hidden_size]
+
+    def _finish(self, generation: Generation) -> None:
+        hops = generation.session.route
+        self._release(generation)
+        asyncio.get_running_loop().create_task(self._conclude(generation, hops))
+
+    async def _conclude(self, generation: Generation, hops: list[Hop]) -> None:
+        """The last event, once the route is described (names come from the DHT view: off the loop)."""
+        try:
+            generation.route = await asyncio.get_running_loop().run_in_executor(None, self._describe, hops)
+        except Exception:  # the answer matters more than the names of its servers
+            logger.warning("Could not describe the route", exc_info=True)
+            generation.route = [{"peer_id": hop.peer_id, "public_name": "", "blocks": str(hop.span)} for hop in hops]
+        generation.events.put_nowait(Event(finish_reason=generation.tracker.finish_reason))
+
+    def _describe(self, hops: list[Hop]) -> list[dict]:
+        route = []
+        for hop in hops:
+            info = self.model.client.routes.server(hop.peer_id)
+            route.append(
+                {"peer_id": hop.peer_id, "public_name": info.public_name if info else "", "blocks": str(hop.span)}
+            )
+        return route
+
+    def _fail(self, generation: Generation, error: BaseException) -> None:
+        if generation.released:
+            return
+        if not generation.opened.done():
+            generation.opened.set_exception(error)
+        else:
+            generation.events.put_nowait(Event(error=error))
+        self._release(generation)
+
+    def _drop_cancelled(self) -> None:
+        for generation in [g for g in self._active + self._joining if g.cancelled]:
+            self._release(generation)
+
+    def _release(self, generation: Generation) -> None:
+        """Close the request's session on every server and give its slot back. Idempotent."""
+        if generation.released:
+            return
+        generation.released = True
+        self._open.discard(generation)
+        for pending in (self._active, self._joining):
+            if generation in pending:
+                pending.remove(generation)
+        if generation.session is not None:
+            generation.session.close()
+        if not generation.opened.done():  # cancelled before its session opened
+            generation.opened.cancel()
+        self._slots.release()
