@@ -105,6 +105,16 @@ class Plan:
         bias: Callable[[Segment, int], torch.Tensor] | None = None,  # (segment, keys) -> additive [b, heads, 1, keys]
     ) -> torch.Tensor:
         """Each segment attends to its own past and new tokens; returns [1, total, heads, dim]."""
+        if len(self.segments) == 1 or torch.is_grad_enabled():
+            return self._attention(layer, query, key, value, scaling, softcap, window, bias)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small ops: thread hand-offs would cost more than they save
+        try:
+            return self._attention(layer, query, key, value, scaling, softcap, window, bias)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _attention(self, layer, query, key, value, scaling, softcap, window, bias) -> torch.Tensor:
         outputs = []
         for segment in self.segments:
             q, k, v = segment.rows(query), segment.rows(key), segment.rows(value)

@@ -32,8 +32,8 @@ class SchedulerConfig:
     max_batch_tokens: int = 256  # rows x tokens of decode steps run as one batch
     chunk_token_blocks: int = 4096  # a slice of other work runs at most about this many tokens x blocks
     decode_tokens: int = 16  # inference steps of at most this many rows x tokens count as decode steps
-    batch_wait: float = 0.01  # at most this many seconds (and half a decode slice) a decode batch waits for...
-    active_window: float = 0.5  # ...the sessions that stepped within this many seconds and are not queued yet
+    batch_wait: float = 0.1  # at most this many seconds (and half a decode slice) a decode batch waits for...
+    active_window: float = 0.5  # ...sessions that stepped within this many seconds (or 4 slices) and are not queued
     step_delay: float = 0.0  # test only: extra seconds per slice with inference work (a slow server)
 
 
@@ -111,7 +111,8 @@ class Scheduler:
         deadline = time.monotonic() + min(self.config.batch_wait, self._decode_seconds / 2)
         while not self._stopped and sum(work.size for work in batch) < self.config.max_batch_tokens:
             now = time.monotonic()
-            if now >= deadline or len(batch) >= self._active.expected(batch[0].blocks, now):
+            window = max(self.config.active_window, 4 * self._decode_seconds)
+            if now >= deadline or len(batch) >= self._active.expected(batch[0].blocks, now, window):
                 break
             self._cond.wait(deadline - now)
             if self._ready:

@@ -67,20 +67,21 @@ class Work:
 
 
 class ActiveSessions:
-    """The sessions that sent decode steps within the last ``window`` seconds, by the blocks they run."""
+    """The sessions that sent decode steps lately, by the blocks they run."""
 
     def __init__(self, window: float):
-        self.window = window
+        self.window = window  # seconds after its last step that a session is forgotten at the latest
         self._seen: dict[tuple[BlockRange, int], float] = {}  # (blocks, session cache id) -> last step
 
     def saw(self, work: Work, now: float) -> None:
         if work.cache is not None and work.kind == Kind.DECODE:
             self._seen[(work.blocks, id(work.cache))] = now
 
-    def expected(self, blocks: BlockRange, now: float) -> int:
-        """How many sessions on ``blocks`` are likely to send a step any moment."""
-        self._seen = {key: seen for key, seen in self._seen.items() if now - seen <= self.window}
-        return sum(1 for key_blocks, _ in self._seen if key_blocks == blocks)
+    def expected(self, blocks: BlockRange, now: float, window: float | None = None) -> int:
+        """How many sessions on ``blocks`` stepped within ``window`` seconds (they may step any moment)."""
+        window = self.window if window is None else window
+        self._seen = {key: seen for key, seen in self._seen.items() if now - seen <= max(window, self.window)}
+        return sum(1 for (key_blocks, _), seen in self._seen.items() if key_blocks == blocks and now - seen <= window)
 
 
 def step_kind(size: int, decode_tokens: int) -> Kind:
