@@ -29,7 +29,7 @@ class SwarmClient:
         self.dht = SwarmDHT(DHTConfig(initial_peers=list(config.initial_peers), client_mode=True, swarm_key=key))
         self.membership = Membership(key, self.dht.peer_id)
         self.loop = LoopThread()
-        self.p2p = self.loop.run(self.dht.dht.replicate_p2p())
+        self.p2p = self.loop.run(self.dht.replicate_p2p())
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
 
     async def measure_pings(self, limit: int = 32) -> None:

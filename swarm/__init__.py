@@ -2,7 +2,8 @@
 
 - ``spans``: BlockRange and ``--blocks`` parsing, DHT key names
 - ``records``: ServerInfo (what a server announces) <-> DHT bytes
-- ``dht``: SwarmDHT, a typed wrapper over hivemind's DHT (announce, fetch records)
+- ``dht``: SwarmDHT, hivemind's DHT node run in-process on its own loop thread (announce, fetch records),
+  and ``p2p_options`` (NAT traversal off on loopback)
 - ``routing``: pure functions from records to chains: fewest hops, lowest latency (relay or push), spread load
 - ``selection``: pure block selection for ``--num-blocks`` servers and when to move
 - ``rpc``: calls to one server (inference stream, forward, info, ping), for clients and servers

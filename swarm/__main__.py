@@ -1,7 +1,7 @@
 """``python -m swarm bootstrap | status``: run a DHT-only bootstrap node, or show who serves what.
 
-Concurrency: both commands are synchronous. hivemind runs the DHT node in a child process; the
-bootstrap's main thread only waits for SIGINT/SIGTERM, then shuts the node down.
+Concurrency: the commands are synchronous. The DHT node runs on its own loop thread (``swarm.dht``);
+the bootstrap's main thread only waits for SIGINT/SIGTERM, then shuts the node down.
 """
 
 from __future__ import annotations
@@ -101,8 +101,6 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     dht = join(config)
     if dht is None:
         return 2
-    # Install the handlers only now: hivemind forks the DHT process, which must keep the default SIGTERM
-    # (a Python handler inherited through fork would make DHT.shutdown's fallback terminate() a no-op).
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
