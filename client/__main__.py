@@ -16,6 +16,7 @@ import sys  # noqa: E402
 from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
+from swarm.dht import NAT_CHOICES, add_nat_arguments
 from swarm.modelpath import DEFAULT_MODEL, resolve_model
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=f"model name or local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
+    add_nat_arguments(p, listening=False)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, swarm_key=args.swarm_key
+        args.model,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        swarm_key=args.swarm_key,
+        nat_traversal=NAT_CHOICES[args.nat_traversal],
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

@@ -25,3 +25,4 @@ class ClientConfig:
     ping_period: float = 60.0  # seconds a measured round trip to a server stays fresh
     allowed_peers: list[str] | None = None  # if set, use only these servers
     blocked_peers: list[str] = field(default_factory=list)  # never use these servers
+    nat_traversal: bool | None = None  # True: reach servers behind NAT through relays; None/False: no relays

@@ -26,7 +26,13 @@ class SwarmClient:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int):
         self.config, self.prefix, self.num_blocks = config, prefix, num_blocks
         key = load_key(config.swarm_key) if config.swarm_key else None
-        self.dht = SwarmDHT(DHTConfig(initial_peers=list(config.initial_peers), client_mode=True, swarm_key=key))
+        dht_config = DHTConfig(
+            initial_peers=list(config.initial_peers),
+            client_mode=True,
+            swarm_key=key,
+            nat_traversal=config.nat_traversal,
+        )
+        self.dht = SwarmDHT(dht_config)
         self.membership = Membership(key, self.dht.peer_id)
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.replicate_p2p())

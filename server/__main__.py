@@ -15,6 +15,7 @@ import sys  # noqa: E402
 
 from server.config import ServerConfig
 from server.server import Server
+from swarm.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
 from swarm.modelpath import DEFAULT_MODEL
 from swarm.spans import parse_blocks
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--host", default=d.host, help=f"interface to listen on (default: {d.host})")
     p.add_argument("--port", type=int, default=d.port, help="TCP port to listen on (default: 0, any free port)")
     p.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
+    add_nat_arguments(p)
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto (float32 on CPU)")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens, help="KV-cache budget in tokens (batch x len)")
@@ -95,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--max-message-bytes must be at least 1")
     if args.announce_host and not args.port:
         p.error("--announce-host needs a fixed --port (the port others reach through the announced address)")
+    nat = NAT_CHOICES[args.nat_traversal]
+    try:
+        p2p_options(DHTConfig(host=args.host, nat_traversal=nat, auto_relay=args.auto_relay))
+    except ValueError as exc:
+        p.error(str(exc))
     return ServerConfig(
         blocks=blocks,
         num_blocks=args.num_blocks,
@@ -103,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         host=args.host,
         port=args.port,
         announce_host=args.announce_host,
+        nat_traversal=nat,
+        auto_relay=args.auto_relay,
         dtype=args.dtype,
         dht_prefix=args.dht_prefix,
         cache_tokens=args.cache_tokens,

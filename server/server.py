@@ -189,7 +189,16 @@ class Server:
 
     def _dht_config(self) -> DHTConfig:
         c = self.config
-        return DHTConfig(c.initial_peers, c.host, c.port, False, c.identity_path, c.announce_host, self.swarm_key)
+        return DHTConfig(
+            initial_peers=c.initial_peers,
+            host=c.host,
+            port=c.port,
+            identity_path=c.identity_path,
+            announce_host=c.announce_host,
+            swarm_key=self.swarm_key,
+            nat_traversal=c.nat_traversal,
+            auto_relay=c.auto_relay,
+        )
 
     def info(self) -> ServerInfo:
         return ServerInfo(

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from swarm.dht import DHTConfig, SwarmDHT
+from swarm.dht import NAT_CHOICES, DHTConfig, SwarmDHT, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
 from swarm.membership import SwarmKeyError, generate_key, load_key
 from swarm.modelpath import DEFAULT_MODEL
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--identity", default=None, help="private key file for a fixed peer id (created if missing)")
     b.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of other bootstrap nodes, if any")
     b.add_argument("--swarm-key", default=None, help="swarm key file: run a private swarm only its holders join")
+    add_nat_arguments(b)
     b.add_argument("--log-level", default="INFO", help="logging level on stderr (default: INFO)")
 
     s = commands.add_parser("status", help="show the servers, block coverage and route of a swarm")
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-blocks", type=positive_int, help="blocks in the model (default: from its config)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
+    add_nat_arguments(s, listening=False)
     s.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
 
     k = commands.add_parser("keygen", help="make a new swarm key file for a private swarm")
@@ -97,6 +99,8 @@ def run_bootstrap(args: argparse.Namespace) -> int:
         identity_path=identity,
         announce_host=args.announce_host,
         swarm_key=load_key(args.swarm_key) if args.swarm_key else None,
+        nat_traversal=NAT_CHOICES[args.nat_traversal],
+        auto_relay=args.auto_relay,
     )
     dht = join(config)
     if dht is None:
@@ -140,7 +144,8 @@ def run_status(args: argparse.Namespace) -> int:
             logger.error("Cannot read the depth of model %r (pass --num-blocks): %s", args.model, exc)
             return 2
     key = load_key(args.swarm_key) if args.swarm_key else None
-    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key))
+    nat = NAT_CHOICES[args.nat_traversal]
+    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key, nat_traversal=nat))
     if dht is None:
         return 2
     try:
@@ -165,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bootstrap" and args.announce_host and not args.port:
         parser.error("--announce-host needs a fixed --port (the advertised address would say port 0)")
+    if args.command == "bootstrap":
+        nat = NAT_CHOICES[args.nat_traversal]
+        try:
+            p2p_options(DHTConfig(host=args.host, nat_traversal=nat, auto_relay=args.auto_relay))
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
         if args.command == "keygen":

@@ -48,10 +48,12 @@ class DHTConfig:
     identity_path: str | None = None  # private key file for a fixed peer id (bootstrap nodes)
     announce_host: str | None = None  # public address to advertise instead of the listening one
     swarm_key: bytes | None = None  # private swarm: only nodes holding this key can use its DHT
-    # NAT traversal (UPnP/NAT-PMP port mapping, AutoNAT, circuit relays): None = on unless ``host`` is a
-    # loopback address; a loopback node never runs it (it would open sockets on other addresses)
+    # NAT traversal: None = on unless ``host`` is a loopback address (see ``p2p_options``)
     nat_traversal: bool | None = None
-    auto_relay: bool = False  # behind NAT: look for relays to become reachable through (needs NAT traversal)
+    auto_relay: bool = False  # behind NAT: become reachable through relays (needs NAT traversal on)
+
+
+NAT_CHOICES = {"auto": None, "on": True, "off": False}  # --nat-traversal values -> DHTConfig.nat_traversal
 
 
 def is_loopback(host: str) -> bool:
@@ -65,22 +67,39 @@ def is_loopback(host: str) -> bool:
 
 
 def p2p_options(config: DHTConfig) -> dict[str, bool]:
-    """The libp2p daemon's NAT-traversal switches for ``config`` (hivemind turns them all on by default).
+    """The libp2p daemon's NAT-traversal switches for ``config`` (hivemind turns most on by default).
 
-    Raises ValueError when NAT traversal or auto relay is asked for on a loopback address.
+    NAT traversal on means: UPnP / NAT-PMP port mapping and AutoNAT (nodes that accept connections
+    only), and circuit relays to reach peers behind NAT. A node listening on a loopback address runs
+    none of it unless it is a client that asked for relays (``client_mode`` and ``nat_traversal=True``),
+    so it opens no socket on any other address. Raises ValueError for contradictory settings.
     """
     loopback = is_loopback(config.host)
-    if loopback and (config.nat_traversal or config.auto_relay):
-        raise ValueError(f"NAT traversal and relays need a non-loopback --host, got {config.host}")
     enabled = (not loopback) if config.nat_traversal is None else config.nat_traversal
-    if config.auto_relay and not enabled:
-        raise ValueError("auto relay needs NAT traversal on")
+    if enabled and loopback and not config.client_mode:
+        raise ValueError(f"NAT traversal needs a non-loopback --host (a node on {config.host} stays on loopback)")
+    if config.auto_relay and (not enabled or config.client_mode):
+        raise ValueError("auto relay needs NAT traversal on, and a node that accepts connections")
+    listening = enabled and not config.client_mode
     return {
-        "nat_port_map": enabled,  # UPnP / NAT-PMP: asks the router to forward a port (UDP multicast)
-        "auto_nat": enabled,  # AutoNAT: asks peers to dial back to learn if we are reachable
+        "nat_port_map": listening,  # UPnP / NAT-PMP: ask the router to forward a port (UDP multicast)
+        "auto_nat": listening,  # AutoNAT: ask peers to dial back to learn if we are reachable
         "use_relay": enabled,  # circuit relay: reach peers behind NAT through relays
         "use_auto_relay": config.auto_relay,  # become reachable through relays ourselves
     }
+
+
+def add_nat_arguments(parser, listening: bool = True) -> None:
+    """Add --nat-traversal (and, for nodes that accept connections, --auto-relay) to an argparse parser."""
+    if listening:
+        help_text = "port mapping (UPnP/NAT-PMP), AutoNAT and relays; auto = on unless --host is loopback"
+    else:
+        help_text = "reach servers behind NAT through relays (default auto: off, this node listens on loopback)"
+    parser.add_argument("--nat-traversal", choices=list(NAT_CHOICES), default="auto", help=help_text)
+    if listening:
+        parser.add_argument(
+            "--auto-relay", action="store_true", help="behind NAT without port forwarding: be reachable via relays"
+        )
 
 
 EXPIRY_SLACK = 1.0  # seconds of rounding allowed between a record's signed expiry and the DHT's

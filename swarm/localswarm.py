@@ -1,8 +1,8 @@
 """A local swarm of real ``python -m server`` processes on 127.0.0.1 (tests, demo, benchmarks).
 
-Starts servers as subprocesses in their own process groups, learns their addresses from what they
-print, waits for readiness with a deadline, and kills whole process groups on exit (the server and
-the DHT process and p2p daemon it started).
+Starts servers (and optionally a ``python -m swarm bootstrap`` node first) as subprocesses in their
+own process groups, learns their addresses from what they print, waits for readiness with a deadline,
+and kills whole process groups on exit (each node and the libp2p daemon it started).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
     maddrs: list[str] = field(default_factory=list)
     peer_id: str = ""
+    ready_line: str = "Serving blocks"  # what the process prints once it is up
 
     def wait_ready(self, deadline: float) -> None:
-        """Read stdout until the 'Serving' line (or fail with the server's output at ``deadline``)."""
+        """Read stdout until the ready line (or fail with the process's output at ``deadline``)."""
         while True:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
@@ -43,8 +44,9 @@ class ServerProcess:
                 raise RuntimeError(f"server {self.args} exited early; output:\n" + "".join(self.output))
             if line.startswith("Listening on "):
                 self.maddrs.append(line.split()[-1])
-            if line.startswith("Serving blocks"):
-                self.peer_id = line.split(" as ")[1].split()[0]
+            if line.startswith(self.ready_line):
+                if " as " in line:
+                    self.peer_id = line.split(" as ")[1].split()[0]
                 return
 
     @property
@@ -87,6 +89,20 @@ def spawn_server(
     args += (["--model", str(model)] if model else []) + list(extra)
     if initial_peers:
         args += ["--initial-peers", *initial_peers]
+    server = _spawn(args, env)
+    server.model, server.blocks, server.extra = model, blocks, tuple(extra)
+    return server
+
+
+def spawn_bootstrap(*extra: str, env: dict | None = None) -> ServerProcess:
+    """Start ``python -m swarm bootstrap`` on 127.0.0.1; ``wait_ready`` then gives its addresses."""
+    args = [sys.executable, "-m", "swarm", "bootstrap", "--host", "127.0.0.1", *extra]
+    bootstrap = _spawn(args, env)
+    bootstrap.ready_line = "Bootstrap node ready"
+    return bootstrap
+
+
+def _spawn(args: list[str], env: dict | None) -> ServerProcess:
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -96,22 +112,32 @@ def spawn_server(
         start_new_session=True,
         env=env,
     )
-    server = ServerProcess(args, proc, model, blocks, tuple(extra))
-    threading.Thread(target=_pump, args=(proc, server.lines, server.output), daemon=True).start()
-    return server
+    node = ServerProcess(args, proc)
+    threading.Thread(target=_pump, args=(proc, node.lines, node.output), daemon=True).start()
+    return node
 
 
 class LocalSwarm:
-    """The first server starts the swarm; the rest join it. Always use as a context manager."""
+    """The first server starts the swarm and the rest join it, or with ``bootstrap=True`` every server
+    joins through a ``python -m swarm bootstrap`` node started first. Always use as a context manager."""
 
-    def __init__(self, timeout: float = 120.0, env: dict | None = None):
+    def __init__(self, timeout: float = 120.0, env: dict | None = None, bootstrap: bool = False):
         self.servers: list[ServerProcess] = []
         self.timeout, self.env = timeout, env
+        self.bootstrap: ServerProcess | None = None
+        if bootstrap:
+            self.bootstrap = spawn_bootstrap(env=env)
+            try:
+                self.bootstrap.wait_ready(time.monotonic() + timeout)
+            except BaseException:
+                self.bootstrap.kill_group()
+                raise
 
     @property
     def initial_peers(self) -> list[str]:
-        """Addresses of the servers still running (any of them lets a newcomer join)."""
-        return [addr for server in self.servers if server.proc.poll() is None for addr in server.maddrs]
+        """Addresses of the bootstrap node and servers still running (any of them lets a newcomer join)."""
+        nodes = ([self.bootstrap] if self.bootstrap else []) + self.servers
+        return [addr for node in nodes if node.proc.poll() is None for addr in node.maddrs]
 
     def live(self, blocks: str | None = None) -> list[ServerProcess]:
         return [s for s in self.servers if s.proc.poll() is None and (blocks is None or s.blocks == blocks)]
@@ -128,7 +154,7 @@ class LocalSwarm:
         """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new."""
         deadline = time.monotonic() + self.timeout
         started = []
-        if not self.servers:
+        if not self.servers and self.bootstrap is None:
             first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env)
             self.servers.append(first)
             first.wait_ready(deadline)
@@ -144,5 +170,5 @@ class LocalSwarm:
         return self
 
     def __exit__(self, *exc) -> None:
-        for server in self.servers:
+        for server in self.servers + ([self.bootstrap] if self.bootstrap else []):
             server.kill_group()
