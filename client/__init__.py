@@ -4,7 +4,7 @@
 - ``swarmclient``: SwarmClient (DHT, libp2p, routes) and stateless forward passes
 - ``session``: InferenceSession (streams through a chain, history for replay, failover)
 - ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks)
-- ``remote``: calls to one server
+- ``bans``: the ban policy (pure): exponential bans whose failures decay with successes and time
 - ``loop``: the background event loop that owns libp2p
 - ``config``: ClientConfig
 

@@ -101,6 +101,7 @@ class SwarmClient:
                     raise StamenError(f"forward failed after {failures} attempts; last: {failure}") from failure
                 self.routes.ban(failure.peer_id, failure.reason)
                 continue
+            self.routes.record_success(hop.peer_id)
             hidden = output.to(hidden.dtype)
             position = hop.span.end
         return hidden
