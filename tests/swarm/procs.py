@@ -94,29 +94,43 @@ class SocketAudit:
 
 @dataclass(frozen=True)
 class Memory:
-    """Memory of a process tree in bytes: unique (USS), proportional (PSS) and resident (RSS) set sizes."""
+    """Memory of a process tree in bytes: unique (USS), proportional (PSS) and resident (RSS) set sizes;
+    ``files_pss`` / ``files_rss``: the part of PSS / RSS in mappings of the files asked about."""
 
-    uss: int
-    pss: int
-    rss: int
-    processes: tuple[str, ...]  # names of the processes counted
+    uss: int = 0
+    pss: int = 0
+    rss: int = 0
+    files_pss: int = 0
+    files_rss: int = 0
+    processes: tuple[str, ...] = ()  # names of the processes counted
 
     def __add__(self, other: Memory) -> Memory:
-        return Memory(
-            self.uss + other.uss, self.pss + other.pss, self.rss + other.rss, self.processes + other.processes
-        )
+        fields = ("uss", "pss", "rss", "files_pss", "files_rss", "processes")
+        return Memory(*(getattr(self, name) + getattr(other, name) for name in fields))
 
     def __str__(self) -> str:
         return f"PSS {self.pss / MIB:.0f} MiB, USS {self.uss / MIB:.0f} MiB, RSS {self.rss / MIB:.0f} MiB"
 
 
-def tree_memory(pid: int) -> Memory:
-    """Memory held by ``pid`` and its descendants (PSS counts pages shared with others proportionally)."""
-    total = Memory(0, 0, 0, ())
+def tree_memory(pid: int, files: tuple[str, ...] = ()) -> Memory:
+    """Memory held by ``pid`` and its descendants (PSS counts pages shared with others proportionally).
+
+    Pages of ``files`` (e.g. safetensors weights read through mmap) are also counted apart, since other
+    processes mapping the same file (another server of the same model) lower their PSS.
+    """
+    total = Memory()
     for process in tree(pid):
         try:
             info = process.memory_full_info()
-            total += Memory(info.uss, info.pss, info.rss, (process.name(),))
+            mapped = [m for m in process.memory_maps(grouped=True) if m.path in files] if files else []
+            total += Memory(
+                info.uss,
+                info.pss,
+                info.rss,
+                sum(m.pss for m in mapped),
+                sum(m.rss for m in mapped),
+                (process.name(),),
+            )
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return total
