@@ -5,6 +5,7 @@
 - ``dht``: SwarmDHT, hivemind's DHT node run in-process on its own loop thread (announce, fetch records),
   and ``p2p_options`` (NAT traversal off on loopback)
 - ``routing``: pure functions from records to chains: fewest hops, lowest latency (relay or push), spread load
+- ``chainsearch``: the exact lowest-latency search behind ``routing.fastest_chain``, vectorised with numpy
 - ``selection``: pure block selection for ``--num-blocks`` servers and when to move
 - ``rpc``: calls to one server (inference stream, forward, info, ping), for clients and servers
 - ``localswarm``: real server processes on 127.0.0.1 for tests, the demo and benchmarks
