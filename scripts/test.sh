@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "==> Installing chromium and chromium-driver (the monitor page is tested in a headless browser)"
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo")
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+fi
 echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -9,13 +9,14 @@
 - ``selection``: pure block selection for ``--num-blocks`` servers and when to move
 - ``rpc``: calls to one server (inference stream, forward, info, ping), for clients and servers
 - ``localswarm``: real server processes on 127.0.0.1 for tests, the demo and benchmarks
-- ``status``: the report behind ``python -m swarm status``
+- ``status``: the report behind ``python -m swarm status`` (and the monitor's JSON)
+- ``monitor``: ``python -m swarm monitor``, a live web page of the swarm (aiohttp, plain HTML/JS)
 - ``families``: model-family adapters (how to build a block, where weights live)
 - ``weights``: read selected tensors from safetensors files
 - ``modelpath``: resolve ``--model`` to a local folder (the default model is converted once from GGUF)
 - ``tensors``: torch <-> ``pb.Tensor``
 - ``errors``: typed errors and their wire mapping
-- ``__main__``: ``python -m swarm bootstrap | status``
+- ``__main__``: ``python -m swarm bootstrap | status | monitor | keygen``
 
 Nothing here imports ``server`` or ``client``.
 """

@@ -50,6 +50,12 @@ class ServerProcess:
                 return
 
     @property
+    def url(self) -> str | None:
+        """A monitor's address, from its 'Serving the monitor on URL' line."""
+        lines = [line for line in list(self.output) if line.startswith("Serving the monitor on ")]
+        return lines[-1].split()[-1] if lines else None
+
+    @property
     def span(self) -> str | None:
         """The blocks it serves now, from its latest 'Serving blocks START:END ...' line."""
         serving = [line for line in list(self.output) if line.startswith("Serving blocks")]
@@ -100,6 +106,14 @@ def spawn_bootstrap(*extra: str, env: dict | None = None) -> ServerProcess:
     bootstrap = _spawn(args, env)
     bootstrap.ready_line = "Bootstrap node ready"
     return bootstrap
+
+
+def spawn_monitor(initial_peers: list[str], *extra: str, env: dict | None = None) -> ServerProcess:
+    """Start ``python -m swarm monitor`` on 127.0.0.1; after ``wait_ready``, ``url`` is the page's address."""
+    args = [sys.executable, "-m", "swarm", "monitor", "--host", "127.0.0.1", "--initial-peers", *initial_peers]
+    monitor = _spawn(args + list(extra), env)
+    monitor.ready_line = "Serving the monitor on "
+    return monitor
 
 
 def _spawn(args: list[str], env: dict | None) -> ServerProcess:
