@@ -221,6 +221,8 @@ class SwarmDHT:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=SHUTDOWN_TIMEOUT)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
 
 SHUTDOWN_TIMEOUT = 5.0  # seconds to wait for the node and its daemon to stop
