@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
 from swarm.localswarm import LocalSwarm
-from swarm.modelpath import resolve_model
+from swarm.models.modelpath import resolve_model
 
 SPANS = ["0:15", "15:30"]
 

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
 from swarm.dht import NAT_CHOICES, add_nat_arguments
-from swarm.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
     add_nat_arguments(p, listening=False)
+    p.add_argument(
+        "--compression",
+        choices=["none", "float16", "int8"],
+        default="none",
+        help="activations on the wire (default none: exact; float16 and int8 round, for slow links)",
+    )
+    p.add_argument(
+        "--points-key", default=None, help="your server's identity file: busy servers serve you by its points"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -49,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         dht_prefix=args.dht_prefix,
         swarm_key=args.swarm_key,
         nat_traversal=NAT_CHOICES[args.nat_traversal],
+        points_key=args.points_key,
+        compression=args.compression,
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

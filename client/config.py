@@ -28,3 +28,6 @@ class ClientConfig:
     allowed_peers: list[str] | None = None  # if set, use only these servers
     blocked_peers: list[str] = field(default_factory=list)  # never use these servers
     nat_traversal: bool | None = None  # True: reach servers behind NAT through relays; None/False: no relays
+    compression: str = "none"  # activations on the wire: none (exact), float16 or int8, with servers that support it
+    receipt_period: float = 10.0  # seconds between handing servers signed receipts for their work (points)
+    points_key: str | None = None  # a volunteer's server identity file: use that server's standing (points)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -21,10 +22,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.config import ClientConfig
 from client.session import InferenceSession
 from client.swarmclient import SwarmClient
-from swarm.families import get_family
-from swarm.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.models.families import get_family
+from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.models.weights import load_tensors, tensor_index
 from swarm.spans import model_prefix
-from swarm.weights import load_tensors, tensor_index
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.client = client
-        self._active_session: InferenceSession | None = None
+        self._local = threading.local()  # per thread: the session of an enclosing ``inference_session``
 
     @classmethod
     def from_pretrained(
@@ -108,12 +109,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def inference_session(self, max_length: int):
         """Keep one server-side session across several ``generate`` calls (pass the whole history)."""
         session = self.client.inference_session(max_length)
-        previous, self._active_session = self._active_session, session
+        previous, self._local.session = self._active_session, session
         try:
             with session:
                 yield session
         finally:
-            self._active_session = previous
+            self._local.session = previous
+
+    @property
+    def _active_session(self) -> InferenceSession | None:
+        """The session of this thread's enclosing ``inference_session`` (threads never share one)."""
+        return getattr(self._local, "session", None)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
         if kwargs.get("past_key_values") is not None:
@@ -150,10 +156,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         past = session.position if session is not None else 0
         batch, tokens, _ = hidden.shape
-        if position_ids is None:
+        if position_ids is None:  # as transformers does: consecutive positions after the past
             position_ids = torch.arange(past, past + tokens).expand(batch, tokens)
         position_ids = position_ids.expand(batch, tokens).to(torch.int64)
-        mask = attention_mask.bool() if attention_mask is not None else None
+        mask = new_tokens_mask(attention_mask, past, tokens, session.padding if session is not None else None)
         with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
             if session is not None:
                 hidden = session.step(hidden, position_ids, mask)
@@ -172,3 +178,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM
+
+
+def new_tokens_mask(
+    attention_mask: torch.Tensor | None, past: int, tokens: int, held: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The padding mask of the new tokens, [batch, tokens] bool, from what the caller passed: a 2D mask of
+    the whole sequence so far (past + new tokens, as ``generate`` passes it) or of the new tokens alone.
+    The session keeps the rest (``held``, [batch, past]), so nothing here depends on how ``generate``
+    slices its mask; a mask that would change the padding of tokens the servers already hold is refused."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] not in (past + tokens, tokens):
+        raise ValueError(
+            f"attention_mask must be a 2D padding mask of {past + tokens} (past + new) or {tokens} (new) tokens, "
+            f"got shape {list(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    if held is not None and mask.shape[1] == past + tokens and past and not torch.equal(mask[:, :past], held):
+        raise ValueError(
+            "attention_mask marks tokens the inference session already holds differently from when they were "
+            "sent (transformers infers padding from pad_token_id when no mask is given: pass attention_mask)"
+        )
+    return mask[:, -tokens:]

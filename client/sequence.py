@@ -73,7 +73,7 @@ class RouteManager:
         logger.warning("Banning server %s for %.0f s: %s", peer_id, duration, reason)
         return duration
 
-    def record_success(self, peer_id: str) -> None:
+    def mark_ok(self, peer_id: str) -> None:
         """``peer_id`` answered a call correctly: its past failures decay (see ``client.bans``)."""
         with self._lock:
             record = self._bans.get(peer_id)
@@ -90,15 +90,22 @@ class RouteManager:
         with self._lock:
             return {peer for peer, record in self._bans.items() if record.until > now}
 
-    def candidates(self, refresh: bool = False) -> list[ServerInfo]:
-        excluded = self.banned() | set(self.config.blocked_peers)
+    def candidates(self, refresh: bool = False, exclude: frozenset[str] = frozenset()) -> list[ServerInfo]:
+        excluded = self.banned() | set(self.config.blocked_peers) | exclude
         servers = usable(self.servers(refresh), excluded)
         if self.config.allowed_peers is not None:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
         return servers
 
-    def chain(self, span: BlockRange | None = None, min_cache_tokens: int = 0, forward: bool = False) -> list[Hop]:
-        """A chain covering ``span`` (default: the whole model), waiting up to ``wait_for_blocks``.
+    def chain(
+        self,
+        span: BlockRange | None = None,
+        min_cache_tokens: int = 0,
+        forward: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[Hop]:
+        """A chain covering ``span`` (default: the whole model) without the ``exclude``d servers, waiting up
+        to ``wait_for_blocks``.
 
         Inference: the lowest expected latency per token (measured pings, announced throughputs,
         servers short of cache penalised). Forward passes: load spread by forward throughput.
@@ -108,7 +115,7 @@ class RouteManager:
         refresh = False
         while True:
             try:
-                servers = self.candidates(refresh)
+                servers = self.candidates(refresh, exclude)
                 if forward:
                     return spread_forward(servers, span, self._rng, client_pings=self.pings())
                 return fastest_chain(

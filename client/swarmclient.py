@@ -9,6 +9,7 @@ import torch
 
 from client.config import ClientConfig
 from client.loop import LoopThread
+from client.points import ReceiptBook, VoucherSource
 from client.sequence import RouteManager
 from client.session import InferenceSession
 from proto import pb
@@ -21,10 +22,16 @@ from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
+RECEIPT_FLUSH_SECONDS = 3.0  # at shutdown: how long to spend handing out the last receipts
+
 
 class SwarmClient:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int):
         self.config, self.prefix, self.num_blocks = config, prefix, num_blocks
+        if config.compression not in tensors.COMPRESSIONS:
+            raise ValueError(
+                f"compression must be one of {', '.join(tensors.COMPRESSIONS)}, got {config.compression!r}"
+            )
         key = load_key(config.swarm_key) if config.swarm_key else None
         dht_config = DHTConfig(
             initial_peers=list(config.initial_peers),
@@ -37,6 +44,21 @@ class SwarmClient:
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
+        self.receipts = ReceiptBook(self.dht.identity)  # points: the work servers did for us, acknowledged
+        self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
+        self._receipting = self.loop.run(self._start_receipting())
+
+    async def _start_receipting(self) -> asyncio.Task:
+        return asyncio.ensure_future(self._receipt_forever())
+
+    async def _receipt_forever(self) -> None:
+        """Hand the servers signed receipts for their work every ``receipt_period`` seconds."""
+        while True:
+            await asyncio.sleep(self.config.receipt_period)
+            try:
+                await self.receipts.send_due(self.p2p, self.membership)
+            except Exception:
+                logger.debug("Handing out receipts failed", exc_info=True)
 
     async def measure_pings(self, limit: int = 32) -> None:
         """Round trips to candidate servers whose ping is unknown or stale (concurrently, bounded)."""
@@ -53,6 +75,12 @@ class SwarmClient:
     def server_dtype(self, peer_id: str) -> torch.dtype:
         info = self.routes.server(peer_id)
         return tensors.DTYPES.get(info.dtype, torch.float32) if info else torch.float32
+
+    def compression_for(self, peer_id: str) -> int:
+        """The activation compression to use with a server: the configured one if the server supports it."""
+        wanted = tensors.COMPRESSIONS[self.config.compression]
+        info = self.routes.server(peer_id)
+        return wanted if info is not None and wanted in info.compressions else pb.COMPRESSION_NONE
 
     def inference_session(self, max_length: int) -> InferenceSession:
         return InferenceSession(self, max_length)
@@ -80,10 +108,14 @@ class SwarmClient:
             request = pb.ForwardRequest(
                 start_block=hop.span.start,
                 end_block=hop.span.end,
-                hidden=tensors.to_proto(hidden.to(self.server_dtype(hop.peer_id))),
+                hidden=tensors.to_proto(hidden.to(self.server_dtype(hop.peer_id)), self.compression_for(hop.peer_id)),
                 position_ids=tensors.to_proto(position_ids),
+                compression=self.compression_for(hop.peer_id),
                 membership=self.membership.proof_for(hop.peer_id),
             )
+            voucher = self.vouchers.current()
+            if voucher is not None:
+                request.voucher.CopyFrom(voucher)
             if attention_mask is not None:
                 request.attention_mask.CopyFrom(tensors.to_proto(attention_mask))
             timeout = self.config.step_timeout + self.config.step_timeout_per_token * hidden.shape[0] * hidden.shape[1]
@@ -101,12 +133,21 @@ class SwarmClient:
                     raise StamenError(f"forward failed after {failures} attempts; last: {failure}") from failure
                 self.routes.ban(failure.peer_id, failure.reason)
                 continue
-            self.routes.record_success(hop.peer_id)
+            self.routes.mark_ok(hop.peer_id)
             hidden = output.to(hidden.dtype)
+            self.receipts.add(hop.peer_id, hidden.shape[0] * hidden.shape[1] * len(hop.span))
             position = hop.span.end
         return hidden
 
+    async def _stop_receipting(self) -> None:
+        self._receipting.cancel()
+        await asyncio.wait_for(self.receipts.send_due(self.p2p, self.membership), RECEIPT_FLUSH_SECONDS)
+
     def shutdown(self) -> None:
+        try:
+            self.loop.run(self._stop_receipting(), timeout=RECEIPT_FLUSH_SECONDS + 1)
+        except Exception:
+            logger.debug("Final receipts not handed out", exc_info=True)
         try:
             self.loop.run(self.p2p.shutdown(), timeout=5)
         except Exception:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from swarm.localswarm import LocalSwarm
-from swarm.modelpath import resolve_model
+from swarm.models.modelpath import resolve_model
 
 NUM_BLOCKS = 30  # SmolLM2-135M-Instruct
 

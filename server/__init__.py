@@ -2,16 +2,30 @@
 
 - ``config``: ServerConfig (one dataclass, built by ``__main__`` from the CLI)
 - ``server``: Server lifecycle (load, join, serve, announce, graceful shutdown)
-- ``blocks``: BlockStack, loading only the span's weights, and its forward pass
-- ``cache``: KV budget, preallocated session caches
+- ``serving``: everything that serves one span (blocks, scheduler, sessions, limits)
+- ``work``: typed work items (decode, prefill, forward, backward) and the pure choice of the next slice
+- ``scheduler``: the compute core: a priority queue of work and the one thread that runs it in slices
+- ``blocks``: BlockStack, loading only the span's weights, and its batched computation
+- ``attention``: attention for a batch of requests, each with its own KV cache and masks
+- ``cache``: KV budget, preallocated session caches (keys, values, padding mask)
 - ``sessions``: open inference sessions
 - ``validation``: checks on every remote input
 - ``handler``: RPC handlers (validate + delegate; errors mapped once)
 - ``streams``: streaming RPCs with bounded input (message size, streams per peer)
-- ``backend``: runs torch work on one worker thread
-- ``announcer``: periodic DHT refresh
+- ``push``: hands a step's output to the next server of a chain
+- ``announcer``: periodic DHT refresh; pings to the next servers
+- ``throughput``: measured speed, cached per machine
 
-Concurrency: an asyncio loop (uvloop) in the main thread serves libp2p streams; compute runs on the
-backend's single worker thread; blocking DHT calls run in the default executor.
+Concurrency model:
+- One asyncio loop (uvloop) in the main thread serves libp2p streams, the announcer, the pinger and the
+  rebalancer. Handlers validate requests and ``await`` their work; they never run torch code.
+- All torch work of a span goes through its ``Scheduler``: one queue of typed work items and one worker
+  thread. Decode steps come first, then prefill steps, then forward passes, then backward passes. Decode
+  steps of many sessions that are ready together run as one batch (continuous batching: sessions join
+  and leave between slices); long work runs in bounded slices of blocks, so it delays decode steps by at
+  most one slice. Results return to the loop with ``call_soon_threadsafe``.
+- Only the worker thread touches modules and KV caches; a session has at most one step in flight.
+- Blocking DHT calls run in the default executor (hivemind runs the DHT node in a child process).
+
 Imports only ``proto`` and ``swarm``.
 """

@@ -17,7 +17,7 @@ from server.config import ServerConfig
 from server.server import Server
 from swarm.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
-from swarm.modelpath import DEFAULT_MODEL
+from swarm.models.modelpath import DEFAULT_MODEL
 from swarm.spans import parse_blocks
 
 
@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--port", type=int, default=d.port, help="TCP port to listen on (default: 0, any free port)")
     p.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
     add_nat_arguments(p)
+    p.add_argument(
+        "--announce-port",
+        type=int,
+        default=None,
+        help="port to advertise with --announce-host when it differs from --port (port forwarding, a proxy)",
+    )
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto (float32 on CPU)")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens, help="KV-cache budget in tokens (batch x len)")
@@ -67,8 +73,28 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=d.session_idle_timeout,
         help="seconds before an idle session is closed",
     )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=d.max_batch_tokens,
+        help=f"decode steps of many sessions run as one batch of up to this many rows x tokens "
+        f"(default: {d.max_batch_tokens})",
+    )
+    p.add_argument(
+        "--chunk-token-blocks",
+        type=int,
+        default=d.chunk_token_blocks,
+        help="long prompts and forward passes run in slices of about this many tokens x blocks, so decode steps "
+        f"of other sessions wait at most one slice (default: {d.chunk_token_blocks})",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
+    p.add_argument(
+        "--announce-period",
+        type=float,
+        default=d.announce_period,
+        help=f"seconds between refreshes of this server's DHT record (default: {d.announce_period})",
+    )
     p.add_argument("--swarm-key", default=None, help="swarm key file: serve and join only this private swarm")
     p.add_argument("--rebalance-period", type=float, default=d.rebalance_period, help="seconds between balance checks")
     p.add_argument(
@@ -89,14 +115,26 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(str(exc))
     if args.num_blocks is not None and args.num_blocks < 1:
         p.error("--num-blocks must be at least 1")
-    limits = ("cache_tokens", "max_request_tokens", "max_length_limit", "max_sessions_per_peer", "max_queued_steps")
+    limits = (
+        "cache_tokens",
+        "max_request_tokens",
+        "max_length_limit",
+        "max_sessions_per_peer",
+        "max_queued_steps",
+        "max_batch_tokens",
+        "chunk_token_blocks",
+    )
     for limit in limits:
         if getattr(args, limit) < 1:
             p.error(f"--{limit.replace('_', '-')} must be at least 1")
+    if not 0 < args.announce_period < ServerConfig.record_ttl:
+        p.error(f"--announce-period must be above 0 and below the record lifetime ({ServerConfig.record_ttl:.0f} s)")
     if args.max_message_bytes is not None and args.max_message_bytes < 1:
         p.error("--max-message-bytes must be at least 1")
-    if args.announce_host and not args.port:
-        p.error("--announce-host needs a fixed --port (the port others reach through the announced address)")
+    if args.announce_host and not (args.port or args.announce_port):
+        p.error("--announce-host needs a fixed --port or an --announce-port (the port others reach it through)")
+    if args.announce_port is not None and not (args.announce_host and 0 < args.announce_port < 65536):
+        p.error("--announce-port needs --announce-host and a port in 1..65535")
     nat = NAT_CHOICES[args.nat_traversal]
     try:
         p2p_options(DHTConfig(host=args.host, nat_traversal=nat, auto_relay=args.auto_relay))
@@ -112,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         announce_host=args.announce_host,
         nat_traversal=nat,
         auto_relay=args.auto_relay,
+        announce_port=args.announce_port,
         dtype=args.dtype,
         dht_prefix=args.dht_prefix,
         cache_tokens=args.cache_tokens,
@@ -122,8 +161,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_queued_steps=args.max_queued_steps,
         max_message_bytes=args.max_message_bytes,
         session_idle_timeout=args.session_idle_timeout,
+        max_batch_tokens=args.max_batch_tokens,
+        chunk_token_blocks=args.chunk_token_blocks,
         num_threads=args.num_threads,
         identity_path=args.identity,
+        announce_period=args.announce_period,
         swarm_key=args.swarm_key,
         rebalance_period=args.rebalance_period,
         balance_quality=args.balance_quality,

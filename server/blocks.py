@@ -1,7 +1,8 @@
-"""A span of transformer blocks, loaded from safetensors, and its forward computation.
+"""A span of transformer blocks, loaded from safetensors, and its batched computation.
 
-``BlockStack.forward`` mirrors the decoder loop of a transformers model between the embeddings and
-the final norm: rotary embeddings from position ids, one mask per attention kind, blocks in order.
+``BlockStack.run`` takes several requests at once (work items: sessions' steps with their caches, or
+stateless passes), lays their tokens end to end on one token axis, and runs the family's blocks on
+them; attention keeps each request to its own cache and masks (``server.attention``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from swarm.families import Family, attention_kind, get_family
+from server.attention import ATTENTION_NAME, Plan, Segment
+from server.work import Work
+from swarm.models.families import Family, attention_kind, get_family
+from swarm.models.weights import load_tensors, tensor_index
 from swarm.spans import BlockRange
-from swarm.weights import load_tensors, tensor_index
 
 logger = logging.getLogger(__name__)
 
-MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-
 
 class BlockStack(nn.Module):
-    """Blocks ``span`` of a model; block i of the span uses cache layer i."""
+    """Blocks ``span`` of a model; block i of the span has ``layer_idx`` i."""
 
     def __init__(self, config: PretrainedConfig, family: Family, span: BlockRange, blocks: list[nn.Module]):
         super().__init__()
@@ -34,44 +34,35 @@ class BlockStack(nn.Module):
         self.rotary = family.build_rotary(config)
         self.kinds = [attention_kind(config, index) for index in range(span.start, span.end)]
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [batch, new_tokens, hidden_size]
-        position_ids: torch.Tensor,  # [batch, new_tokens]
-        attention_mask: torch.Tensor | None,  # [batch, past + new_tokens] bool, or None for no padding
-        cache=None,  # SessionCache for this span, or None for a stateless pass
-        blocks: BlockRange | None = None,  # absolute sub-range of self.span to run (default: all)
-    ) -> torch.Tensor:
-        blocks = blocks or self.span
-        position_embeddings = self.rotary(hidden, position_ids=position_ids)
-        masks = {
-            kind: MASK_FUNCTIONS[kind](
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=0 if cache is not None else None,
+    def run(self, items: list[Work], num_blocks: int) -> list[torch.Tensor]:
+        """Run ``num_blocks`` blocks from the items' common ``cursor`` on all of them at once; returns each
+        item's output hidden states [batch, tokens, hidden_size]."""
+        segments, start = [], 0
+        for item in items:
+            batch, tokens, _ = item.hidden.shape
+            segments.append(Segment(start, batch, tokens, item.cache, item.block_offset, item.padding))
+            start += batch * tokens
+        hidden_size = self.config.hidden_size
+        hidden = _flat([item.hidden.reshape(1, -1, hidden_size) for item in items])  # [1, total, hidden]
+        position_ids = _flat([item.position_ids.reshape(1, -1) for item in items])  # [1, total]
+        embeddings = self.family.position_embeddings(self.rotary, hidden, position_ids)
+        attention_kwargs = {"stamen_plan": Plan(segments)}
+        first = items[0].cursor - self.span.start
+        for local in range(first, first + num_blocks):
+            block_embeddings = embeddings[self.kinds[local]]
+            hidden = self.family.call_block(
+                self.blocks[local], hidden, position_ids, block_embeddings, attention_kwargs
             )
-            for kind in set(self.kinds)
-        }
-        offset = blocks.start - self.span.start
-        for local in range(offset, offset + len(blocks)):
-            hidden = self.blocks[local](
-                hidden,
-                attention_mask=masks[self.kinds[local]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
-        return hidden
+        return [hidden[0, s.start : s.end].view(s.batch, s.tokens, hidden_size) for s in segments]
+
+
+def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def load_block_stack(folder: Path, config: PretrainedConfig, span: BlockRange, dtype: torch.dtype) -> BlockStack:
     """Build blocks ``span`` and load only their weights from the folder's safetensors files."""
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION_NAME
     family = get_family(config.model_type)
     index = tensor_index(folder)
     blocks = []
@@ -83,7 +74,7 @@ def load_block_stack(folder: Path, config: PretrainedConfig, span: BlockRange, d
             raise ValueError(f"block {absolute} has no weights in {folder}")
         block = family.build_block(config, absolute)
         block.load_state_dict({name[len(prefix) :]: value for name, value in state.items()}, strict=True, assign=True)
-        block.self_attn.layer_idx = local  # the session cache is indexed by position within the span
+        block.self_attn.layer_idx = local  # the attention plan finds the block's cache by its index in the span
         blocks.append(block.eval())
         logger.info("Loaded block %d (%d/%d) in %.1f s", absolute, local + 1, len(span), time.perf_counter() - started)
     return BlockStack(config, family, span, blocks).eval()

@@ -1,8 +1,10 @@
 """KV cache: a server-wide token budget and per-session preallocated caches.
 
-Layout (owned by the server, the same for every family): for each block of the session's span, a key
-buffer and a value buffer of shape [batch, kv_heads, max_length, head_dim]. A step writes its new
-tokens at [position, position + new_tokens) and attention reads the views [:, :, :position + new].
+Layout (owned by the server, the same for every family): for each block of the session's blocks, a key
+buffer and a value buffer of shape [batch, kv_heads, max_length, head_dim], and one padding mask
+[batch, max_length] for the whole session. A step writes its new tokens at [position, position + new)
+in every block it runs and attention reads the views [:, :, :position + new]; the session's length
+moves once the step has gone through all its blocks.
 """
 
 from __future__ import annotations
@@ -12,60 +14,58 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from swarm.errors import CacheFullError, InvalidRequestError
 
 
-class PreallocatedLayer(CacheLayerMixin):
-    """One block's keys and values in buffers allocated once for the session's max length."""
+class SessionCache:
+    """The KV cache and padding mask of one inference session (its blocks only)."""
 
-    is_sliding = False
-
-    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype):
-        super().__init__()
-        self.key_buffer = torch.empty(shape, dtype=dtype)  # [batch, kv_heads, max_length, head_dim]
-        self.value_buffer = torch.empty(shape, dtype=dtype)
-        self.length = 0
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        return None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:
-            raise InvalidRequestError(f"session cache overflow: {end} tokens > max_length {self.key_buffer.shape[-2]}")
-        self.key_buffer[:, :, self.length : end] = key_states
-        self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.key_buffer.shape[-2]
-
-
-class SessionCache(Cache):
-    """The KV cache of one inference session. Blocks number their cache layer by their index in the
-    server's span; a session over a sub-range starting ``offset`` blocks in keeps only its own layers."""
-
-    def __init__(self, layers: list[PreallocatedLayer], offset: int = 0):
-        super().__init__(layers=layers)
-        self.offset = offset
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
+    def __init__(self, num_blocks: int, shape: tuple[int, int, int, int], dtype: torch.dtype):
+        batch, _, max_length, _ = shape
+        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(num_blocks)]  # [batch, kv, max_len, dim]
+        self.values = [torch.empty(shape, dtype=dtype) for _ in range(num_blocks)]
+        self.padding = torch.ones(batch, max_length, dtype=torch.bool)  # False marks padding tokens
+        self.padded = False  # whether any token so far is padding (lets attention skip the mask)
+        self.length = 0  # tokens every block holds (per sequence)
 
     @property
-    def length(self) -> int:
-        return self.layers[0].length
+    def max_length(self) -> int:
+        return self.padding.shape[1]
+
+    def check_room(self, tokens: int) -> None:
+        if self.length + tokens > self.max_length:
+            raise InvalidRequestError(
+                f"step of {tokens} tokens at position {self.length} exceeds max_length {self.max_length}"
+            )
+
+    def write(self, block: int, start: int, key: torch.Tensor, value: torch.Tensor):
+        """Store ``key``/``value`` [batch, kv, new, dim] of block ``block`` (index among the session's
+        blocks) at ``start``; return the views of everything up to them, [batch, kv, start + new, dim]."""
+        end = start + key.shape[-2]
+        if end > self.max_length:  # check_room stops such steps first; never write past the buffers
+            raise InvalidRequestError(f"session cache overflow: {end} tokens > max_length {self.max_length}")
+        self.keys[block][:, :, start:end] = key
+        self.values[block][:, :, start:end] = value
+        return self.keys[block][:, :, :end], self.values[block][:, :, :end]
+
+    def set_padding(self, start: int, mask: torch.Tensor | None, tokens: int) -> None:
+        """The padding of the new tokens at ``start`` ([batch, tokens] bool, None = no padding)."""
+        if mask is None:
+            self.padding[:, start : start + tokens] = True
+        else:
+            self.padding[:, start : start + tokens] = mask
+            self.padded = self.padded or not bool(mask.all())
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row ``rows[i]`` as row i (beam search picks which hypotheses go on)."""
+        for buffers in (self.keys, self.values):
+            for index, buffer in enumerate(buffers):
+                buffers[index] = buffer.index_select(0, rows)
+        self.padding = self.padding.index_select(0, rows)
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,8 @@ class KVGeometry:
     def bytes_per_token(self, num_blocks: int) -> int:
         return 2 * num_blocks * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
-    def allocate(self, num_blocks: int, batch: int, max_length: int, offset: int = 0) -> SessionCache:
-        shape = (batch, self.kv_heads, max_length, self.head_dim)
-        return SessionCache([PreallocatedLayer(shape, self.dtype) for _ in range(num_blocks)], offset)
+    def allocate(self, num_blocks: int, batch: int, max_length: int) -> SessionCache:
+        return SessionCache(num_blocks, (batch, self.kv_heads, max_length, self.head_dim), self.dtype)
 
 
 class CacheBudget:

@@ -18,6 +18,7 @@ class ServerConfig:
     announce_host: str | None = None  # public IP to advertise when behind NAT/port forwarding
     nat_traversal: bool | None = None  # port mapping, AutoNAT, relays; None = on unless host is loopback
     auto_relay: bool = False  # behind NAT without port forwarding: become reachable through relays
+    announce_port: int | None = None  # port to advertise with announce_host; None = the listening port
     dtype: str = "auto"  # float32, bfloat16, float16, or auto (float32 on CPU)
     dht_prefix: str | None = None  # DHT key prefix; None = derived from the model name
     cache_tokens: int = 16384  # KV-cache budget in tokens (batch x max_length summed over sessions)
@@ -31,6 +32,8 @@ class ServerConfig:
     announce_period: float = 10.0  # seconds between DHT refreshes of this server's record
     record_ttl: float = 30.0  # seconds a record stays valid in the DHT without refresh
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT
+    max_batch_tokens: int = 256  # decode steps of many sessions run as one batch of up to this many rows x tokens
+    chunk_token_blocks: int = 4096  # long work runs in slices of about this many tokens x blocks between decode steps
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     identity_path: str | None = None  # private key file for a fixed peer id
     swarm_key: str | None = None  # private swarm: path of the swarm key file (only its holders get served)

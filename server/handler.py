@@ -1,6 +1,6 @@
 """RPC handler: translates protobuf requests into validated domain objects and back.
 
-It validates and delegates (to the session store and the backend); it never touches nn.Modules.
+It validates and delegates (to the session store and the span's Serving); it never touches nn.Modules.
 Every exception is mapped to a ``pb.Error`` in one place, so a bad request gets a clear error and
 the server keeps serving everyone else.
 
@@ -18,16 +18,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from hivemind.p2p import P2P, P2PContext
+from hivemind.utils import get_dht_time
 
 from proto import pb, rpc_name
 from server import validation
 from server.config import ServerConfig
 from server.gate import Gate
+from server.ledger import Ledger
 from server.push import Pusher
 from server.serving import Serving
 from server.sessions import Session, SessionRegistry
 from server.streams import BoundedStreams
 from swarm import errors, tensors
+from swarm.receipts import Receipt, Voucher
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class Handler:
         self.forwards: dict[str, int] = {}  # forward passes in flight, by peer
         self.pusher: Pusher | None = None
         self.gate = Gate(None, "")  # private swarms: set by the server to check membership proofs
+        self.ledger = Ledger("")  # points: set by the server (work done per client, receipts, standings)
 
     async def register(self, p2p: P2P, pusher: Pusher) -> None:
         self.pusher = pusher
@@ -68,6 +72,7 @@ class Handler:
         await streams.add(rpc_name("Push"), self.rpc_push, pb.PushRequest, PUSH_STREAMS_PER_PEER)
         await p2p.add_protobuf_handler(rpc_name("Forward"), self.rpc_forward, pb.ForwardRequest)
         await p2p.add_protobuf_handler(rpc_name("Info"), self.rpc_info, pb.InfoRequest)
+        await p2p.add_protobuf_handler(rpc_name("Receipt"), self.rpc_receipt, pb.ReceiptRequest)
 
     async def rpc_inference(
         self, requests: AsyncIterator[pb.InferenceRequest], context: P2PContext
@@ -183,7 +188,7 @@ class Handler:
 
     def _open(self, serving: Serving, request: pb.InferenceRequest, peer: str) -> Session:
         self.gate.check(peer, request.membership)
-        if serving.draining:
+        if serving.leaving or serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if request.step != 0:
             raise errors.SessionNotFoundError(
@@ -193,6 +198,7 @@ class Handler:
         validation.push_fields(request)
         self.registry.check_can_open(opened.session_id, peer)  # before anything is allocated
         session = serving.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
+        session.points = self._standing(peer, request.voucher if request.HasField("voucher") else None)
         try:
             if request.expect_push:  # before the pushes that came early are handed over
                 session.expect_input(request.push_from_peer_id)
@@ -235,38 +241,38 @@ class Handler:
             batch_size=session.batch_size,
             past=session.position,
         )
-        if session.position + step.hidden.shape[1] > session.max_length:
-            raise errors.InvalidRequestError(
-                f"step of {step.hidden.shape[1]} tokens at position {session.position} exceeds max_length "
-                f"{session.max_length}"
-            )
-        output = tensors.to_proto(await serving.backend.inference_step(session, step))
+        compression = validation.output_compression(request.compression)
+        output = tensors.to_proto(await serving.inference_step(session, step), compression)
+        self.ledger.record_work(session.peer, step.hidden.shape[0] * step.hidden.shape[1] * len(session.blocks))
         session.drop_stale_inputs()
         pushed = False
         if request.push_peer_id:
             push = pb.PushRequest(session_id=request.push_session_id, position=request.position, hidden=output)
             pushed = await self.pusher.push(request.push_peer_id, push)
         logger.debug("inference %s step %d: %s", session.session_id, request.step, list(step.hidden.shape))
-        return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed)
+        return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed, draining=serving.leaving)
 
     async def rpc_forward(self, request: pb.ForwardRequest, context: P2PContext) -> pb.ForwardResponse:
         peer = context.remote_id.to_base58()
         serving = self.current()
         try:
             self.gate.check(peer, request.membership)
-            if serving.draining:
+            if serving.leaving or serving.draining:
                 raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
             if self.forwards.get(peer, 0) >= self.max_per_peer:
                 raise errors.TooManyRequestsError(f"this peer already has {self.max_per_peer} forward passes running")
             blocks = validation.requested_blocks(request.start_block, request.end_block, serving.limits)
             step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
+            compression = validation.output_compression(request.compression)
+            points = self._standing(peer, request.voucher if request.HasField("voucher") else None)
+            logger.debug("forward %s from %s: %s, standing %.1f", blocks, peer, list(step.hidden.shape), points)
             self.forwards[peer] = self.forwards.get(peer, 0) + 1
             try:
-                hidden = await serving.backend.forward(blocks, step)
+                hidden = await serving.forward(blocks, step, points)
             finally:
                 self._forward_done(peer)
-            logger.debug("forward %s from %s: %s", blocks, peer, list(step.hidden.shape))
-            return pb.ForwardResponse(hidden=tensors.to_proto(hidden))
+            self.ledger.record_work(peer, step.hidden.shape[0] * step.hidden.shape[1] * len(blocks))
+            return pb.ForwardResponse(hidden=tensors.to_proto(hidden, compression))
         except Exception as exc:
             self._log_failure("forward", peer, exc)
             return pb.ForwardResponse(error=errors.to_proto(exc))
@@ -275,6 +281,21 @@ class Handler:
         left = self.forwards.pop(peer) - 1
         if left:
             self.forwards[peer] = left
+
+    def _standing(self, peer: str, voucher: pb.Voucher | None) -> float:
+        """The requester's standing (points) for ordering a busy server's queue."""
+        return self.ledger.standing(peer, Voucher.from_proto(voucher) if voucher is not None else None, get_dht_time())
+
+    async def rpc_receipt(self, request: pb.ReceiptRequest, context: P2PContext) -> pb.ReceiptResponse:
+        """A client acknowledges the work this server did for it (see ``swarm.receipts``)."""
+        peer = context.remote_id.to_base58()
+        try:
+            self.gate.check(peer, request.membership)
+            self.ledger.accept(Receipt.from_proto(request.receipt), peer)
+            return pb.ReceiptResponse()
+        except Exception as exc:
+            self._log_failure("receipt", peer, exc)
+            return pb.ReceiptResponse(error=errors.to_proto(exc))
 
     async def rpc_info(self, request: pb.InfoRequest, context: P2PContext) -> pb.ServerRecord:
         self.gate.check(context.remote_id.to_base58(), request.membership)  # raised: the caller gets its text

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import random
 import signal
-import time
 from collections.abc import Callable
 
 import torch
@@ -24,12 +23,13 @@ from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.gate import Gate
 from server.handler import Handler
+from server.ledger import Ledger
 from server.push import Pusher
 from server.serving import Serving
-from swarm import __version__
+from swarm import __version__, tensors
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.membership import Membership, load_key
-from swarm.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
+from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
 from swarm.records import ServerInfo, ServerState
 from swarm.selection import choose_span, should_move
 from swarm.spans import BlockRange, model_prefix
@@ -92,6 +92,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
+        self.ledger = Ledger(self.peer_id)
         self.announcer = Announcer(self.dht, self.prefix, self.info, config.announce_period, config.record_ttl)
         tasks: list[asyncio.Task] = []
         try:
@@ -102,12 +103,17 @@ class Server:
             self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config)
             self.membership = Membership(self.swarm_key, self.peer_id)
             self.handler.gate = Gate(self.swarm_key, self.peer_id)
+            self.handler.ledger = self.ledger
             self.pusher = Pusher(p2p, drop_all=config.test_drop_pushes, membership=self.membership)
             await self.handler.register(p2p, self.pusher)
             self.state = ServerState.ONLINE
             await self.announcer.announce()
             pinger = Pinger(p2p, self.dht, self.prefix, self.num_blocks, self.next_pings, config, self.membership)
-            tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(pinger.run(lambda: self.span))]
+            tasks = [
+                asyncio.create_task(self.announcer.run()),
+                asyncio.create_task(pinger.run(lambda: self.span)),
+                asyncio.create_task(self._refresh_standings_forever()),
+            ]
             if config.num_blocks is not None:
                 tasks.append(asyncio.create_task(self._rebalance_forever()))
             if on_ready is not None:
@@ -118,7 +124,7 @@ class Server:
             for task in tasks:
                 task.cancel()
             if self.serving is not None:
-                self.serving.backend.shutdown()
+                self.serving.scheduler.shutdown()
             self.dht.shutdown()
 
     async def _load(self, span: BlockRange) -> Serving:
@@ -129,8 +135,8 @@ class Server:
         cache_file = self.config.throughput_cache or default_cache_dir() / "throughput.json"
         key = throughput.cache_key(str(self.folder), self.dtype, self.model_config.to_json_string(use_diff=False))
         geometry = KVGeometry.from_config(self.model_config, self.dtype)
-        self.speed = await serving.backend.run(
-            throughput.cached_measure, stack, geometry, self.dtype, key, cache_file, self.config.test_step_delay
+        self.speed = await loop.run_in_executor(
+            None, throughput.cached_measure, stack, geometry, self.dtype, key, cache_file, self.config.test_step_delay
         )
         return serving
 
@@ -174,18 +180,17 @@ class Server:
         logger.info("Now serving blocks %s", target)
 
     async def _shutdown(self) -> None:
-        """Announce offline first, let steps in flight finish, then stop."""
+        """Tell clients to move and announce offline, serve open sessions until they have moved (at most
+        ``shutdown_grace`` seconds), let steps in flight finish, then stop."""
         serving = self.serving
-        logger.info("Shutting down: announcing offline, finishing %d steps in flight", serving.backend.in_flight)
+        logger.info("Shutting down: announcing offline, moving %d sessions elsewhere", len(serving.store))
         self.state = ServerState.OFFLINE
-        serving.draining = True
+        serving.leaving = True
         try:
             await asyncio.wait_for(self.announcer.announce(), self.config.shutdown_grace)
         except (TimeoutError, Exception):
             logger.warning("Could not announce offline state before shutdown")
-        deadline = time.monotonic() + self.config.shutdown_grace
-        while serving.backend.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await serving.wind_down(self.config.shutdown_grace)
 
     def _dht_config(self) -> DHTConfig:
         c = self.config
@@ -198,7 +203,20 @@ class Server:
             swarm_key=self.swarm_key,
             nat_traversal=c.nat_traversal,
             auto_relay=c.auto_relay,
+            announce_port=c.announce_port,
         )
+
+    async def _refresh_standings_forever(self) -> None:
+        """Keep the points every server announces at hand: they order this server's queue when it is busy."""
+        while True:
+            try:
+                servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
+                standings = {server.peer_id: server.points for server in servers if server.points > 0}
+                self.ledger.update_standings(standings)
+                logger.debug("Standings: %s", standings)
+            except Exception:
+                logger.debug("Could not refresh the servers' points", exc_info=True)
+            await asyncio.sleep(self.config.announce_period * random.uniform(0.8, 1.2))
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -216,4 +234,6 @@ class Server:
             hidden_size=self.model_config.hidden_size,
             max_request_tokens=self.config.max_request_tokens,
             next_pings=dict(self.next_pings),
+            points=self.ledger.points,
+            compressions=tuple(tensors.COMPRESSIONS.values()),
         )

@@ -1,4 +1,4 @@
-"""Serving: everything that serves one span (blocks, compute backend, sessions, limits).
+"""Serving: everything that serves one span (blocks, compute scheduler, sessions, limits).
 
 A server has one current Serving; when it moves to another span it builds a new one, switches new
 work to it, and retires the old one once its sessions end (or hands them off after a grace period:
@@ -16,11 +16,12 @@ import torch
 from transformers import PretrainedConfig
 
 from server import validation
-from server.backend import Backend
 from server.blocks import BlockStack
 from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
-from server.sessions import SessionStore
+from server.scheduler import Scheduler, SchedulerConfig
+from server.sessions import Session, SessionStore
+from server.work import Kind, Work, step_kind
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,11 @@ logger = logging.getLogger(__name__)
 class Serving:
     span: BlockRange
     stack: BlockStack
-    backend: Backend
+    scheduler: Scheduler
     store: SessionStore
     limits: validation.Limits
-    draining: bool = False  # no new sessions or steps (shutdown, or retired after a move)
+    leaving: bool = False  # no new sessions; open ones are still served, and told to move elsewhere
+    draining: bool = False  # no new sessions or steps (the end of a shutdown, or of a retirement after a move)
 
     @classmethod
     def build(
@@ -47,18 +49,47 @@ class Serving:
         span = stack.span
         geometry = KVGeometry.from_config(model_config, dtype)
         limits = validation.Limits.build(span, model_config.hidden_size, dtype, config)
-        backend = Backend(stack, dtype, step_delay=config.test_step_delay)
-        return cls(span, stack, backend, SessionStore(budget, geometry, span), limits)
+        scheduler = Scheduler(
+            stack,
+            SchedulerConfig(
+                max_batch_tokens=config.max_batch_tokens,
+                chunk_token_blocks=config.chunk_token_blocks,
+                step_delay=config.test_step_delay,
+            ),
+        )
+        return cls(span, stack, scheduler, SessionStore(budget, geometry, span), limits)
 
-    async def retire(self, grace: float) -> None:
-        """Let open sessions finish for up to ``grace`` seconds, then refuse their steps and stop."""
+    async def inference_step(self, session: Session, step: validation.Step) -> torch.Tensor:
+        """Run a validated step of ``session`` through its blocks (its cache grows by the new tokens)."""
+        batch, tokens, _ = step.hidden.shape
+        session.cache.check_room(tokens)
+        session.cache.set_padding(session.position, step.attention_mask, tokens)
+        kind = step_kind(batch * tokens, self.scheduler.config.decode_tokens)
+        work = Work(kind, session.blocks, step.hidden, step.position_ids, session.cache, session.block_offset)
+        work.points = session.points
+        return await self.scheduler.submit(work)
+
+    async def forward(self, blocks: BlockRange, step: validation.Step, points: float = 0.0) -> torch.Tensor:
+        """A stateless pass of a validated batch through ``blocks`` (``points``: the requester's standing)."""
+        offset = blocks.start - self.span.start
+        work = Work(Kind.FORWARD, blocks, step.hidden, step.position_ids, None, offset, step.attention_mask, points)
+        return await self.scheduler.submit(work)
+
+    async def wind_down(self, grace: float) -> None:
+        """Tell clients to move (in every answer) while serving their sessions for up to ``grace`` seconds or
+        until they have left, then refuse steps and let the ones in flight finish."""
+        self.leaving = True
         deadline = time.monotonic() + grace
         while len(self.store) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.02)
         if len(self.store):
             logger.info("Handing off %d sessions on blocks %s to other servers", len(self.store), self.span)
         self.draining = True
         deadline = time.monotonic() + grace
-        while self.backend.in_flight and time.monotonic() < deadline:
+        while self.scheduler.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self.backend.shutdown()
+
+    async def retire(self, grace: float) -> None:
+        """After a move: wind down, then stop computing."""
+        await self.wind_down(grace)
+        self.scheduler.shutdown()

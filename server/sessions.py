@@ -36,6 +36,8 @@ class Session:
     batch_size: int
     max_length: int
     cache: SessionCache
+    block_offset: int = 0  # index of the session's first block in the server's span
+    points: float = 0.0  # the client's standing: a busy server runs steps of higher standing first
     next_step: int = 0
     # hidden inputs of headers' steps by position, with the peer that pushed each (None: the client relayed it)
     inputs: dict[int, tuple[torch.Tensor, str | None]] = field(default_factory=dict)
@@ -108,11 +110,11 @@ class SessionStore:
             raise InvalidRequestError("this session id is already in use; choose another random id")
         self.budget.reserve(batch_size * max_length)
         try:
-            cache = self.geometry.allocate(len(blocks), batch_size, max_length, blocks.start - self.span.start)
+            cache = self.geometry.allocate(len(blocks), batch_size, max_length)
         except BaseException:
             self.budget.release(batch_size * max_length)
             raise
-        session = Session(session_id, peer, blocks, batch_size, max_length, cache)
+        session = Session(session_id, peer, blocks, batch_size, max_length, cache, blocks.start - self.span.start)
         self.sessions[session_id] = session
         return session
 

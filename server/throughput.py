@@ -18,6 +18,7 @@ import torch
 
 from server.blocks import BlockStack
 from server.cache import KVGeometry
+from server.work import Kind, Work
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +46,26 @@ def measure(
 ) -> Throughput:
     """Time single-token steps with a KV cache, then one batched forward, through the whole span
     (``step_delay``: the test-only slowdown each inference step gets, so it shows in the figures)."""
-    blocks = len(stack.span)
+    blocks, span = len(stack.span), stack.span
     hidden = torch.randn(1, 1, stack.config.hidden_size, dtype=dtype)
     cache = geometry.allocate(blocks, 1, repeats + 2)
-    stack(hidden, torch.zeros(1, 1, dtype=torch.long), None, cache)  # warm-up
-    started = time.perf_counter()
-    for position in range(1, repeats + 1):
-        stack(hidden, torch.full((1, 1), position, dtype=torch.long), None, cache)
-    inference = repeats * blocks / max(time.perf_counter() - started + repeats * step_delay, 1e-9)
 
-    batch = torch.randn(1, FORWARD_TOKENS, stack.config.hidden_size, dtype=dtype)
-    positions = torch.arange(FORWARD_TOKENS).unsqueeze(0)
-    started = time.perf_counter()
-    stack(batch, positions, None, None)
-    forward = FORWARD_TOKENS * blocks / max(time.perf_counter() - started, 1e-9)
+    def step(position: int) -> None:
+        stack.run([Work(Kind.DECODE, span, hidden, torch.full((1, 1), position), cache)], blocks)
+        cache.advance(1)
+
+    with torch.inference_mode():
+        step(0)  # warm-up
+        started = time.perf_counter()
+        for position in range(1, repeats + 1):
+            step(position)
+        inference = repeats * blocks / max(time.perf_counter() - started + repeats * step_delay, 1e-9)
+
+        batch = torch.randn(1, FORWARD_TOKENS, stack.config.hidden_size, dtype=dtype)
+        positions = torch.arange(FORWARD_TOKENS).unsqueeze(0)
+        started = time.perf_counter()
+        stack.run([Work(Kind.FORWARD, span, batch, positions)], blocks)
+        forward = FORWARD_TOKENS * blocks / max(time.perf_counter() - started, 1e-9)
     return Throughput(inference, forward)
 
 

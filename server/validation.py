@@ -35,7 +35,6 @@ class Limits:
     dtype: torch.dtype
     max_request_tokens: int  # batch x new tokens of one request
     max_length: int  # largest max_length of a session
-    cache_tokens: int = 1 << 14  # the server's KV budget: bounds batch x max_length of a session, hence its mask
     message_bytes: int | None = None  # cap on one stream message; None = derived (max_message_bytes)
 
     @classmethod
@@ -46,7 +45,6 @@ class Limits:
             dtype,
             config.max_request_tokens,
             config.max_length_limit,
-            config.cache_tokens,
             config.max_message_bytes,
         )
 
@@ -61,7 +59,7 @@ class Limits:
             return self.message_bytes
         hidden = self.max_request_tokens * self.hidden_size * torch.empty(0, dtype=self.dtype).element_size()
         position_ids = self.max_request_tokens * 8  # int64 [batch, new_tokens]
-        mask = min(self.cache_tokens, self.max_request_tokens * self.max_length)  # bool [batch, past + new_tokens]
+        mask = self.max_request_tokens  # bool [batch, new_tokens]
         return hidden + position_ids + mask + MESSAGE_OVERHEAD
 
 
@@ -77,7 +75,7 @@ class OpenRequest:
 class Step:
     hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
     position_ids: torch.Tensor  # [batch, new_tokens] int64
-    attention_mask: torch.Tensor | None  # [batch, past + new_tokens] bool, None = no padding
+    attention_mask: torch.Tensor | None  # [batch, new_tokens] bool, False marks padding; None = no padding
 
 
 def requested_blocks(start: int, end: int, limits: Limits) -> BlockRange:
@@ -106,6 +104,13 @@ def push_fields(request: pb.InferenceRequest) -> None:
         check_session_id(request.push_session_id, "push_session_id")
     if request.push_from_peer_id:
         _check_peer_id(request.push_from_peer_id, "push_from_peer_id")
+
+
+def output_compression(value: int) -> int:
+    """How the caller wants outputs sent (``pb.Compression``); only the ones this server knows."""
+    if value not in tensors.COMPRESSIONS.values():
+        raise InvalidRequestError(f"compression: unknown value {value}")
+    return value
 
 
 def check_session_id(value: str, field: str) -> None:
@@ -188,7 +193,9 @@ def step_input(
 
     attention_mask = None
     if not tensors.is_empty(mask_msg):
-        if _declared_shape(mask_msg, "attention_mask", ("bool",), 2) != (batch, past + tokens):
-            raise InvalidRequestError(f"attention_mask: must be bool [{batch}, {past + tokens}] (past + new tokens)")
+        if _declared_shape(mask_msg, "attention_mask", ("bool",), 2) != (batch, tokens):
+            raise InvalidRequestError(f"attention_mask: must be bool [{batch}, {tokens}] (the new tokens)")
         attention_mask = tensors.from_proto(mask_msg, "attention_mask")
+        if bool(attention_mask.all()):
+            attention_mask = None
     return Step(hidden, position_ids, attention_mask)

@@ -11,9 +11,7 @@
 - ``localswarm``: real server processes on 127.0.0.1 for tests, the demo and benchmarks
 - ``status``: the report behind ``python -m swarm status`` (and the monitor's JSON)
 - ``monitor``: ``python -m swarm monitor``, a live web page of the swarm (aiohttp, plain HTML/JS)
-- ``families``: model-family adapters (how to build a block, where weights live)
-- ``weights``: read selected tensors from safetensors files
-- ``modelpath``: resolve ``--model`` to a local folder (the default model is converted once from GGUF)
+- ``models``: model code shared by servers and clients (family adapters, weights, ``--model`` resolution)
 - ``tensors``: torch <-> ``pb.Tensor``
 - ``errors``: typed errors and their wire mapping
 - ``__main__``: ``python -m swarm bootstrap | status | monitor | keygen``

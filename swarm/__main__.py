@@ -20,7 +20,7 @@ import threading
 from swarm.dht import NAT_CHOICES, DHTConfig, SwarmDHT, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
 from swarm.membership import SwarmKeyError, generate_key, load_key
-from swarm.modelpath import DEFAULT_MODEL
+from swarm.models.modelpath import DEFAULT_MODEL
 from swarm.spans import model_prefix
 from swarm.status import build_report, exit_code, format_report
 
@@ -141,7 +141,7 @@ def model_depth(model: str) -> int:
     """Number of transformer blocks of ``model``, read from its config (may convert the default model once)."""
     from transformers import AutoConfig
 
-    from swarm.modelpath import resolve_model
+    from swarm.models.modelpath import resolve_model
 
     folder = resolve_model(model)
     return int(AutoConfig.from_pretrained(folder).num_hidden_layers)

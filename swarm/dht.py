@@ -48,6 +48,7 @@ class DHTConfig:
     identity_path: str | None = None  # private key file for a fixed peer id (bootstrap nodes)
     announce_host: str | None = None  # public address to advertise instead of the listening one
     swarm_key: bytes | None = None  # private swarm: only nodes holding this key can use its DHT
+    announce_port: int | None = None  # port to advertise with announce_host; None = the listening port
     # NAT traversal: None = on unless ``host`` is a loopback address (see ``p2p_options``)
     nat_traversal: bool | None = None
     auto_relay: bool = False  # behind NAT: become reachable through relays (needs NAT traversal on)
@@ -279,10 +280,11 @@ async def _create_node(config: DHTConfig, identity_path: str) -> DHTNode:
     if config.identity_path is not None and config.initial_peers:
         if await _identity_taken(identity_path, config, options):
             raise P2PDaemonError(f"identity {config.identity_path} is in use by another peer of the swarm")
+    announce = f"/ip4/{config.announce_host}/tcp/{config.announce_port or config.port}"
     p2p = await P2P.create(
         initial_peers=list(config.initial_peers),
         host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
-        announce_maddrs=[f"/ip4/{config.announce_host}/tcp/{config.port}"] if config.announce_host else None,
+        announce_maddrs=[announce] if config.announce_host else None,
         identity_path=identity_path,
         check_if_identity_free=False,  # checked above, with our options
         dht_mode="client" if config.client_mode else "server",

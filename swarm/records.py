@@ -38,6 +38,8 @@ class ServerInfo:
     next_pings: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> round trip, seconds
     announced_at: float = 0.0  # DHT time of the announcement; a peer's newest record wins (e.g. after a move)
     expires_at: float = 0.0  # DHT time the announcement may be kept until (signed: replays cannot extend it)
+    points: float = 0.0  # the sum of the receipts its clients signed (``swarm.receipts``)
+    compressions: tuple[int, ...] = ()  # activation compressions (``pb.Compression``) it reads and sends
     public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
     signature: bytes = b""  # by that key over the record serialized with an empty signature
 
@@ -62,6 +64,8 @@ class ServerInfo:
             public_key=self.public_key,
             signature=self.signature,
             expires_at=self.expires_at,
+            points=self.points,
+            compressions=list(self.compressions),
         )
 
     @classmethod
@@ -85,6 +89,8 @@ class ServerInfo:
             public_key=record.public_key,
             signature=record.signature,
             expires_at=record.expires_at,
+            points=record.points,
+            compressions=tuple(record.compressions),
         )
 
     def to_bytes(self) -> bytes:

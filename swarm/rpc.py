@@ -1,5 +1,5 @@
 """Calls to one server (by clients, and by servers for pushes and pings): a persistent inference
-stream, and unary forward / info calls.
+stream, and unary forward / info / receipt calls.
 
 Every failure to reach or hear from a server surfaces as ``ServerFailure`` (with the peer id), so the
 caller can ban that server and route around it; typed errors the server sent are kept as the cause.
@@ -106,6 +106,20 @@ async def call_info(p2p: P2P, peer_id: str, timeout: float, membership: bytes = 
         )
     except Exception as exc:
         raise ServerFailure(peer_id, f"info failed: {exc!r}", exc) from exc
+
+
+async def call_receipt(p2p: P2P, peer_id: str, request: pb.ReceiptRequest, timeout: float) -> None:
+    """Hand a server a receipt for its work; ServerFailure if it is unreachable or refuses it."""
+    try:
+        response = await asyncio.wait_for(
+            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Receipt"), request, pb.ReceiptResponse),
+            timeout,
+        )
+    except Exception as exc:
+        raise ServerFailure(peer_id, f"receipt failed: {exc!r}", exc) from exc
+    if response.HasField("error"):
+        cause = errors.from_proto(response.error, peer_id)
+        raise ServerFailure(peer_id, str(cause), cause)
 
 
 async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0, membership: bytes = b"") -> float | None:

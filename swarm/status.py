@@ -24,6 +24,7 @@ _COLUMNS = (  # (header, key in the server dict)
     ("DTYPE", "dtype"),
     ("CACHE FREE", "cache_tokens_left"),
     ("VERSION", "version"),
+    ("POINTS", "points"),
 )
 
 
@@ -46,6 +47,7 @@ def server_row(info: ServerInfo) -> dict[str, Any]:
         "maddrs": list(info.maddrs),
         "hidden_size": info.hidden_size,
         "max_request_tokens": info.max_request_tokens,
+        "points": info.points,
     }
 
 
@@ -123,6 +125,8 @@ def exit_code(report: dict[str, Any]) -> int:
 def _cell(key: str, value: Any) -> str:
     if key in ("throughput", "forward_throughput"):
         return f"{value:.0f}"
+    if key == "points":
+        return f"{value:.1f}"
     if key == "public_name" and not value:
         return "-"
     return str(value)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
 from swarm.localswarm import LocalSwarm
-from swarm.modelpath import resolve_model
+from swarm.models.modelpath import resolve_model
 
 pytestmark = pytest.mark.timeout(400)
 PROMPT = "The capital of France is"

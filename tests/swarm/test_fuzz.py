@@ -213,22 +213,37 @@ class Fuzzer:
     async def unary(self, peer: HostilePeer) -> None:
         rng = self.rng
         if rng.random() < 0.3:
-            rpc, message = rng.choice(["Forward", "Info"]), RawMessage(rng.randbytes(rng.randint(0, 2048)))
+            rpc, message = rng.choice(["Forward", "Info", "Receipt"]), RawMessage(rng.randbytes(rng.randint(0, 2048)))
+        elif rng.random() < 0.25:
+            rpc, message = "Receipt", pb.ReceiptRequest(receipt=self.forged_receipt())
         else:
             rpc = "Forward"
             message = pb.ForwardRequest(start_block=rng.choice([0, 0, 2, 6]), end_block=rng.choice([6, 6, 3, 0, 99]))
             message.hidden.CopyFrom(tensor_message(rng))
             if rng.random() < 0.3:
                 message.position_ids.CopyFrom(int_tensor(rng, 1, rng.choice([1, 2, 3]), torch.int64))
-        response_type = pb.ForwardResponse if rpc == "Forward" else pb.ServerRecord
+        response_type = {"Forward": pb.ForwardResponse, "Info": pb.ServerRecord, "Receipt": pb.ReceiptResponse}[rpc]
         try:
             response = await asyncio.wait_for(peer.unary(self.server, rpc, message, response_type), 10)
         except Exception:  # garbage that does not parse: the server's p2p layer answers with an error
             self.outcomes[f"unary {rpc}: refused"] += 1
             return
-        failed = isinstance(response, pb.ForwardResponse) and response.HasField("error")
+        failed = not isinstance(response, pb.ServerRecord) and response.HasField("error")
         self.record(
             f"unary {rpc}", [pb.InferenceResponse(error=response.error)] if failed else [pb.InferenceResponse()]
+        )
+
+    def forged_receipt(self) -> pb.Receipt:
+        """A receipt that claims work for this server but is not signed by its sender."""
+        rng = self.rng
+        return pb.Receipt(
+            server_peer_id=rng.choice([self.server, "", "x" * 300]),
+            client_peer_id=rng.choice(["", self.server, "y" * 60]),
+            epoch=rng.random(),
+            work=rng.randint(0, 2**64 - 1),
+            verified_work=rng.randint(0, 2**64 - 1),
+            public_key=rng.randbytes(rng.randint(0, 600)),
+            signature=rng.randbytes(rng.randint(0, 300)),
         )
 
     async def many_sessions(self, peer: HostilePeer) -> None:

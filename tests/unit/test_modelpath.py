@@ -1,4 +1,4 @@
-"""Tests for swarm.modelpath: resolving --model to a local Hugging Face folder."""
+"""Tests for swarm.models.modelpath: resolving --model to a local Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from swarm import modelpath
-from swarm.modelpath import DEFAULT_MODEL, ModelNotFoundError, default_cache_dir, resolve_model
+from swarm.models import modelpath
+from swarm.models.modelpath import DEFAULT_MODEL, ModelNotFoundError, default_cache_dir, resolve_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _CHILD = """
 import logging, pathlib, sys
 logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(message)s")
-from swarm.modelpath import resolve_model
+from swarm.models.modelpath import resolve_model
 print(resolve_model(None, pathlib.Path(sys.argv[1])))
 """
 
@@ -121,7 +121,7 @@ def test_converted_folder_is_reused(converted, monkeypatch, caplog):
     cache, folders, _, _ = converted
     monkeypatch.setenv("STAMEN_CACHE", str(cache))
     start = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="swarm.modelpath"):
+    with caplog.at_level(logging.INFO, logger="swarm.models.modelpath"):
         assert resolve_model() == folders[0]
         assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == folders[0]
         assert resolve_model(DEFAULT_MODEL, cache) == folders[0]

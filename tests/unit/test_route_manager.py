@@ -43,16 +43,16 @@ def test_successes_forgive_past_failures_one_at_a_time():
     for _ in range(3):
         routes.ban("a")  # 3 failures held: the next ban would be 8 s
     for _ in range(3 * 2):
-        routes.record_success("a")  # two failures forgiven
+        routes.mark_ok("a")  # two failures forgiven
     assert routes.ban("a") == pytest.approx(2.0, abs=0.01)
     for _ in range(3 * 2):
-        routes.record_success("a")  # both remaining failures forgiven: a clean slate
+        routes.mark_ok("a")  # both remaining failures forgiven: a clean slate
     assert routes.ban("a") == pytest.approx(1.0, abs=0.01)
 
 
 def test_successes_of_servers_never_banned_change_nothing():
     routes = manager([server("a", 0, 4)], ban_base=1.0)
-    routes.record_success("a")
+    routes.mark_ok("a")
     assert routes.banned() == set()
     assert routes.ban("a") == pytest.approx(1.0, abs=0.01)
 

@@ -7,7 +7,7 @@ import torch
 
 from proto import pb
 from swarm import errors, tensors
-from swarm.errors import format_blocks
+from swarm.errors import InvalidRequestError, format_blocks
 from swarm.spans import BlockRange, block_key, model_prefix, parse_blocks
 
 pytestmark = pytest.mark.timeout(30)
@@ -165,3 +165,40 @@ def test_missing_blocks_error_names_the_blocks():
 )
 def test_format_blocks(blocks, text):
     assert format_blocks(blocks) == text
+
+
+@pytest.mark.parametrize(
+    "compression, ratio, tolerance",
+    [(pb.COMPRESSION_NONE, 1.0, 0.0), (pb.COMPRESSION_FLOAT16, 0.5, 1e-3), (pb.COMPRESSION_INT8, 0.26, 2e-2)],
+)
+def test_compressed_activations_are_smaller_and_close(compression, ratio, tolerance):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 576, generator=generator) * torch.linspace(0.1, 30, 576)  # very different scales
+    plain = tensors.to_proto(hidden)
+    message = tensors.to_proto(hidden, compression)
+    decoded = tensors.from_proto(message)
+    assert decoded.dtype == torch.float32 and decoded.shape == hidden.shape
+    assert len(message.buffer) + len(message.scales) <= ratio * len(plain.buffer) + 64
+    assert ((decoded - hidden).norm() / hidden.norm()).item() <= tolerance
+
+
+def test_integer_tensors_are_never_compressed():
+    ids = torch.arange(6).reshape(2, 3)
+    assert torch.equal(tensors.from_proto(tensors.to_proto(ids, pb.COMPRESSION_INT8)), ids)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(compression=7),  # unknown
+        dict(scales=b"\0" * 3),  # int8 scales of the wrong length
+        dict(dtype="int64"),  # integers cannot be compressed
+        dict(buffer=b"\0" * 5),  # values of the wrong length
+    ],
+)
+def test_malformed_compressed_tensors_are_refused(change):
+    message = tensors.to_proto(torch.randn(2, 4), pb.COMPRESSION_INT8)
+    for name, value in change.items():
+        setattr(message, name, value)
+    with pytest.raises(InvalidRequestError):
+        tensors.from_proto(message, "hidden")

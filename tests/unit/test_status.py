@@ -77,10 +77,12 @@ def test_text_table_lines_up_columns():
     header, first, second = lines[0], lines[1], lines[2]
     assert header.split() == [
         *("PEER", "ID", "NAME", "STATE", "BLOCKS", "STEPS/S/BLOCK", "FWD", "TOK/S/BLOCK"),
-        *("DTYPE", "CACHE", "FREE", "VERSION"),
+        *("DTYPE", "CACHE", "FREE", "VERSION", "POINTS"),
     ]
-    assert first.split() == ["short", "alice", "ONLINE", "0:2", "10", "0", "float32", "1000", "0.1.0"]
-    assert second.split() == ["a-much-longer-peer-id", "-", "ONLINE", "2:4", "10", "0", "float32", "1000", "0.1.0"]
+    assert first.split() == ["short", "alice", "ONLINE", "0:2", "10", "0", "float32", "1000", "0.1.0", "0.0"]
+    assert second.split() == [
+        *("a-much-longer-peer-id", "-", "ONLINE", "2:4", "10", "0", "float32", "1000", "0.1.0", "0.0")
+    ]
     for column in ("NAME", "STATE", "BLOCKS", "VERSION"):
         start = header.index(column)
         assert first[start - 2 : start] == "  " and second[start - 2 : start] == "  "

@@ -17,9 +17,7 @@ from swarm import errors, tensors
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)
-LIMITS = validation.Limits(
-    BlockRange(0, 6), 64, torch.float32, max_request_tokens=64, max_length=128, cache_tokens=1024
-)
+LIMITS = validation.Limits(BlockRange(0, 6), 64, torch.float32, max_request_tokens=64, max_length=128)
 PEER_A = "12D3KooWGzBPmD6C4nj3ss1n4bYnpoc7XgpCfiEHRAzNixBBnF5u"
 PEER_B = "QmTpG2QpaGmhUTHQTmhT4fwfyMMigthhx8wCV7zwqbdBee"
 
@@ -72,9 +70,14 @@ def test_declared_ids_and_masks_are_checked_before_their_bytes(field, shape, dty
 def test_a_valid_step_passes():
     hidden = tensors.to_proto(torch.randn(2, 3, 64))
     ids = tensors.to_proto(torch.arange(5, 8).expand(2, 3).contiguous())
-    mask = tensors.to_proto(torch.ones(2, 8, dtype=torch.bool))
-    step = validation.step_input(hidden, ids, mask, LIMITS, batch_size=2, past=5)
-    assert step.hidden.shape == (2, 3, 64) and step.attention_mask.shape == (2, 8)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 0] = False
+    step = validation.step_input(hidden, ids, tensors.to_proto(mask), LIMITS, batch_size=2, past=5)
+    assert step.hidden.shape == (2, 3, 64) and step.attention_mask.tolist() == mask.tolist()
+    unpadded = validation.step_input(hidden, ids, tensors.to_proto(torch.ones(2, 3, dtype=torch.bool)), LIMITS)
+    assert unpadded.attention_mask is None  # all true: nothing to mask
+    with pytest.raises(errors.InvalidRequestError, match="attention_mask"):  # masks cover the new tokens only
+        validation.step_input(hidden, ids, tensors.to_proto(torch.ones(2, 8, dtype=torch.bool)), LIMITS, past=5)
 
 
 def test_pushed_input_is_converted_and_checked():
@@ -108,7 +111,7 @@ def test_message_cap_leaves_room_for_the_largest_valid_step():
     tokens = limits.max_request_tokens
     largest.hidden.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, 576)))
     largest.position_ids.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, dtype=torch.int64)))
-    largest.attention_mask.CopyFrom(tensors.to_proto(torch.zeros(1, limits.cache_tokens, dtype=torch.bool)))
+    largest.attention_mask.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, dtype=torch.bool)))
     assert largest.ByteSize() <= limits.max_message_bytes < 2 * largest.ByteSize()
     assert (
         validation.Limits.build(
@@ -139,7 +142,7 @@ def test_pending_inputs_are_bounded_and_stale_ones_dropped():
     session = make_session()
     accepted = [session.deliver(position, torch.zeros(1, 1, 64)) for position in range(10)]
     assert sum(accepted) == MAX_PENDING_INPUTS
-    session.cache.layers[0].length = 2  # the cache moved past positions 0 and 1
+    session.cache.advance(2)  # the cache moved past positions 0 and 1
     session.drop_stale_inputs()
     assert sorted(session.inputs) == [2, 3]
 

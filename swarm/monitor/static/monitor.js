@@ -15,7 +15,7 @@ const COLUMNS = [
   ["Cache free", (r) => String(r.cache_tokens_left), "num"],
   ["Version", (r) => r.version],
   ["Pings to next servers", (r, names) => pings(r, names), "pings"],
-  ["Points", (r) => (typeof r.points === "number" ? number(r.points) : "-"), "num"],
+  ["Points", (r) => (r.points > 0 ? number(r.points) : "-"), "num"],
 ];
 
 function el(tag, attrs = {}, text) {

@@ -40,6 +40,31 @@ class Family:
     def build_rotary(self, config: PretrainedConfig) -> nn.Module:
         return self.rotary_class(config=config)
 
+    def position_embeddings(self, rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """What each attention kind's blocks take as ``position_embeddings`` (rotary cos and sin)."""
+        embeddings = rotary(hidden, position_ids=position_ids)
+        return {"full_attention": embeddings, "sliding_attention": embeddings}
+
+    def call_block(
+        self,
+        block: nn.Module,
+        hidden: torch.Tensor,  # [1, total_tokens, hidden_size]: every request's tokens end to end
+        position_ids: torch.Tensor,  # [1, total_tokens]
+        position_embeddings,
+        attention_kwargs: dict,  # passed through to the attention function (the server's batch plan)
+    ) -> torch.Tensor:
+        """Run one block; attention goes through the attention function the config names."""
+        output = block(
+            hidden,
+            attention_mask=None,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            past_key_values=None,
+            use_cache=False,
+            **attention_kwargs,
+        )
+        return output[0] if isinstance(output, tuple) else output
+
     def build_norm(self, config: PretrainedConfig) -> nn.Module:
         with torch.device("meta"):
             return self.norm_class(config.hidden_size, eps=config.rms_norm_eps)

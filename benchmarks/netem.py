@@ -1,0 +1,87 @@
+"""A wide-area link on loopback: a TCP proxy that delays every byte by a one-way latency and caps the
+bandwidth of each direction, for benchmarks (``benchmarks/wan.py``).
+
+``LinkProxy(target_port, delay, mbit)`` listens on 127.0.0.1 (a free port, ``.port``) and forwards each
+connection to ``127.0.0.1:target_port``. Each direction of each connection is a queue: a chunk read at
+time t leaves at ``max(t, when the link is free) + size / bandwidth + delay``, so the proxy models
+serialisation at the bandwidth cap and propagation delay, in order. It runs its own event loop in a
+daemon thread; ``close()`` stops it. Nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+CHUNK = 64 << 10  # bytes read at a time
+
+
+class LinkProxy:
+    def __init__(self, target_port: int, delay: float, mbit: float | None = None):
+        self.target_port, self.delay = target_port, delay
+        self.bytes_per_second = mbit * 1e6 / 8 if mbit else None
+        self.bytes = 0  # forwarded so far, both directions
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="link-proxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("link proxy did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._connect, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One direction: read, stamp each chunk with its departure time, write in order when it is due."""
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        sender = asyncio.ensure_future(self._send(queue, writer))
+        free_at = 0.0  # when the link finishes sending what is queued
+        try:
+            while chunk := await reader.read(CHUNK):
+                now = time.monotonic()
+                serialise = len(chunk) / self.bytes_per_second if self.bytes_per_second else 0.0
+                free_at = max(now, free_at) + serialise
+                queue.put_nowait((free_at + self.delay, chunk))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            queue.put_nowait(None)
+            await sender
+
+    async def _send(self, queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (item := await queue.get()) is not None:
+                due, chunk = item
+                if (wait := due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(chunk)
+                self.bytes += len(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def close(self) -> None:
+        def stop() -> None:
+            self._server.close()
+            self._loop.stop()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,80 @@
+"""Points: signed cumulative receipts, vouchers, a server's ledger and the standing of requesters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.ledger import Ledger
+from swarm.errors import InvalidRequestError
+from swarm.identity import Identity
+from swarm.receipts import CLIENT_CAP, POINTS_PER_UNIT, VERIFIED_WEIGHT, Receipt, Voucher, newer, points
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ids")
+    return [Identity.load_or_create(root / f"{name}.key") for name in ("client", "server", "other")]
+
+
+def test_a_receipt_is_signed_by_its_client_and_tampering_shows(identities):
+    client, server, other = identities
+    receipt = Receipt(server.peer_id, "", 1.0, work=120, verified=20).signed(client)
+    assert receipt.client == client.peer_id and receipt.valid()
+    assert Receipt.from_proto(receipt.to_proto()) == receipt
+    for forged in (
+        dataclasses.replace(receipt, work=1200),  # inflated after signing
+        dataclasses.replace(receipt, server=other.peer_id),  # moved to another server
+        dataclasses.replace(receipt, client=other.peer_id),  # claimed by someone else
+        dataclasses.replace(receipt, verified=121),  # more verified than received
+    ):
+        assert not forged.valid()
+
+
+def test_points_count_each_client_up_to_a_cap_and_verified_work_more(identities):
+    client, server, _ = identities
+    small = Receipt(server.peer_id, "", 1.0, work=1000, verified=500).signed(client)
+    assert points([small]) == pytest.approx(POINTS_PER_UNIT * (1000 + (VERIFIED_WEIGHT - 1) * 500))
+    huge = Receipt(server.peer_id, "", 1.0, work=10 * CLIENT_CAP).signed(client)
+    assert points([huge]) == pytest.approx(POINTS_PER_UNIT * CLIENT_CAP)
+
+
+def test_the_latest_receipt_of_a_client_replaces_older_ones(identities):
+    client, server, _ = identities
+    old = Receipt(server.peer_id, "", 1.0, work=10).signed(client)
+    assert newer(None, old)
+    assert newer(old, dataclasses.replace(old, work=11))
+    assert not newer(old, dataclasses.replace(old, work=9))  # a replayed older receipt changes nothing
+    assert newer(old, dataclasses.replace(old, epoch=2.0, work=1))  # the client started counting again
+
+
+def test_the_ledger_keeps_only_valid_receipts_meant_for_it(identities):
+    client, server, other = identities
+    ledger = Ledger(server.peer_id)
+    receipt = Receipt(server.peer_id, "", 1.0, work=3000).signed(client)
+    with pytest.raises(InvalidRequestError, match="signed by the client that sends it"):
+        ledger.accept(receipt, sender=other.peer_id)
+    with pytest.raises(InvalidRequestError, match="another server"):
+        Ledger(other.peer_id).accept(receipt, sender=client.peer_id)
+    with pytest.raises(InvalidRequestError, match="signature"):
+        ledger.accept(dataclasses.replace(receipt, work=9000), sender=client.peer_id)
+    ledger.accept(receipt, sender=client.peer_id)
+    ledger.accept(dataclasses.replace(receipt, work=10).signed(client), sender=client.peer_id)  # older: ignored
+    assert ledger.points == pytest.approx(3.0)
+
+
+def test_a_voucher_lends_its_issuers_standing_to_its_holder_only(identities):
+    client, server, other = identities
+    ledger = Ledger(other.peer_id)
+    ledger.update_standings({server.peer_id: 42.0, client.peer_id: 1.0})
+    voucher = Voucher.issue(server, client.peer_id, expires_at=100.0)
+    assert Voucher.from_proto(voucher.to_proto()) == voucher
+    assert ledger.standing(client.peer_id, voucher, now=50.0) == 42.0
+    assert ledger.standing(client.peer_id, voucher, now=150.0) == 1.0  # expired: its own standing
+    assert ledger.standing(other.peer_id, voucher, now=50.0) == 0.0  # someone else's voucher
+    forged = dataclasses.replace(voucher, expires_at=1e12)
+    assert ledger.standing(client.peer_id, forged, now=50.0) == 1.0
+    assert ledger.standing(client.peer_id, None, now=50.0) == 1.0
