@@ -5,6 +5,7 @@
 - ``session``: InferenceSession (streams through a chain, history for replay, failover)
 - ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks)
 - ``__main__``: ``python -m client``, a completion in the terminal
+- ``bans``: the ban policy (pure): exponential bans whose failures decay with successes and time
 - ``loop``: the background event loop that owns libp2p
 - ``config``: ClientConfig
 - ``api/``: ``python -m client.api``, an OpenAI-compatible HTTP API and chat page over the swarm (an

@@ -16,6 +16,7 @@ import sys  # noqa: E402
 from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
+from swarm.dht import NAT_CHOICES, add_nat_arguments
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=f"model name or local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--dht-prefix", default=None, help="DHT key prefix (default: derived from the model name)")
     p.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
+    add_nat_arguments(p, listening=False)
     p.add_argument(
         "--compression",
         choices=["none", "float16", "int8"],
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         initial_peers=args.initial_peers,
         dht_prefix=args.dht_prefix,
         swarm_key=args.swarm_key,
+        nat_traversal=NAT_CHOICES[args.nat_traversal],
         points_key=args.points_key,
         compression=args.compression,
     )

@@ -20,11 +20,14 @@ class ClientConfig:
     max_retries: int = 8  # failovers allowed per step before the error reaches the caller
     ban_base: float = 5.0  # seconds a failed server is avoided; doubles with each repeated failure
     ban_max: float = 300.0  # longest ban, in seconds
+    ban_forgive_steps: int = 8  # successful calls to a server that forgive one of its past failures
+    ban_forget_after: float = 600.0  # seconds without a failure after which a server's failures are forgotten
     max_message_bytes: int = 2 << 20  # larger steps are split (the libp2p daemon caps messages at 4 MiB)
     push: bool = False  # servers send each step's output straight to the next server of the chain
     ping_period: float = 60.0  # seconds a measured round trip to a server stays fresh
     allowed_peers: list[str] | None = None  # if set, use only these servers
     blocked_peers: list[str] = field(default_factory=list)  # never use these servers
+    nat_traversal: bool | None = None  # True: reach servers behind NAT through relays; None/False: no relays
     compression: str = "none"  # activations on the wire: none (exact), float16 or int8, with servers that support it
     receipt_period: float = 10.0  # seconds between handing servers signed receipts for their work (points)
     points_key: str | None = None  # a volunteer's server identity file: use that server's standing (points)

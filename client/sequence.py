@@ -11,6 +11,7 @@ import random
 import threading
 import time
 
+from client.bans import BanPolicy, BanRecord, after_failure, after_success
 from client.config import ClientConfig
 from swarm.dht import SwarmDHT
 from swarm.errors import MissingBlocksError
@@ -30,7 +31,8 @@ class RouteManager:
         self.dht, self.prefix, self.num_blocks, self.config = dht, prefix, num_blocks, config
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
-        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures in a row)
+        self._bans: dict[str, BanRecord] = {}  # peer id -> its ban and the failures held against it
+        self._ban_policy = BanPolicy(config.ban_base, config.ban_max, config.ban_forgive_steps, config.ban_forget_after)
         self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         self._lock = threading.Lock()
         self._rng = random.Random()
@@ -62,22 +64,31 @@ class RouteManager:
             return [p for p in peers if p not in self._pings or now - self._pings[p][1] > self.config.ping_period]
 
     def ban(self, peer_id: str, reason: str = "") -> float:
-        """Avoid ``peer_id`` for a while; each failure in a row doubles the ban. Returns its length."""
+        """Avoid ``peer_id`` for a while; each failure still held against it doubles the ban (see
+        ``client.bans``). Returns the ban's length in seconds."""
+        now = time.monotonic()
         with self._lock:
-            _, failures = self._bans.get(peer_id, (0.0, 0))
-            duration = min(self.config.ban_base * 2**failures, self.config.ban_max)
-            self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+            record = self._bans[peer_id] = after_failure(self._bans.get(peer_id), now, self._ban_policy)
+        duration = record.until - now
         logger.warning("Banning server %s for %.0f s: %s", peer_id, duration, reason)
         return duration
 
     def mark_ok(self, peer_id: str) -> None:
+        """``peer_id`` answered a call correctly: its past failures decay (see ``client.bans``)."""
         with self._lock:
-            self._bans.pop(peer_id, None)
+            record = self._bans.get(peer_id)
+            if record is None:
+                return
+            record = after_success(record, time.monotonic(), self._ban_policy)
+            if record is None:
+                del self._bans[peer_id]
+            else:
+                self._bans[peer_id] = record
 
     def banned(self) -> set[str]:
         now = time.monotonic()
         with self._lock:
-            return {peer for peer, (until, _) in self._bans.items() if until > now}
+            return {peer for peer, record in self._bans.items() if record.until > now}
 
     def candidates(self, refresh: bool = False, exclude: frozenset[str] = frozenset()) -> list[ServerInfo]:
         excluded = self.banned() | set(self.config.blocked_peers) | exclude

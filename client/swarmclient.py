@@ -33,10 +33,16 @@ class SwarmClient:
                 f"compression must be one of {', '.join(tensors.COMPRESSIONS)}, got {config.compression!r}"
             )
         key = load_key(config.swarm_key) if config.swarm_key else None
-        self.dht = SwarmDHT(DHTConfig(initial_peers=list(config.initial_peers), client_mode=True, swarm_key=key))
+        dht_config = DHTConfig(
+            initial_peers=list(config.initial_peers),
+            client_mode=True,
+            swarm_key=key,
+            nat_traversal=config.nat_traversal,
+        )
+        self.dht = SwarmDHT(dht_config)
         self.membership = Membership(key, self.dht.peer_id)
         self.loop = LoopThread()
-        self.p2p = self.loop.run(self.dht.dht.replicate_p2p())
+        self.p2p = self.loop.run(self.dht.replicate_p2p())
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
         self.receipts = ReceiptBook(self.dht.identity)  # points: the work servers did for us, acknowledged
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
@@ -127,6 +133,7 @@ class SwarmClient:
                     raise StamenError(f"forward failed after {failures} attempts; last: {failure}") from failure
                 self.routes.ban(failure.peer_id, failure.reason)
                 continue
+            self.routes.mark_ok(hop.peer_id)
             hidden = output.to(hidden.dtype)
             self.receipts.add(hop.peer_id, hidden.shape[0] * hidden.shape[1] * len(hop.span))
             position = hop.span.end

@@ -3,9 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-  echo "==> Installing chromium and chromium-driver (for the browser tests)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "==> Installing chromium and chromium-driver (the monitor and chat pages are tested in a headless browser)"
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo")
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 fi
 echo "==> ruff"
 .venv/bin/ruff check .

@@ -15,6 +15,7 @@ import sys  # noqa: E402
 
 from server.config import ServerConfig
 from server.server import Server
+from swarm.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
 from swarm.models.modelpath import DEFAULT_MODEL
 from swarm.spans import parse_blocks
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--host", default=d.host, help=f"interface to listen on (default: {d.host})")
     p.add_argument("--port", type=int, default=d.port, help="TCP port to listen on (default: 0, any free port)")
     p.add_argument("--announce-host", default=None, help="public IP to advertise, when behind NAT")
+    add_nat_arguments(p)
     p.add_argument(
         "--announce-port",
         type=int,
@@ -133,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--announce-host needs a fixed --port or an --announce-port (the port others reach it through)")
     if args.announce_port is not None and not (args.announce_host and 0 < args.announce_port < 65536):
         p.error("--announce-port needs --announce-host and a port in 1..65535")
+    nat = NAT_CHOICES[args.nat_traversal]
+    try:
+        p2p_options(DHTConfig(host=args.host, nat_traversal=nat, auto_relay=args.auto_relay))
+    except ValueError as exc:
+        p.error(str(exc))
     return ServerConfig(
         blocks=blocks,
         num_blocks=args.num_blocks,
@@ -141,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         host=args.host,
         port=args.port,
         announce_host=args.announce_host,
+        nat_traversal=nat,
+        auto_relay=args.auto_relay,
         announce_port=args.announce_port,
         dtype=args.dtype,
         dht_prefix=args.dht_prefix,

@@ -16,6 +16,8 @@ class ServerConfig:
     host: str = "0.0.0.0"  # interface to listen on
     port: int = 0  # TCP port to listen on; 0 picks a free one
     announce_host: str | None = None  # public IP to advertise when behind NAT/port forwarding
+    nat_traversal: bool | None = None  # port mapping, AutoNAT, relays; None = on unless host is loopback
+    auto_relay: bool = False  # behind NAT without port forwarding: become reachable through relays
     announce_port: int | None = None  # port to advertise with announce_host; None = the listening port
     dtype: str = "auto"  # float32, bfloat16, float16, or auto (float32 on CPU)
     dht_prefix: str | None = None  # DHT key prefix; None = derived from the model name

@@ -2,7 +2,7 @@
 
 Concurrency: one asyncio event loop (uvloop) in the main thread runs the libp2p handlers, the
 announcer, the pinger and the rebalancer; torch work runs on each span's single compute thread;
-DHT calls are awaited as futures (hivemind runs the DHT node in a child process).
+DHT calls are awaited as futures (the DHT node runs on its own loop thread, see ``swarm.dht``).
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ class Server:
         self.budget = CacheBudget(config.cache_tokens)
 
         self.dht = await loop.run_in_executor(None, SwarmDHT, self._dht_config())
-        # only now: a DHT process forked after this would inherit the handlers and ignore SIGTERM
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
@@ -102,7 +101,7 @@ class Server:
             self.span = self.span or await self._choose_span()
             await self.announcer.announce()  # JOINING: others choosing spans count us in
             self.serving = await self._load(self.span)
-            p2p = await self.dht.dht.replicate_p2p()
+            p2p = await self.dht.replicate_p2p()
             self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config)
             self.membership = Membership(self.swarm_key, self.peer_id)
             self.handler.gate = Gate(self.swarm_key, self.peer_id)
@@ -198,13 +197,14 @@ class Server:
     def _dht_config(self) -> DHTConfig:
         c = self.config
         return DHTConfig(
-            c.initial_peers,
-            c.host,
-            c.port,
-            False,
-            c.identity_path,
-            c.announce_host,
-            self.swarm_key,
+            initial_peers=c.initial_peers,
+            host=c.host,
+            port=c.port,
+            identity_path=c.identity_path,
+            announce_host=c.announce_host,
+            swarm_key=self.swarm_key,
+            nat_traversal=c.nat_traversal,
+            auto_relay=c.auto_relay,
             announce_port=c.announce_port,
         )
 

@@ -1,12 +1,15 @@
-"""``python -m swarm bootstrap | status``: run a DHT-only bootstrap node, or show who serves what.
+"""``python -m swarm bootstrap | status | monitor | keygen``: run a DHT-only bootstrap node, show who
+serves what (once, or as a live web page), make a swarm key.
 
-Concurrency: both commands are synchronous. hivemind runs the DHT node in a child process; the
-bootstrap's main thread only waits for SIGINT/SIGTERM, then shuts the node down.
+Concurrency: the DHT node runs on its own loop thread (``swarm.dht``); bootstrap and status are
+synchronous (the bootstrap's main thread only waits for SIGINT/SIGTERM); the monitor runs its web
+server on an asyncio loop in the main thread (``swarm.monitor``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import pathlib
@@ -14,7 +17,7 @@ import signal
 import sys
 import threading
 
-from swarm.dht import DHTConfig, SwarmDHT
+from swarm.dht import NAT_CHOICES, DHTConfig, SwarmDHT, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
 from swarm.membership import SwarmKeyError, generate_key, load_key
 from swarm.models.modelpath import DEFAULT_MODEL
@@ -35,7 +38,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m swarm", description="Swarm tools: bootstrap node and status.")
+    p = argparse.ArgumentParser(prog="python -m swarm", description="Swarm tools: bootstrap node, status, monitor.")
     commands = p.add_subparsers(dest="command", title="commands")
 
     b = commands.add_parser("bootstrap", help="run a DHT-only node that others join through")
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--identity", default=None, help="private key file for a fixed peer id (created if missing)")
     b.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of other bootstrap nodes, if any")
     b.add_argument("--swarm-key", default=None, help="swarm key file: run a private swarm only its holders join")
+    add_nat_arguments(b)
     b.add_argument("--log-level", default="INFO", help="logging level on stderr (default: INFO)")
 
     s = commands.add_parser("status", help="show the servers, block coverage and route of a swarm")
@@ -54,7 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-blocks", type=positive_int, help="blocks in the model (default: from its config)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
+    add_nat_arguments(s, listening=False)
     s.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
+
+    m = commands.add_parser("monitor", help="serve a live web page of the swarm: coverage, servers, route")
+    m.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm members")
+    m.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], help="models to watch (names or local folders)")
+    m.add_argument("--dht-prefix", nargs="+", help="DHT key prefix of each model (default: from its name)")
+    m.add_argument("--num-blocks", nargs="+", type=positive_int, help="blocks of each model (default: its config)")
+    m.add_argument("--host", default="127.0.0.1", help="interface to serve the page on (default: 127.0.0.1)")
+    m.add_argument("--port", type=int, default=0, help="TCP port of the page (default: 0, any free port)")
+    m.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT look-ups (default: 5)")
+    m.add_argument("--swarm-key", default=None, help="swarm key file of a private swarm")
+    add_nat_arguments(m, listening=False)
+    m.add_argument("--log-level", default="WARNING", help="logging level on stderr (default: WARNING)")
 
     k = commands.add_parser("keygen", help="make a new swarm key file for a private swarm")
     k.add_argument("path", help="file to create (it must not exist); give it to every member")
@@ -97,12 +114,12 @@ def run_bootstrap(args: argparse.Namespace) -> int:
         identity_path=identity,
         announce_host=args.announce_host,
         swarm_key=load_key(args.swarm_key) if args.swarm_key else None,
+        nat_traversal=NAT_CHOICES[args.nat_traversal],
+        auto_relay=args.auto_relay,
     )
     dht = join(config)
     if dht is None:
         return 2
-    # Install the handlers only now: hivemind forks the DHT process, which must keep the default SIGTERM
-    # (a Python handler inherited through fork would make DHT.shutdown's fallback terminate() a no-op).
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -142,7 +159,8 @@ def run_status(args: argparse.Namespace) -> int:
             logger.error("Cannot read the depth of model %r (pass --num-blocks): %s", args.model, exc)
             return 2
     key = load_key(args.swarm_key) if args.swarm_key else None
-    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key))
+    nat = NAT_CHOICES[args.nat_traversal]
+    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key, nat_traversal=nat))
     if dht is None:
         return 2
     try:
@@ -159,6 +177,58 @@ def run_status(args: argparse.Namespace) -> int:
     return exit_code(report)
 
 
+def watched_models(args: argparse.Namespace) -> list:
+    """The monitor's models: names, DHT prefixes and depths from --model, --dht-prefix, --num-blocks."""
+    from swarm.monitor.app import WatchedModel
+
+    count = len(args.model)
+    for option in ("dht_prefix", "num_blocks"):
+        given = getattr(args, option)
+        if given is not None and len(given) != count:
+            raise ValueError(f"--{option.replace('_', '-')} needs one value per --model ({count})")
+    return [
+        WatchedModel(
+            name=model,
+            prefix=args.dht_prefix[i] if args.dht_prefix else model_prefix(model),
+            num_blocks=args.num_blocks[i] if args.num_blocks else model_depth(model),
+        )
+        for i, model in enumerate(args.model)
+    ]
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    """Join as a client and serve the monitor page until SIGINT/SIGTERM."""
+    try:
+        models = watched_models(args)
+    except (OSError, ValueError) as exc:
+        logger.error("Cannot watch %s: %s (pass --num-blocks for models not available here)", args.model, exc)
+        return 2
+    key = load_key(args.swarm_key) if args.swarm_key else None
+    nat = NAT_CHOICES[args.nat_traversal]
+    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key, nat_traversal=nat))
+    if dht is None:
+        return 2
+    import uvloop
+
+    from swarm.monitor.app import Monitor, serve
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await serve(Monitor(dht, models, args.refresh), args.host, args.port, stop)
+
+    try:
+        uvloop.run(main())
+    except OSError as exc:
+        logger.error("Cannot serve the monitor on %s:%s: %s", args.host, args.port, exc)
+        return 2
+    finally:
+        dht.shutdown()
+    print("Monitor stopped", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -167,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bootstrap" and args.announce_host and not args.port:
         parser.error("--announce-host needs a fixed --port (the advertised address would say port 0)")
+    if args.command == "bootstrap":
+        nat = NAT_CHOICES[args.nat_traversal]
+        try:
+            p2p_options(DHTConfig(host=args.host, nat_traversal=nat, auto_relay=args.auto_relay))
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
         if args.command == "keygen":
@@ -174,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bootstrap":
             return run_bootstrap(args)
+        if args.command == "monitor":
+            return run_monitor(args)
         return run_status(args)
     except SwarmKeyError as exc:
         logger.error("%s", exc)

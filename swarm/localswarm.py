@@ -1,8 +1,10 @@
-"""A local swarm of real ``python -m server`` processes on 127.0.0.1 (tests, demo, benchmarks).
+"""A local swarm of real processes on 127.0.0.1 (tests, demo, benchmarks): ``python -m server`` nodes,
+optionally a ``python -m swarm bootstrap`` node they all join through, API processes
+(``python -m client.api``) and monitors (``python -m swarm monitor``).
 
-Starts servers as subprocesses in their own process groups, learns their addresses from what they
-print, waits for readiness with a deadline, and kills whole process groups on exit (the server and
-the DHT process and p2p daemon it started).
+Starts each as a subprocess in its own process group, learns addresses from what it prints, waits for
+readiness with a deadline, and kills whole process groups on exit (each node and the libp2p daemon it
+started). This is the one launcher of local swarms.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+URL_LINES = ("Serving the API on ", "Serving the monitor on ")  # HTTP processes print their address so
+
 
 @dataclass
 class ServerProcess:
@@ -28,12 +32,13 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
     maddrs: list[str] = field(default_factory=list)
     peer_id: str = ""
-    url: str = ""  # an API process (``start_api``): its HTTP address
+    ready_line: str = "Serving blocks"  # what the process prints once it is up
 
     def wait_ready(self, deadline: float) -> None:
-        """Read stdout until the 'Serving' line (or fail with the server's output at ``deadline``)."""
-        line = self.wait_line("Serving blocks", deadline)
-        self.peer_id = line.split(" as ")[1].split()[0]
+        """Read stdout until the ready line (or fail with the process's output at ``deadline``)."""
+        line = self.wait_line(self.ready_line, deadline)
+        if " as " in line:
+            self.peer_id = line.split(" as ")[1].split()[0]
 
     def wait_line(self, prefix: str, deadline: float) -> str:
         """Read stdout until a line starting with ``prefix`` and return it (fail with the output at ``deadline``)."""
@@ -53,6 +58,12 @@ class ServerProcess:
                 return line
 
     @property
+    def url(self) -> str | None:
+        """An API's or a monitor's address, from its 'Serving the ... on URL' line."""
+        lines = [line for line in list(self.output) if line.startswith(URL_LINES)]
+        return lines[-1].split()[-1] if lines else None
+
+    @property
     def span(self) -> str | None:
         """The blocks it serves now, from its latest 'Serving blocks START:END ...' line."""
         serving = [line for line in list(self.output) if line.startswith("Serving blocks")]
@@ -66,7 +77,7 @@ class ServerProcess:
             os.kill(self.proc.pid, sig)
 
     def kill_group(self) -> None:
-        """Kill the server and its children (hivemind's DHT process and p2p daemon)."""
+        """Kill the process and its children (its p2p daemon)."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -97,6 +108,21 @@ def spawn_server(
     return server
 
 
+def spawn_bootstrap(*extra: str, env: dict | None = None) -> ServerProcess:
+    """Start ``python -m swarm bootstrap`` on 127.0.0.1; ``wait_ready`` then gives its addresses."""
+    bootstrap = spawn([sys.executable, "-m", "swarm", "bootstrap", "--host", "127.0.0.1", *extra], env)
+    bootstrap.ready_line = "Bootstrap node ready"
+    return bootstrap
+
+
+def spawn_monitor(initial_peers: list[str], *extra: str, env: dict | None = None) -> ServerProcess:
+    """Start ``python -m swarm monitor`` on 127.0.0.1; after ``wait_ready``, ``url`` is the page's address."""
+    args = [sys.executable, "-m", "swarm", "monitor", "--host", "127.0.0.1", "--initial-peers", *initial_peers]
+    monitor = spawn(args + list(extra), env)
+    monitor.ready_line = "Serving the monitor on "
+    return monitor
+
+
 def spawn(args: list[str], env: dict | None = None) -> ServerProcess:
     """Start a process in its own process group, its output collected line by line."""
     proc = subprocess.Popen(
@@ -114,17 +140,27 @@ def spawn(args: list[str], env: dict | None = None) -> ServerProcess:
 
 
 class LocalSwarm:
-    """The first server starts the swarm; the rest join it. Always use as a context manager."""
+    """The first server starts the swarm and the rest join it, or with ``bootstrap=True`` every server
+    joins through a ``python -m swarm bootstrap`` node started first. Always use as a context manager."""
 
-    def __init__(self, timeout: float = 120.0, env: dict | None = None):
+    def __init__(self, timeout: float = 120.0, env: dict | None = None, bootstrap: bool = False):
         self.servers: list[ServerProcess] = []
         self.apis: list[ServerProcess] = []
         self.timeout, self.env = timeout, env
+        self.bootstrap: ServerProcess | None = None
+        if bootstrap:
+            self.bootstrap = spawn_bootstrap(env=env)
+            try:
+                self.bootstrap.wait_ready(time.monotonic() + timeout)
+            except BaseException:
+                self.bootstrap.kill_group()
+                raise
 
     @property
     def initial_peers(self) -> list[str]:
-        """Addresses of the servers still running (any of them lets a newcomer join)."""
-        return [addr for server in self.servers if server.proc.poll() is None for addr in server.maddrs]
+        """Addresses of the bootstrap node and servers still running (any of them lets a newcomer join)."""
+        nodes = ([self.bootstrap] if self.bootstrap else []) + self.servers
+        return [addr for node in nodes if node.proc.poll() is None for addr in node.maddrs]
 
     def live(self, blocks: str | None = None) -> list[ServerProcess]:
         return [s for s in self.servers if s.proc.poll() is None and (blocks is None or s.blocks == blocks)]
@@ -141,7 +177,7 @@ class LocalSwarm:
         """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new."""
         deadline = time.monotonic() + self.timeout
         started = []
-        if not self.servers:
+        if not self.servers and self.bootstrap is None:
             first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env)
             self.servers.append(first)
             first.wait_ready(deadline)
@@ -155,17 +191,18 @@ class LocalSwarm:
 
     def start_api(self, model, *extra: str) -> ServerProcess:
         """Start ``python -m client.api`` on a free port of 127.0.0.1, joined to this swarm; its ``url`` is
-        set once it serves. It stops with the swarm."""
+        known once it serves. It stops with the swarm."""
         args = [sys.executable, "-m", "client.api", "--host", "127.0.0.1", "--port", "0"]
         args += (["--model", str(model)] if model else []) + list(extra) + ["--initial-peers", *self.initial_peers]
         api = spawn(args, self.env)
         self.apis.append(api)
-        api.url = api.wait_line("Serving the API on ", time.monotonic() + self.timeout).split()[-1]
+        api.ready_line = "Serving the API on "
+        api.wait_ready(time.monotonic() + self.timeout)
         return api
 
     def __enter__(self) -> LocalSwarm:
         return self
 
     def __exit__(self, *exc) -> None:
-        for process in self.apis + self.servers:
+        for process in self.apis + self.servers + ([self.bootstrap] if self.bootstrap else []):
             process.kill_group()

@@ -16,6 +16,9 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from swarm.chainsearch import Costs, search
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerInfo, ServerState
 from swarm.spans import BlockRange
@@ -79,7 +82,6 @@ def coverage(servers: Iterable[ServerInfo], num_blocks: int) -> list[int]:
 
 
 DEFAULT_THROUGHPUT = 1.0  # steps/s assumed for a server announcing no usable throughput: slow but usable
-_CLIENT = -1  # index of the client in the chain search: the "server" before the first hop
 
 
 def _seconds(value: object, fallback: float) -> float:
@@ -99,65 +101,63 @@ def _candidates(servers: Iterable[ServerInfo], span: BlockRange) -> list[ServerI
     return sorted(overlapping, key=lambda s: (s.peer_id, s.span.start, s.span.end))
 
 
-@dataclass(frozen=True)
-class _Latency:
-    """The latency model's numbers, per server index of the candidate list."""
-
-    step: list[float]  # seconds to run one block (1 / throughput)
-    penalty: list[float]  # seconds added once per hop: cache_penalty if the server is short of cache
-    rtt: list[float]  # client <-> server round trip
-    links: list[dict[int, float]]  # push mode: one-way seconds to the servers it measured (by index)
-    push: bool
-
-    def exit(self, last: int) -> float:
-        """Network seconds after the last hop: its way back to the client (push mode only)."""
-        return self.rtt[last] / 2 if self.push else 0.0
-
-
-def _latency(
+def _costs(
     candidates: Sequence[ServerInfo],
+    span: BlockRange,
     client_pings: Mapping[str, float],
     default_rtt: float,
     min_cache_tokens: int,
     cache_penalty: float,
     push: bool,
-) -> _Latency:
-    indices: dict[str, list[int]] = {}
-    for i, server in enumerate(candidates):
-        indices.setdefault(server.peer_id, []).append(i)
-    links: list[dict[int, float]] = []
-    for server in candidates if push else ():
-        measured = {}
-        for peer, value in server.next_pings.items():
-            targets = indices.get(peer)
-            if targets and isinstance(value, int | float) and value >= 0:
-                for j in targets:
-                    measured[j] = value / 2
-        links.append(measured)
-    return _Latency(
-        step=[1.0 / _speed(s.throughput, DEFAULT_THROUGHPUT) for s in candidates],
-        penalty=[cache_penalty if s.cache_tokens_left < min_cache_tokens else 0.0 for s in candidates],
-        rtt=[_seconds(client_pings.get(s.peer_id), default_rtt) for s in candidates],
-        links=links,
-        push=push,
+) -> Costs:
+    """The latency model's numbers as arrays over ``candidates`` (see ``fastest_chain``)."""
+    throughput = _numbers([s.throughput for s in candidates])
+    rtt = _numbers([client_pings.get(s.peer_id, default_rtt) for s in candidates])
+    cache = _numbers([s.cache_tokens_left for s in candidates])
+    return Costs(
+        start=np.array([max(s.span.start, span.start) - span.start for s in candidates], dtype=np.int64),
+        end=np.array([min(s.span.end, span.end) - span.start for s in candidates], dtype=np.int64),
+        step=1.0 / np.where((throughput > 0) & np.isfinite(throughput), throughput, DEFAULT_THROUGHPUT),
+        penalty=np.where(cache < min_cache_tokens, cache_penalty, 0.0),
+        rtt=np.where(rtt >= 0, rtt, default_rtt),  # NaN, negative and non-numbers count as missing
+        links=_links(candidates) if push else None,
     )
 
 
-# How fastest_chain searches. States are (position p, server whose hop has just run block p - 1); from
-# one, the hop either continues on the same server or a new hop starts on any server covering p. Every
-# edge advances p, so the graph is acyclic and one pass in position order settles it exactly (Dijkstra's
-# order and a topological order coincide here), over sum-of-coverage states.
-#
-# Hop ends are NOT restricted to span boundaries. For a fixed sequence of servers the cost is linear in
-# each switch point, which suggests sliding switches to a boundary; but a switch can slide only until a
-# hop would become empty, and dropping an empty hop changes the links paid: pings need not obey the
-# triangle inequality, so a one-block hop on a slow server can be the cheapest relay between two servers
-# that cannot reach each other, and it then sits off the boundaries (a unit test has such a swarm).
-#
-# Push mode: entering s at p costs min over predecessors j of arrive[j] + link(j, s). Measured links
-# (``next_pings``) are few; every other link(j, s) is rtt(s) / 2 whoever j is, so the first j in
-# increasing arrive[j] that has no measurement of s gives the best unmeasured entry. Each position costs
-# O(sort + measured links) instead of O(servers^2).
+def _numbers(values: list) -> np.ndarray:
+    """``values`` as floats; anything that is not an int or float becomes NaN (missing)."""
+    try:
+        return np.array(values, dtype=float)
+    except (TypeError, ValueError):
+        return np.array([v if isinstance(v, int | float) else math.nan for v in values], dtype=float)
+
+
+def _links(candidates: Sequence[ServerInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Measured one-way seconds between candidates, from their ``next_pings``: (from, to, seconds)."""
+    index: dict[str, int] = {}
+    duplicates: dict[str, list[int]] = {}  # a peer with several records: every one of them is a target
+    for i, server in enumerate(candidates):
+        if index.setdefault(server.peer_id, i) != i:
+            duplicates.setdefault(server.peer_id, [index[server.peer_id]]).append(i)
+    src, peers, values = [], [], []
+    for i, server in enumerate(candidates):
+        if server.next_pings:
+            src.extend([i] * len(server.next_pings))
+            peers.extend(server.next_pings)
+            values.extend(server.next_pings.values())
+    src = np.array(src, dtype=np.int64)
+    dst = np.array([index.get(peer, -1) for peer in peers], dtype=np.int64)
+    seconds = _numbers(values) / 2
+    for peer, targets in duplicates.items():
+        rows = np.flatnonzero(np.array([p == peer for p in peers], dtype=bool))
+        for target in targets[1:]:
+            src, dst, seconds = (
+                np.append(src, src[rows]),
+                np.append(dst, np.full(len(rows), target)),
+                np.append(seconds, seconds[rows]),
+            )
+    keep = (dst >= 0) & (seconds >= 0)  # known targets, valid pings
+    return src[keep], dst[keep], seconds[keep]
 
 
 def fastest_chain(
@@ -184,8 +184,8 @@ def fastest_chain(
     - cache: a server with ``cache_tokens_left < min_cache_tokens`` adds ``cache_penalty`` per hop, so it is
       used only where that is worth ``cache_penalty`` seconds (or where nothing else covers the blocks).
 
-    A hop may run any sub-range of its server's span, and servers may change at any block (see the
-    search notes above). Ties go to continuing the current hop, then to lower peer ids.
+    A hop may run any sub-range of its server's span, and servers may change at any block (see
+    ``swarm.chainsearch`` for the search). Ties go to continuing the current hop, then to lower peer ids.
 
     Raises MissingBlocksError naming the blocks no given server covers. Callers filter servers first
     (online, bans, allow lists).
@@ -193,77 +193,16 @@ def fastest_chain(
     if not (default_rtt >= 0 and cache_penalty >= 0):
         raise ValueError(f"default_rtt and cache_penalty must be >= 0, got {default_rtt}, {cache_penalty}")
     candidates = _candidates(servers, span)
-    missing = uncovered_blocks(candidates, span)
-    if missing:
-        raise MissingBlocksError(missing)
-    latency = _latency(candidates, client_pings, default_rtt, min_cache_tokens, cache_penalty, push)
-    covering: list[list[int]] = [[] for _ in range(len(span))]
-    for i, server in enumerate(candidates):
-        for block in range(max(server.span.start, span.start), min(server.span.end, span.end)):
-            covering[block - span.start].append(i)
-
-    arrive: dict[int, float] = {_CLIENT: 0.0}  # server whose hop has run the blocks so far -> seconds
-    parents: list[dict[int, int]] = []  # per block: server -> server before it (itself: same hop)
-    for cover in covering:
-        entries = _entries_push(arrive, cover, latency) if push else _entries_relay(arrive, cover, latency)
-        reached, parent = {}, {}
-        for i in cover:
-            cost, before = entries[i]
-            cost += latency.penalty[i]
-            held = arrive.get(i)
-            if held is not None and held <= cost:
-                cost, before = held, i
-            reached[i], parent[i] = cost + latency.step[i], before
-        arrive = reached
-        parents.append(parent)
-    last = min(arrive, key=lambda i: (arrive[i] + latency.exit(i), i))
-    return _backtrack(parents, last, candidates, span)
-
-
-def _entries_relay(arrive: dict[int, float], cover: list[int], latency: _Latency) -> dict[int, tuple[float, int]]:
-    """Client relay: entering s costs rtt(s) whoever came before, so the cheapest predecessor serves all."""
-    before = min(arrive, key=lambda j: (arrive[j], j))
-    return {i: (arrive[before] + latency.rtt[i], before) for i in cover}
-
-
-def _entries_push(arrive: dict[int, float], cover: list[int], latency: _Latency) -> dict[int, tuple[float, int]]:
-    """Push: the cheapest way to start a hop on each server of ``cover``, as (seconds, predecessor)."""
-    best: dict[int, tuple[float, int]] = {}
-    wanted, unmeasured = set(cover), set(cover)  # unmeasured: no default-link offer made yet
-    ceiling = math.inf  # once every server has an offer: no entry costs more (links are >= 0)
-    for rank, before in enumerate(sorted(arrive, key=lambda j: (arrive[j], j))):
-        base = arrive[before]
-        if base >= ceiling and not unmeasured:
-            break  # this and later predecessors cannot improve any entry
-        links = latency.links[before] if before != _CLIENT else {}
-        if len(links) <= len(wanted):
-            measured = [(i, cost) for i, cost in links.items() if i in wanted]
-        else:
-            measured = [(i, links[i]) for i in wanted if i in links]
-        if unmeasured:
-            fresh = [i for i in unmeasured if i not in links]
-            measured.extend((i, latency.rtt[i] / 2) for i in fresh)
-            unmeasured.difference_update(fresh)
-        for i, link in measured:
-            cost = base + link
-            if i not in best or cost < best[i][0]:
-                best[i] = (cost, before)
-        if not unmeasured and (ceiling == math.inf or rank % 16 == 0):
-            ceiling = max(cost for cost, _ in best.values())
-    return best
-
-
-def _backtrack(parents: list[dict[int, int]], last: int, candidates: list[ServerInfo], span: BlockRange) -> list[Hop]:
-    hops: list[Hop] = []
-    server, position, end = last, span.end, span.end
-    while server != _CLIENT:
-        before = parents[position - span.start - 1][server]
-        position -= 1
-        if before != server:  # the hop on ``server`` starts at ``position``
-            hops.append(Hop(candidates[server].peer_id, BlockRange(position, end)))
-            server, end = before, position
-    hops.reverse()
-    return hops
+    if not candidates:
+        raise MissingBlocksError(list(range(span.start, span.end)))
+    costs = _costs(candidates, span, client_pings, default_rtt, min_cache_tokens, cache_penalty, push)
+    covered = np.cumsum(
+        np.bincount(costs.start, minlength=len(span) + 1) - np.bincount(costs.end, minlength=len(span) + 1)
+    )
+    if not covered[: len(span)].all():
+        raise MissingBlocksError([span.start + int(b) for b in np.flatnonzero(covered[: len(span)] == 0)])
+    hops = search(costs, len(span), push)
+    return [Hop(candidates[i].peer_id, BlockRange(span.start + start, span.start + end)) for i, start, end in hops]
 
 
 def chain_latency(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from client import AutoDistributedModelForCausalLM
 from proto import pb
 from swarm import errors, tensors
-from swarm.dht import DHTConfig, SwarmDHT, SwarmJoinError, _store_records
+from swarm.dht import DHTConfig, SwarmDHT, SwarmJoinError, store_records
 from swarm.localswarm import LocalSwarm
 from swarm.membership import generate_key, load_key
 from swarm.records import ServerInfo, ServerState
@@ -78,7 +77,7 @@ def test_non_member_rpc_gets_not_a_member(keyed_swarm):
     target = servers[0]
 
     async def ask(stranger: SwarmDHT) -> list[BaseException]:
-        p2p = await stranger.dht.replicate_p2p()
+        p2p = await stranger.replicate_p2p()
         await p2p._client.connect(PeerID.from_base58(target.peer_id), [Multiaddr(target.maddrs[0])])
         forward = pb.ForwardRequest(start_block=0, end_block=3, hidden=tensors.to_proto(torch.zeros(1, 1, 64)))
         step = pb.InferenceRequest(
@@ -123,15 +122,15 @@ def test_forged_and_unsigned_announcements_are_ignored(keyed_swarm):
         signed_by_member = ServerInfo(**{**signed_by_member.__dict__, "signature": member.identity.sign(b"x")})
         for record in (forged, signed_by_member):  # unsigned, and signed with the wrong key
             keys = [block_key(prefix, block) for block in range(3, 6)]
-            stored = member.dht.run_coroutine(
-                partial(_store_records, keys=keys, subkey=victim.peer_id, value=record.to_bytes(), ttl=60)
-            )
+            stored = member.run_coroutine(
+                store_records, keys=keys, subkey=victim.peer_id, value=record.to_bytes(), ttl=60
+            ).result(timeout=30)
             assert not stored  # every DHT node refuses to store it
         # ...and a fake server for blocks 0:6 under its own peer id, unsigned
         fake = ServerInfo(member.peer_id, ServerState.ONLINE, BlockRange(0, 6), throughput=1e9)
         keys = [block_key(prefix, block) for block in range(6)]
-        member.dht.run_coroutine(
-            partial(_store_records, keys=keys, subkey=member.peer_id, value=fake.to_bytes(), ttl=60)
+        member.run_coroutine(store_records, keys=keys, subkey=member.peer_id, value=fake.to_bytes(), ttl=60).result(
+            timeout=30
         )
 
         seen = {s.peer_id: s for s in member.fetch_servers(prefix, 6)}

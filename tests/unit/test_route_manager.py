@@ -35,9 +35,26 @@ def manager(servers, **options):
 
 def test_ban_doubles_with_each_failure_and_is_capped():
     routes = manager([server("a", 0, 4)], ban_base=1.0, ban_max=5.0)
-    assert [routes.ban("a") for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert [routes.ban("a") for _ in range(5)] == pytest.approx([1.0, 2.0, 4.0, 5.0, 5.0], abs=0.01)
+
+
+def test_successes_forgive_past_failures_one_at_a_time():
+    routes = manager([server("a", 0, 4)], ban_base=1.0, ban_max=100.0, ban_forgive_steps=3)
+    for _ in range(3):
+        routes.ban("a")  # 3 failures held: the next ban would be 8 s
+    for _ in range(3 * 2):
+        routes.mark_ok("a")  # two failures forgiven
+    assert routes.ban("a") == pytest.approx(2.0, abs=0.01)
+    for _ in range(3 * 2):
+        routes.mark_ok("a")  # both remaining failures forgiven: a clean slate
+    assert routes.ban("a") == pytest.approx(1.0, abs=0.01)
+
+
+def test_successes_of_servers_never_banned_change_nothing():
+    routes = manager([server("a", 0, 4)], ban_base=1.0)
     routes.mark_ok("a")
-    assert routes.ban("a") == 1.0
+    assert routes.banned() == set()
+    assert routes.ban("a") == pytest.approx(1.0, abs=0.01)
 
 
 def test_banned_server_is_avoided_until_its_ban_expires():
