@@ -63,6 +63,11 @@ class InferenceSession:
         """The servers this session currently goes through, with the blocks each one runs."""
         return [hop.hop for hop in self._hops]
 
+    @property
+    def moving(self) -> int:
+        """Replacements for leaving servers still being built (each swaps in at the next step once ready)."""
+        return sum(not task.done() for task in self._handovers.values())
+
     def __enter__(self) -> InferenceSession:
         return self
 

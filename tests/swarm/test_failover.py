@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -33,7 +34,16 @@ class KillAtToken:
         if self.calls == self.at and self.victim is None:
             self.victim = self.swarm.by_peer(self.session.route[self.hop].peer_id)
             os.kill(self.victim.proc.pid, self.sig)
+        elif self.victim is not None and self.sig == signal.SIGTERM:
+            self.await_handover()
         self.calls += 1
+
+    def await_handover(self, timeout: float = 30.0) -> None:
+        """Hold generation while the replacement of a leaving server is being built (a busy machine can
+        take longer than the remaining tokens), so the swap at the next step is what the test sees."""
+        deadline = time.monotonic() + timeout
+        while self.session.moving and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def end(self) -> None:
         pass
