@@ -79,25 +79,36 @@ class RouteManager:
         with self._lock:
             return {peer for peer, (until, _) in self._bans.items() if until > now}
 
-    def candidates(self, refresh: bool = False) -> list[ServerInfo]:
+    def candidates(self, refresh: bool = False, adapter: str | None = None) -> list[ServerInfo]:
+        """Servers to route through: online, not banned or blocked, allowed, and (if ``adapter`` is given)
+        announcing that preloaded adapter."""
         excluded = self.banned() | set(self.config.blocked_peers)
         servers = usable(self.servers(refresh), excluded)
         if self.config.allowed_peers is not None:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
+        if adapter is not None:
+            servers = [s for s in servers if adapter in s.adapters]
         return servers
 
-    def chain(self, span: BlockRange | None = None, min_cache_tokens: int = 0, forward: bool = False) -> list[Hop]:
+    def chain(
+        self,
+        span: BlockRange | None = None,
+        min_cache_tokens: int = 0,
+        forward: bool = False,
+        adapter: str | None = None,
+    ) -> list[Hop]:
         """A chain covering ``span`` (default: the whole model), waiting up to ``wait_for_blocks``.
 
         Inference: the lowest expected latency per token (measured pings, announced throughputs,
-        servers short of cache penalised). Forward passes: load spread by forward throughput.
+        servers short of cache penalised). Forward and backward passes: load spread by forward throughput.
+        With ``adapter``, only servers that announce that preloaded adapter.
         """
         span = span or BlockRange(0, self.num_blocks)
         deadline = time.monotonic() + self.config.wait_for_blocks
         refresh = False
         while True:
             try:
-                servers = self.candidates(refresh)
+                servers = self.candidates(refresh, adapter)
                 if forward:
                     return spread_forward(servers, span, self._rng, client_pings=self.pings())
                 return fastest_chain(

@@ -4,6 +4,12 @@ Each server of the chain holds its own session (KV cache) for its span. The clie
 server, the inputs it sent in this session; when a server fails, the client bans it, finds a
 replacement chain for that span only, replays those inputs step by step (same shapes, so the
 rebuilt cache is the same as the lost one), and carries on. Other servers keep their sessions.
+
+Beam search reorders the session's rows: ``reorder`` keeps the hypothesis indices until the next step,
+which carries them to every server (each reorders its cache before running the step); the history
+keeps them with that step, so a replay reorders at the same points. A session may carry a LoRA
+adapter (sent when each server's session opens) and deep prompts (sent with the steps that hold the
+first tokens).
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from client.retry import Attempts
 from proto import pb
 from swarm import tensors
-from swarm.errors import BlocksNotServedError, SessionNotFoundError, StamenError
+from swarm.errors import StamenError
+from swarm.models.adapters import LoraAdapter
 from swarm.routing import Hop
 from swarm.rpc import InferenceStream, ServerFailure
 
@@ -34,12 +42,17 @@ class StepInput:
     hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
     position_ids: torch.Tensor  # [batch, new_tokens] int64
     attention_mask: torch.Tensor | None  # [batch, new_tokens] bool (False marks padding), or None
+    prompts: torch.Tensor | None = None  # [num_blocks, 1 or batch, k, hidden]: deep prompts of the first k tokens
+    reorder: torch.Tensor | None = None  # [batch] int64: rows the servers keep before this step (beam search)
 
 
-@dataclasses.dataclass
-class _Attempts:
-    allowed: int
-    used: int = 0
+def adapter_message(adapter: LoraAdapter | str | None, span) -> pb.Adapter | None:
+    """The wire form of an adapter choice on ``span``: a preloaded adapter's name or the client's weights."""
+    if adapter is None:
+        return None
+    if isinstance(adapter, str):
+        return pb.Adapter(name=adapter)
+    return pb.Adapter(lora=adapter.within(span).to_proto())
 
 
 class _HopSession:
@@ -58,11 +71,14 @@ class _HopSession:
 class InferenceSession:
     """Use as a context manager. One caller at a time: a session is one conversation's state."""
 
-    def __init__(self, client: SwarmClient, max_length: int):
+    def __init__(self, client: SwarmClient, max_length: int, adapter: LoraAdapter | str | None = None):
         self.client, self.max_length = client, max_length
         self.config = client.config
+        self.adapter = adapter  # LoRA weights (detached) or a preloaded adapter's name, for every step
         self.position = 0  # tokens processed so far (per sequence)
+        self.prefix = 0  # of them, trainable prompt tokens the model put before the caller's tokens
         self.padding: torch.Tensor | None = None  # [batch, position] bool: the padding mask the servers hold
+        self._reorder: torch.Tensor | None = None  # hypothesis indices for the next step (beam search)
         self.batch_size: int | None = None
         self._hops: list[_HopSession] = []
         self.closed = False
@@ -88,17 +104,36 @@ class InferenceSession:
             self._hops = self.client.loop.run(self._open_with_retries(batch_size))
         return self
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row ``rows[i]`` of the session as row i from the next step on (beam search)."""
+        rows = rows.to(torch.int64).reshape(-1)
+        if self.batch_size is not None and rows.numel() != self.batch_size:
+            raise ValueError(f"reorder needs {self.batch_size} row indices, got {rows.numel()}")
+        if self.position == 0:
+            raise ValueError("nothing to reorder yet: the session holds no tokens")
+        self._reorder = rows if self._reorder is None else self._reorder[rows]
+        self.padding = self.padding[rows]
+
     def step(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run new tokens through all blocks; returns the last block's hidden states for them.
 
         ``hidden`` [batch, new_tokens, hidden_size], ``position_ids`` [batch, new_tokens], ``attention_mask``
-        [batch, new_tokens] bool (False marks padding) or None. Synchronous; any thread may call it."""
-        return self.client.loop.run(self.step_async(hidden, position_ids, attention_mask))
+        [batch, new_tokens] bool (False marks padding) or None, ``prompts`` [num_blocks, 1 or batch, k, hidden]
+        deep prompts of the session's first k tokens (or None). Synchronous; any thread may call it."""
+        return self.client.loop.run(self.step_async(hidden, position_ids, attention_mask, prompts))
 
     async def step_async(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``step`` for code running on the client's event loop (e.g. one engine stepping many sessions)."""
         if self.closed:
@@ -116,17 +151,23 @@ class InferenceSession:
         self.padding = new_padding if self.padding is None else torch.cat([self.padding, new_padding], dim=1)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        chunk = max(1, self.config.max_message_bytes // (batch * hidden_size * 4))
+        chunk = max(1, self.config.max_message_bytes // (batch * hidden_size * 4 * (2 if prompts is not None else 1)))
         outputs = []
         for start in range(0, tokens, chunk):
             end = min(tokens, start + chunk)
             mask = attention_mask[:, start:end] if attention_mask is not None else None
-            outputs.append(await self._step(StepInput(hidden[:, start:end], position_ids[:, start:end], mask)))
+            first = self.position  # the chunk's first token in the session; deep prompts cover the first k tokens
+            chunk_prompts = prompts[:, :, first : end - start + first] if prompts is not None else None
+            if chunk_prompts is not None and chunk_prompts.shape[2] == 0:
+                chunk_prompts = None
+            reorder, self._reorder = self._reorder, None
+            item = StepInput(hidden[:, start:end], position_ids[:, start:end], mask, chunk_prompts, reorder)
+            outputs.append(await self._step(item))
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     async def _step(self, inputs: StepInput) -> torch.Tensor:
-        attempts = _Attempts(self.config.max_retries)
+        attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
         batch = inputs.hidden.shape[0]
         if not self._hops:
             self._hops = await self._open_with_retries(batch, attempts)
@@ -138,7 +179,7 @@ class InferenceSession:
             try:
                 output, pushed = await self._run(hop, current, delivered=pushed)
             except ServerFailure as failure:
-                self._on_failure(failure, attempts)
+                attempts.failed(failure)
                 self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
                 pushed = False
                 continue  # the replacement replayed the history; now run this step through it
@@ -147,36 +188,25 @@ class InferenceSession:
             index += 1
         return current.hidden
 
-    async def _open_with_retries(self, batch: int, attempts: _Attempts | None = None) -> list[_HopSession]:
-        attempts = attempts or _Attempts(self.config.max_retries)
+    async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> list[_HopSession]:
+        attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
         return await self._retrying(attempts, lambda: self._open_chain(None, batch))
 
-    async def _retrying(self, attempts: _Attempts, action):
+    @staticmethod
+    async def _retrying(attempts: Attempts, action):
         """Run ``action`` (open or replace part of the chain) until it succeeds or attempts run out."""
         while True:
             try:
                 return await action()
             except ServerFailure as failure:
-                self._on_failure(failure, attempts)
-
-    def _on_failure(self, failure: ServerFailure, attempts: _Attempts) -> None:
-        """Raise if we should give up; otherwise ban the server (unless it only expired our session)."""
-        if failure.is_client_error:
-            raise failure.cause
-        attempts.used += 1
-        if attempts.used > attempts.allowed:
-            raise StamenError(f"inference step failed after {attempts.used} attempts; last: {failure}") from failure
-        logger.warning("Server %s failed (%s); rerouting its blocks", failure.peer_id, failure.reason)
-        if isinstance(failure.cause, BlocksNotServedError):  # it moved to other blocks: look again
-            self.client.routes.invalidate()
-        elif not isinstance(failure.cause, SessionNotFoundError):  # an expired session: the server is fine
-            self.client.routes.ban(failure.peer_id, failure.reason)
+                attempts.failed(failure)
 
     async def _open_chain(self, span, batch: int) -> list[_HopSession]:
         loop = asyncio.get_running_loop()
         needed = batch * self.max_length
         await self.client.measure_pings()
-        chain = await loop.run_in_executor(None, self.client.routes.chain, span, needed)
+        adapter = self.adapter if isinstance(self.adapter, str) else None
+        chain = await loop.run_in_executor(None, lambda: self.client.routes.chain(span, needed, adapter=adapter))
         hops = []
         try:
             for hop in chain:
@@ -222,7 +252,14 @@ class InferenceSession:
             request.expect_push = True
         if item.attention_mask is not None:
             request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
+        span = hop.hop.span
+        if item.prompts is not None:  # the session's prompts cover every block of the model
+            request.prompts.CopyFrom(tensors.to_proto(item.prompts[span.start : span.end].to(hop.dtype)))
+        if item.reorder is not None:
+            request.reorder.CopyFrom(tensors.to_proto(item.reorder))
         if hop.next_step == 0:
+            if (adapter := adapter_message(self.adapter, span)) is not None:
+                request.adapter.CopyFrom(adapter)
             request.membership = self.client.membership.proof_for(hop.hop.peer_id)
             request.session_id = hop.session_id
             request.start_block, request.end_block = hop.hop.span.start, hop.hop.span.end

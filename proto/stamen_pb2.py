@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstamen.proto\x12\tstamen.v1\"6\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"<\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.stamen.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x92\x03\n\x10InferenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x10\n\x08position\x18\x07 \x01(\r\x12!\n\x06hidden\x18\x08 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\t \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\n \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x13\n\x0b\x65xpect_push\x18\x0b \x01(\x08\x12\x14\n\x0cpush_peer_id\x18\x0c \x01(\t\x12\x17\n\x0fpush_session_id\x18\r \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x0e \x01(\x08\x12\x19\n\x11push_from_peer_id\x18\x0f \x01(\t\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"u\n\x11InferenceResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.stamen.v1.Error\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\"j\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x0e\n\x0cPushResponse\"\xc3\x01\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\r\x12\x11\n\tend_block\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"U\n\x0f\x46orwardResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.stamen.v1.Error\"!\n\x0bInfoRequest\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\xfd\x03\n\x0cServerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.stamen.v1.ServerState\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x07 \x01(\x04\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bpublic_name\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x0e\n\x06maddrs\x18\x0b \x03(\t\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x1a\n\x12max_request_tokens\x18\r \x01(\r\x12\x1a\n\x12\x66orward_throughput\x18\x0e \x01(\x01\x12:\n\nnext_pings\x18\x0f \x03(\x0b\x32&.stamen.v1.ServerRecord.NextPingsEntry\x12\x14\n\x0c\x61nnounced_at\x18\x10 \x01(\x01\x12\x12\n\npublic_key\x18\x14 \x01(\x0c\x12\x11\n\tsignature\x18\x15 \x01(\x0c\x12\x12\n\nexpires_at\x18\x16 \x01(\x01\x1a\x30\n\x0eNextPingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xc5\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0e\n\nCACHE_FULL\x10\x02\x12\x15\n\x11SESSION_NOT_FOUND\x10\x03\x12\x15\n\x11\x42LOCKS_NOT_SERVED\x10\x04\x12\x11\n\rSHUTTING_DOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x12\x15\n\x11TOO_MANY_REQUESTS\x10\x07\x12\x10\n\x0cNOT_A_MEMBER\x10\x14*Q\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07JOINING\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x32\x92\x02\n\x0c\x42lockService\x12J\n\tInference\x12\x1b.stamen.v1.InferenceRequest\x1a\x1c.stamen.v1.InferenceResponse(\x01\x30\x01\x12@\n\x07\x46orward\x12\x19.stamen.v1.ForwardRequest\x1a\x1a.stamen.v1.ForwardResponse\x12\x37\n\x04Info\x12\x16.stamen.v1.InfoRequest\x1a\x17.stamen.v1.ServerRecord\x12;\n\x04Push\x12\x16.stamen.v1.PushRequest\x1a\x17.stamen.v1.PushResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstamen.proto\x12\tstamen.v1\"6\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"<\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.stamen.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"g\n\nLoraWeight\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1c\n\x01\x61\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x1c\n\x01\x62\x18\x04 \x01(\x0b\x32\x11.stamen.v1.Tensor\"R\n\x0bLoraWeights\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12&\n\x07weights\x18\x03 \x03(\x0b\x32\x15.stamen.v1.LoraWeight\"K\n\x07\x41\x64\x61pter\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12&\n\x04lora\x18\x02 \x01(\x0b\x32\x16.stamen.v1.LoraWeightsH\x00\x42\x08\n\x06source\"\xff\x03\n\x10InferenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x10\n\x08position\x18\x07 \x01(\r\x12!\n\x06hidden\x18\x08 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\t \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\n \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x13\n\x0b\x65xpect_push\x18\x0b \x01(\x08\x12\x14\n\x0cpush_peer_id\x18\x0c \x01(\t\x12\x17\n\x0fpush_session_id\x18\r \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x0e \x01(\x08\x12\x19\n\x11push_from_peer_id\x18\x0f \x01(\t\x12\"\n\x07prompts\x18\x10 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12#\n\x07\x61\x64\x61pter\x18\x11 \x01(\x0b\x32\x12.stamen.v1.Adapter\x12\"\n\x07reorder\x18\x12 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"u\n\x11InferenceResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.stamen.v1.Error\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\"j\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x0e\n\x0cPushResponse\"\xaa\x02\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\r\x12\x11\n\tend_block\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\"\n\x07prompts\x18\x06 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12#\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x12.stamen.v1.Adapter\x12\x1c\n\x14output_hidden_states\x18\x08 \x01(\x08\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x7f\n\x0f\x46orwardResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.stamen.v1.Error\x12(\n\rblock_outputs\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\"\xe4\x02\n\x0f\x42\x61\x63kwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\r\x12\x11\n\tend_block\x18\x02 \x01(\r\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\"\n\x07prompts\x18\x06 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12#\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x12.stamen.v1.Adapter\x12&\n\x0bgrad_output\x18\x08 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12-\n\x12grad_block_outputs\x18\t \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\xae\x01\n\x10\x42\x61\x63kwardResponse\x12&\n\x0bgrad_hidden\x18\x01 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12\'\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x11.stamen.v1.Tensor\x12(\n\tgrad_lora\x18\x03 \x03(\x0b\x32\x15.stamen.v1.LoraWeight\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.stamen.v1.Error\"!\n\x0bInfoRequest\x12\x12\n\nmembership\x18\x14 \x01(\x0c\"\x8f\x04\n\x0cServerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.stamen.v1.ServerState\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x07 \x01(\x04\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bpublic_name\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x0e\n\x06maddrs\x18\x0b \x03(\t\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x1a\n\x12max_request_tokens\x18\r \x01(\r\x12\x1a\n\x12\x66orward_throughput\x18\x0e \x01(\x01\x12:\n\nnext_pings\x18\x0f \x03(\x0b\x32&.stamen.v1.ServerRecord.NextPingsEntry\x12\x14\n\x0c\x61nnounced_at\x18\x10 \x01(\x01\x12\x12\n\npublic_key\x18\x14 \x01(\x0c\x12\x11\n\tsignature\x18\x15 \x01(\x0c\x12\x12\n\nexpires_at\x18\x16 \x01(\x01\x12\x10\n\x08\x61\x64\x61pters\x18\x17 \x03(\t\x1a\x30\n\x0eNextPingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xdc\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0e\n\nCACHE_FULL\x10\x02\x12\x15\n\x11SESSION_NOT_FOUND\x10\x03\x12\x15\n\x11\x42LOCKS_NOT_SERVED\x10\x04\x12\x11\n\rSHUTTING_DOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x12\x15\n\x11TOO_MANY_REQUESTS\x10\x07\x12\x15\n\x11\x41\x44\x41PTER_NOT_FOUND\x10\x08\x12\x10\n\x0cNOT_A_MEMBER\x10\x14*Q\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07JOINING\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x32\xd7\x02\n\x0c\x42lockService\x12J\n\tInference\x12\x1b.stamen.v1.InferenceRequest\x1a\x1c.stamen.v1.InferenceResponse(\x01\x30\x01\x12@\n\x07\x46orward\x12\x19.stamen.v1.ForwardRequest\x1a\x1a.stamen.v1.ForwardResponse\x12\x43\n\x08\x42\x61\x63kward\x12\x1a.stamen.v1.BackwardRequest\x1a\x1b.stamen.v1.BackwardResponse\x12\x37\n\x04Info\x12\x16.stamen.v1.InfoRequest\x1a\x17.stamen.v1.ServerRecord\x12;\n\x04Push\x12\x16.stamen.v1.PushRequest\x1a\x17.stamen.v1.PushResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERRECORD_NEXTPINGSENTRY']._loaded_options = None
   _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCODE']._serialized_start=1626
-  _globals['_ERRORCODE']._serialized_end=1823
-  _globals['_SERVERSTATE']._serialized_start=1825
-  _globals['_SERVERSTATE']._serialized_end=1906
+  _globals['_ERRORCODE']._serialized_start=2700
+  _globals['_ERRORCODE']._serialized_end=2920
+  _globals['_SERVERSTATE']._serialized_start=2922
+  _globals['_SERVERSTATE']._serialized_end=3003
   _globals['_TENSOR']._serialized_start=27
   _globals['_TENSOR']._serialized_end=81
   _globals['_ERROR']._serialized_start=83
   _globals['_ERROR']._serialized_end=143
-  _globals['_INFERENCEREQUEST']._serialized_start=146
-  _globals['_INFERENCEREQUEST']._serialized_end=548
-  _globals['_INFERENCERESPONSE']._serialized_start=550
-  _globals['_INFERENCERESPONSE']._serialized_end=667
-  _globals['_PUSHREQUEST']._serialized_start=669
-  _globals['_PUSHREQUEST']._serialized_end=775
-  _globals['_PUSHRESPONSE']._serialized_start=777
-  _globals['_PUSHRESPONSE']._serialized_end=791
-  _globals['_FORWARDREQUEST']._serialized_start=794
-  _globals['_FORWARDREQUEST']._serialized_end=989
-  _globals['_FORWARDRESPONSE']._serialized_start=991
-  _globals['_FORWARDRESPONSE']._serialized_end=1076
-  _globals['_INFOREQUEST']._serialized_start=1078
-  _globals['_INFOREQUEST']._serialized_end=1111
-  _globals['_SERVERRECORD']._serialized_start=1114
-  _globals['_SERVERRECORD']._serialized_end=1623
-  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_start=1575
-  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_end=1623
-  _globals['_BLOCKSERVICE']._serialized_start=1909
-  _globals['_BLOCKSERVICE']._serialized_end=2183
+  _globals['_LORAWEIGHT']._serialized_start=145
+  _globals['_LORAWEIGHT']._serialized_end=248
+  _globals['_LORAWEIGHTS']._serialized_start=250
+  _globals['_LORAWEIGHTS']._serialized_end=332
+  _globals['_ADAPTER']._serialized_start=334
+  _globals['_ADAPTER']._serialized_end=409
+  _globals['_INFERENCEREQUEST']._serialized_start=412
+  _globals['_INFERENCEREQUEST']._serialized_end=923
+  _globals['_INFERENCERESPONSE']._serialized_start=925
+  _globals['_INFERENCERESPONSE']._serialized_end=1042
+  _globals['_PUSHREQUEST']._serialized_start=1044
+  _globals['_PUSHREQUEST']._serialized_end=1150
+  _globals['_PUSHRESPONSE']._serialized_start=1152
+  _globals['_PUSHRESPONSE']._serialized_end=1166
+  _globals['_FORWARDREQUEST']._serialized_start=1169
+  _globals['_FORWARDREQUEST']._serialized_end=1467
+  _globals['_FORWARDRESPONSE']._serialized_start=1469
+  _globals['_FORWARDRESPONSE']._serialized_end=1596
+  _globals['_BACKWARDREQUEST']._serialized_start=1599
+  _globals['_BACKWARDREQUEST']._serialized_end=1955
+  _globals['_BACKWARDRESPONSE']._serialized_start=1958
+  _globals['_BACKWARDRESPONSE']._serialized_end=2132
+  _globals['_INFOREQUEST']._serialized_start=2134
+  _globals['_INFOREQUEST']._serialized_end=2167
+  _globals['_SERVERRECORD']._serialized_start=2170
+  _globals['_SERVERRECORD']._serialized_end=2697
+  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_start=2649
+  _globals['_SERVERRECORD_NEXTPINGSENTRY']._serialized_end=2697
+  _globals['_BLOCKSERVICE']._serialized_start=3006
+  _globals['_BLOCKSERVICE']._serialized_end=3349
 # @@protoc_insertion_point(module_scope)

@@ -208,4 +208,5 @@ class Server:
             hidden_size=self.model_config.hidden_size,
             max_request_tokens=self.config.max_request_tokens,
             next_pings=dict(self.next_pings),
+            adapters=tuple(self.config.adapters),
         )

@@ -40,6 +40,7 @@ class ServerInfo:
     expires_at: float = 0.0  # DHT time the announcement may be kept until (signed: replays cannot extend it)
     public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
     signature: bytes = b""  # by that key over the record serialized with an empty signature
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters the server has loaded (--adapters)
 
     def to_proto(self) -> pb.ServerRecord:
         return pb.ServerRecord(
@@ -62,6 +63,7 @@ class ServerInfo:
             public_key=self.public_key,
             signature=self.signature,
             expires_at=self.expires_at,
+            adapters=list(self.adapters),
         )
 
     @classmethod
@@ -85,6 +87,7 @@ class ServerInfo:
             public_key=record.public_key,
             signature=record.signature,
             expires_at=record.expires_at,
+            adapters=tuple(record.adapters),
         )
 
     def to_bytes(self) -> bytes:
