@@ -30,7 +30,6 @@ from swarm.models.families import Family
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Layout:
     """Where the family's transformers class keeps its modules (derived from its weight names)."""

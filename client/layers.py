@@ -74,28 +74,32 @@ class RemoteBlocks(nn.Module):
     def __init__(self, state: BlocksState, start: int = 0, end: int | None = None):
         super().__init__()
         self._state = state
-        self.span = BlockRange(start, state.num_blocks if end is None else end)
+        self.start, self.end = start, state.num_blocks if end is None else end
+
+    @property
+    def span(self) -> BlockRange:
+        """The blocks, as a range (not for an empty slice)."""
+        return BlockRange(self.start, self.end)
 
     def __len__(self) -> int:
-        return len(self.span)
+        return self.end - self.start
 
     def __getitem__(self, index: int | slice) -> RemoteBlocks:
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             if step != 1:
                 raise ValueError("remote blocks can be sliced only with step 1 (a contiguous stack of blocks)")
-            stop = max(start, stop)
-            return RemoteBlocks(self._state, self.span.start + start, self.span.start + stop)
+            return RemoteBlocks(self._state, self.start + start, self.start + max(start, stop))
         position = index + len(self) if index < 0 else index
         if not 0 <= position < len(self):
             raise IndexError(f"block {index} of a stack of {len(self)}")
-        return RemoteBlocks(self._state, self.span.start + position, self.span.start + position + 1)
+        return RemoteBlocks(self._state, self.start + position, self.start + position + 1)
 
     def __iter__(self) -> Iterator[RemoteBlocks]:
         return (self[i] for i in range(len(self)))
 
     def extra_repr(self) -> str:
-        return f"blocks {self.span.start}..{self.span.end - 1} served by the swarm"
+        return f"blocks {self.start}..{self.end - 1} served by the swarm"
 
     def forward(
         self,

@@ -135,7 +135,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
 
     def enable_prompt_tuning(self, mode: str, pre_seq_len: int) -> PromptTuning:
         """Trainable prompts (``client.ptune``); every other parameter is frozen."""
-        std = float(self.base.embeddings.weight.std())
+        std = float(self.base.embeddings.weight.detach().std())
         tuning = PromptTuning(mode, pre_seq_len, self.config.hidden_size, self.config.num_hidden_layers, std)
         self.requires_grad_(False)
         self.base.prompt_tuning = tuning
