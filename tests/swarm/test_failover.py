@@ -1,8 +1,8 @@
 """Servers that drop out mid-generation: the client reroutes, replays, and the tokens do not change.
 
 Real server processes are killed with SIGKILL at chosen moments (first, middle and last span; prefill
-and decode; inside a multi-turn session; during beam search; in the middle of a backward pass). Each killed server is replaced afterwards, so every test
-starts from a swarm with two replicas of each span.
+and decode; inside a multi-turn session; during beam search; in the middle of a backward pass). Each
+killed server is replaced afterwards, so every test starts from a swarm with two replicas of each span.
 """
 
 from __future__ import annotations
