@@ -137,7 +137,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
         """Trainable prompts (``client.ptune``); every other parameter is frozen."""
         std = float(self.base.embeddings.weight.detach().std())
         tuning = PromptTuning(mode, pre_seq_len, self.config.hidden_size, self.config.num_hidden_layers, std)
-        self.requires_grad_(False)
+        self._freeze_pretrained()
         self.base.prompt_tuning = tuning
         return tuning
 
@@ -151,10 +151,19 @@ class DistributedPreTrainedModel(PreTrainedModel):
         lora = RemoteLora(
             linear_layers(self.family, self.config), self.config.num_hidden_layers, rank, alpha, target_modules
         )
-        self.requires_grad_(False)
+        self._freeze_pretrained()
         self.base.blocks.lora = lora  # model.<base>.<layers>.lora: found by model.parameters()
         self.blocks_state.lora = lora
         return lora
+
+    def _freeze_pretrained(self) -> None:
+        """Freeze the checkpoint's weights (prompts and LoRA weights already attached stay trainable)."""
+        tuned = {id(p) for p in self.base.prompt_tuning.parameters()} if self.base.prompt_tuning is not None else set()
+        if self.blocks_state.lora is not None:
+            tuned |= {id(p) for p in self.blocks_state.lora.parameters()}
+        for param in self.parameters():
+            if id(param) not in tuned:
+                param.requires_grad_(False)
 
     def use_adapter(self, name: str | None) -> None:
         """Use a LoRA adapter preloaded on the servers (``--adapters NAME=PATH``); None: no adapter."""
