@@ -55,9 +55,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import LocalSwarm, even_spans, format_span, tree_cpu_seconds, tree_memory  # noqa: E402
+from benchmarks.common import even_spans, format_span, tree_cpu_seconds, tree_memory  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
+from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
 
 PROMPT_TEXT = (
@@ -211,12 +212,15 @@ def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, arg
     spans = even_spans(local.config.num_hidden_layers, count)
     print(f"\n== {count} server(s): {', '.join(map(format_span, spans))}", flush=True)
     phases = Phases()
-    with LocalSwarm(spans, args.model, args.num_threads, args.server_env_dict, args.start_timeout) as swarm:
+    env = {**os.environ, **args.server_env_dict} if args.server_env_dict else None
+    with LocalSwarm(timeout=args.start_timeout, env=env) as swarm:
+        extra = ("--num-threads", str(args.num_threads)) if args.num_threads else ()
+        swarm.start(args.model, [(format_span(span), extra) for span in spans])
         phases.mark("start servers")
         pids = [server.proc.pid for server in swarm.servers]
         options = {"push": True} if args.push else {}
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            args.model, initial_peers=[swarm.initial_peer], **options
+            args.model, initial_peers=swarm.initial_peers, **options
         )
         phases.mark("connect")
         try:
@@ -226,7 +230,7 @@ def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, arg
             phases.mark("timed runs")
         finally:
             model.shutdown()
-        memory = [{"span": server.name, **tree_memory(server.proc.pid).as_mib()} for server in swarm.servers]
+        memory = [{"span": server.blocks, **tree_memory(server.proc.pid).as_mib()} for server in swarm.servers]
     phases.mark("stop")
     result = {
         "servers": count,

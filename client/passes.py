@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from client.hop import adapter_message
 from client.retry import Attempts
-from client.session import adapter_message
 from proto import pb
 from swarm import tensors
 from swarm.models.adapters import LoraAdapter

@@ -79,10 +79,12 @@ class RouteManager:
         with self._lock:
             return {peer for peer, (until, _) in self._bans.items() if until > now}
 
-    def candidates(self, refresh: bool = False, adapter: str | None = None) -> list[ServerInfo]:
-        """Servers to route through: online, not banned or blocked, allowed, and (if ``adapter`` is given)
-        announcing that preloaded adapter."""
-        excluded = self.banned() | set(self.config.blocked_peers)
+    def candidates(
+        self, refresh: bool = False, exclude: frozenset[str] = frozenset(), adapter: str | None = None
+    ) -> list[ServerInfo]:
+        """Servers to route through: online, not banned, blocked or ``exclude``d, allowed, and (if ``adapter``
+        is given) announcing that preloaded adapter."""
+        excluded = self.banned() | set(self.config.blocked_peers) | exclude
         servers = usable(self.servers(refresh), excluded)
         if self.config.allowed_peers is not None:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
@@ -95,9 +97,11 @@ class RouteManager:
         span: BlockRange | None = None,
         min_cache_tokens: int = 0,
         forward: bool = False,
+        exclude: frozenset[str] = frozenset(),
         adapter: str | None = None,
     ) -> list[Hop]:
-        """A chain covering ``span`` (default: the whole model), waiting up to ``wait_for_blocks``.
+        """A chain covering ``span`` (default: the whole model) without the ``exclude``d servers, waiting up
+        to ``wait_for_blocks``.
 
         Inference: the lowest expected latency per token (measured pings, announced throughputs,
         servers short of cache penalised). Forward and backward passes: load spread by forward throughput.
@@ -108,7 +112,7 @@ class RouteManager:
         refresh = False
         while True:
             try:
-                servers = self.candidates(refresh, adapter)
+                servers = self.candidates(refresh, exclude, adapter)
                 if forward:
                     return spread_forward(servers, span, self._rng, client_pings=self.pings())
                 return fastest_chain(

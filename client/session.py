@@ -1,15 +1,21 @@
 """Inference session: streams hidden states through a chain of servers, one step at a time.
 
 Each server of the chain holds its own session (KV cache) for its span. The client keeps, per
-server, the inputs it sent in this session; when a server fails, the client bans it, finds a
-replacement chain for that span only, replays those inputs step by step (same shapes, so the
-rebuilt cache is the same as the lost one), and carries on. Other servers keep their sessions.
+server, the inputs it sent in this session (``client.hop``). When a server fails (an error, a broken
+stream, or no answer and no reply to a liveness ping), the client bans it, finds a replacement chain
+for that span only, replays those inputs into it (merged into a few prefill steps), and carries on;
+other servers keep their sessions. A server that is leaving (shutdown or a move) says so in its
+answers while it keeps serving: the client then builds the replacement in the background and swaps
+it in at a step boundary, so a graceful exit costs no stall.
 
 Beam search reorders the session's rows: ``reorder`` keeps the hypothesis indices until the next step,
 which carries them to every server (each reorders its cache before running the step); the history
 keeps them with that step, so a replay reorders at the same points. A session may carry a LoRA
 adapter (sent when each server's session opens) and deep prompts (sent with the steps that hold the
-first tokens).
+first tokens). Failures are judged by the client's one retry policy (``client.retry``).
+
+Concurrency: all methods ending in ``_async`` and the private coroutines run on the client's event
+loop; ``step`` is the synchronous entry for any thread. One caller at a time per session.
 """
 
 from __future__ import annotations
@@ -17,16 +23,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-import uuid
 from typing import TYPE_CHECKING
 
 import torch
 
+from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
 from client.retry import Attempts
-from proto import pb
-from swarm import tensors
-from swarm.errors import StamenError
 from swarm.models.adapters import LoraAdapter
 from swarm.routing import Hop
 from swarm.rpc import InferenceStream, ServerFailure
@@ -36,36 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class StepInput:
-    hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
-    position_ids: torch.Tensor  # [batch, new_tokens] int64
-    attention_mask: torch.Tensor | None  # [batch, new_tokens] bool (False marks padding), or None
-    prompts: torch.Tensor | None = None  # [num_blocks, 1 or batch, k, hidden]: deep prompts of the first k tokens
-    reorder: torch.Tensor | None = None  # [batch] int64: rows the servers keep before this step (beam search)
-
-
-def adapter_message(adapter: LoraAdapter | str | None, span) -> pb.Adapter | None:
-    """The wire form of an adapter choice on ``span``: a preloaded adapter's name or the client's weights."""
-    if adapter is None:
-        return None
-    if isinstance(adapter, str):
-        return pb.Adapter(name=adapter)
-    return pb.Adapter(lora=adapter.within(span).to_proto())
-
-
-class _HopSession:
-    """This session's state on one server: its stream, counters and the inputs sent so far."""
-
-    def __init__(self, hop: Hop, stream: InferenceStream, dtype: torch.dtype):
-        self.hop, self.stream, self.dtype = hop, stream, dtype
-        self.session_id = uuid.uuid4().hex
-        self.history: list[StepInput] = []
-        self.next_step = 0
-        self.position = 0
-        self.decode_seconds: float | None = None  # moving average of single-token step times
-        self.sent: str | None = None  # push mode: "step" or "header" already sent for the current step
+__all__ = ["InferenceSession", "StepInput"]
 
 
 class InferenceSession:
@@ -80,9 +53,14 @@ class InferenceSession:
         self.padding: torch.Tensor | None = None  # [batch, position] bool: the padding mask the servers hold
         self._reorder: torch.Tensor | None = None  # hypothesis indices for the next step (beam search)
         self.batch_size: int | None = None
-        self._hops: list[_HopSession] = []
+        self._hops: list[HopSession] = []
+        self._handovers: dict[HopSession, asyncio.Task] = {}  # leaving server -> its replacement being built
         self.closed = False
         self.relayed = 0  # push mode: inputs the client had to relay because a server did not push them
+        config = self.config
+        self._timeouts = HopTimeouts(
+            config.step_timeout, config.step_timeout_per_token, config.slow_step_factor, config.min_step_timeout
+        )
 
     @property
     def route(self) -> list[Hop]:
@@ -151,13 +129,13 @@ class InferenceSession:
         self.padding = new_padding if self.padding is None else torch.cat([self.padding, new_padding], dim=1)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        chunk = max(1, self.config.max_message_bytes // (batch * hidden_size * 4 * (2 if prompts is not None else 1)))
+        chunk = self._chunk_tokens(batch, hidden_size, prompts is not None)
         outputs = []
         for start in range(0, tokens, chunk):
             end = min(tokens, start + chunk)
             mask = attention_mask[:, start:end] if attention_mask is not None else None
             first = self.position  # the chunk's first token in the session; deep prompts cover the first k tokens
-            chunk_prompts = prompts[:, :, first : end - start + first] if prompts is not None else None
+            chunk_prompts = prompts[:, :, first : first + end - start] if prompts is not None else None
             if chunk_prompts is not None and chunk_prompts.shape[2] == 0:
                 chunk_prompts = None
             reorder, self._reorder = self._reorder, None
@@ -166,11 +144,17 @@ class InferenceSession:
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
+    def _chunk_tokens(self, batch: int, hidden_size: int, prompts: bool = False) -> int:
+        """Most new tokens per step that keep one message under the size limit (with deep prompts, which ride
+        along with the first tokens, half as many)."""
+        return max(1, self.config.max_message_bytes // ((2 if prompts else 1) * batch * hidden_size * 4))
+
     async def _step(self, inputs: StepInput) -> torch.Tensor:
         attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
         batch = inputs.hidden.shape[0]
         if not self._hops:
             self._hops = await self._open_with_retries(batch, attempts)
+        await self._finish_handovers()
         if self.config.push and len(self._hops) > 1:
             self._send_headers(inputs)
         index, current, pushed = 0, inputs, False
@@ -180,15 +164,20 @@ class InferenceSession:
                 output, pushed = await self._run(hop, current, delivered=pushed)
             except ServerFailure as failure:
                 attempts.failed(failure)
+                self._cancel_handover(hop)
                 self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
                 pushed = False
                 continue  # the replacement replayed the history; now run this step through it
             hop.history.append(current)
+            self.client.routes.mark_ok(hop.peer_id)
+            if hop.draining and hop not in self._handovers:
+                logger.info("Server %s is leaving; moving its blocks %s in the background", hop.peer_id, hop.hop.span)
+                self._handovers[hop] = asyncio.ensure_future(self._prepare_handover(hop, batch))
             current = dataclasses.replace(current, hidden=output)
             index += 1
         return current.hidden
 
-    async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> list[_HopSession]:
+    async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> list[HopSession]:
         attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
         return await self._retrying(attempts, lambda: self._open_chain(None, batch))
 
@@ -201,121 +190,141 @@ class InferenceSession:
             except ServerFailure as failure:
                 attempts.failed(failure)
 
-    async def _open_chain(self, span, batch: int) -> list[_HopSession]:
+    async def _open_chain(self, span, batch: int, exclude: frozenset[str] = frozenset()) -> list[HopSession]:
         loop = asyncio.get_running_loop()
         needed = batch * self.max_length
         await self.client.measure_pings()
         adapter = self.adapter if isinstance(self.adapter, str) else None
-        chain = await loop.run_in_executor(None, lambda: self.client.routes.chain(span, needed, adapter=adapter))
+        chain = await loop.run_in_executor(
+            None, lambda: self.client.routes.chain(span, needed, False, exclude, adapter=adapter)
+        )
         hops = []
         try:
             for hop in chain:
                 stream = InferenceStream(self.client.p2p, hop.peer_id)
-                hops.append(_HopSession(hop, stream, self.client.server_dtype(hop.peer_id)))
+                proof = self.client.membership.proof_for(hop.peer_id)
+                hops.append(HopSession(hop, stream, self.client.server_dtype(hop.peer_id), self.client.p2p, proof))
                 await stream.open(self.config.connect_timeout)
         except BaseException:
             for hop in hops:
                 hop.stream.close()
             raise
-        logger.debug("Session chain: %s", " -> ".join(f"{h.hop.peer_id[-6:]}[{h.hop.span}]" for h in hops))
+        logger.debug("Session chain: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.hop.span}]" for h in hops))
         return hops
 
-    async def _replace(self, failed: _HopSession, batch: int) -> list[_HopSession]:
+    async def _replace(self, failed: HopSession, batch: int) -> list[HopSession]:
         """New servers for ``failed``'s span, with its inputs so far replayed into them."""
         failed.stream.close()
         replacement = await self._open_chain(failed.hop.span, batch)
-        try:
-            inputs = failed.history
-            for hop in replacement:
-                outputs = []
-                for item in inputs:
-                    hidden, _ = await self._run(hop, item)
-                    hop.history.append(item)
-                    outputs.append(dataclasses.replace(item, hidden=hidden))
-                inputs = outputs
-        except BaseException:
-            for hop in replacement:
-                hop.stream.close()
-            raise
+        await self._replay(replacement, failed.history)
         logger.info("Replayed %d steps into %d replacement server(s)", len(failed.history), len(replacement))
         return replacement
 
-    def _request(self, hop: _HopSession, item: StepInput, with_hidden: bool = True) -> pb.InferenceRequest:
-        """The message for ``hop``'s next step (opening its session on step 0)."""
-        batch = item.hidden.shape[0]
-        request = pb.InferenceRequest(
-            step=hop.next_step, position=hop.position, position_ids=tensors.to_proto(item.position_ids)
-        )
-        if with_hidden:
-            request.hidden.CopyFrom(tensors.to_proto(item.hidden.to(hop.dtype)))
-        else:
-            request.expect_push = True
-        if item.attention_mask is not None:
-            request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
-        span = hop.hop.span
-        if item.prompts is not None:  # the session's prompts cover every block of the model
-            request.prompts.CopyFrom(tensors.to_proto(item.prompts[span.start : span.end].to(hop.dtype)))
-        if item.reorder is not None:
-            request.reorder.CopyFrom(tensors.to_proto(item.reorder))
-        if hop.next_step == 0:
-            if (adapter := adapter_message(self.adapter, span)) is not None:
-                request.adapter.CopyFrom(adapter)
-            request.membership = self.client.membership.proof_for(hop.hop.peer_id)
-            request.session_id = hop.session_id
-            request.start_block, request.end_block = hop.hop.span.start, hop.hop.span.end
-            request.max_length, request.batch_size = self.max_length, batch
-        hop.next_step += 1
-        return request
+    async def _replay(self, hops: list[HopSession], steps: list[StepInput]) -> None:
+        """Send ``steps`` (the inputs of the span ``hops`` cover) through ``hops``, merged into few steps."""
+        if not steps:
+            return
+        try:
+            for hop in hops:
+                outputs = []
+                prompted = any(step.prompts is not None for step in steps)
+                for item in merge_steps(steps, self._chunk_tokens(*item_shape(steps), prompted)):
+                    hidden, _ = await self._run(hop, item)
+                    hop.history.append(item)
+                    outputs.append(dataclasses.replace(item, hidden=hidden))
+                steps = outputs
+        except BaseException:
+            for hop in hops:
+                hop.stream.close()
+            raise
+
+    async def _prepare_handover(self, leaving: HopSession, batch: int) -> tuple[list[HopSession], int]:
+        """Build a replacement for a server that is leaving, replaying its history so far."""
+        attempts = Attempts(self.client.routes, self.config.max_retries, "moving off a leaving server")
+        exclude = frozenset({leaving.peer_id})
+        replacement = await self._retrying(attempts, lambda: self._open_chain(leaving.hop.span, batch, exclude))
+        done = len(leaving.history)
+        await self._replay(replacement, leaving.history[:done])
+        return replacement, done
+
+    async def _finish_handovers(self) -> None:
+        """Swap in the replacements that are ready, after catching them up with the steps sent meanwhile."""
+        for leaving, task in list(self._handovers.items()):
+            if not task.done():
+                continue
+            del self._handovers[leaving]
+            if task.cancelled() or task.exception() is not None:
+                logger.info("Could not move away from leaving server %s yet: %r", leaving.peer_id, task)
+                continue
+            if leaving not in self._hops:  # it failed meanwhile and was replaced the usual way
+                _close_replacement(task)
+                continue
+            replacement, done = task.result()
+            try:
+                await self._replay(replacement, leaving.history[done:])
+            except ServerFailure as failure:
+                logger.info("Replacement for leaving server %s failed: %s", leaving.peer_id, failure)
+                continue
+            index = self._hops.index(leaving)
+            self._hops[index : index + 1] = replacement
+            leaving.stream.close()
+            logger.info("Moved blocks %s off leaving server %s", leaving.hop.span, leaving.peer_id)
+
+    def _cancel_handover(self, hop: HopSession) -> None:
+        task = self._handovers.pop(hop, None)
+        if task is not None:
+            task.cancel()
+            task.add_done_callback(_close_replacement)
 
     def _send_headers(self, item: StepInput) -> None:
         """Push mode: the first server gets the step, the others a header naming where to push next."""
         for index, hop in enumerate(self._hops):
-            request = self._request(hop, item, with_hidden=index == 0)
+            request = hop.request(item, self.max_length, self.adapter, with_hidden=index == 0)
             if index > 0:  # the only peer allowed to push this step's input
-                request.push_from_peer_id = self._hops[index - 1].hop.peer_id
+                request.push_from_peer_id = self._hops[index - 1].peer_id
             if index + 1 < len(self._hops):
-                request.push_peer_id = self._hops[index + 1].hop.peer_id
+                request.push_peer_id = self._hops[index + 1].peer_id
                 request.push_session_id = self._hops[index + 1].session_id
             hop.stream.send(request)
             hop.sent = "step" if index == 0 else "header"
 
-    async def _run(self, hop: _HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
+    async def _run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
         """One step on one server: (its output, whether it pushed that output to the next server)."""
-        batch, tokens, _ = item.hidden.shape
         if hop.sent is None:
-            hop.stream.send(self._request(hop, item))
+            hop.stream.send(hop.request(item, self.max_length, self.adapter))
         elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
             self.relayed += 1
-            fallback = pb.InferenceRequest(fallback=True, position=hop.position)
-            fallback.hidden.CopyFrom(tensors.to_proto(item.hidden.to(hop.dtype)))
-            hop.stream.send(fallback)
+            hop.relay(item)
         hop.sent = None
-        started = time.perf_counter()
-        response = await hop.stream.receive(self._timeout(hop, batch * tokens))
-        if tokens == 1:
-            elapsed = time.perf_counter() - started
-            hop.decode_seconds = elapsed if hop.decode_seconds is None else 0.8 * hop.decode_seconds + 0.2 * elapsed
-        try:
-            hidden = tensors.from_proto(response.hidden, "hidden")
-        except StamenError as exc:
-            raise ServerFailure(hop.hop.peer_id, f"malformed answer: {exc}", exc) from exc
-        if hidden.shape != item.hidden.shape:
-            raise ServerFailure(hop.hop.peer_id, f"answered shape {list(hidden.shape)} for {list(item.hidden.shape)}")
-        hop.position += tokens
-        return hidden.to(item.hidden.dtype), response.pushed
-
-    def _timeout(self, hop: _HopSession, tokens: int) -> float:
-        """How long to wait for a step: generous at first, then adapted to the server's usual speed."""
-        config = self.config
-        timeout = config.step_timeout + config.step_timeout_per_token * tokens
-        if tokens == 1 and hop.decode_seconds is not None:
-            timeout = min(timeout, max(config.min_step_timeout, config.slow_step_factor * hop.decode_seconds))
-        return timeout
+        return await hop.answer(item, self._timeouts)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         hops, self._hops = self._hops, []
-        for hop in hops:
-            self.client.loop.loop.call_soon_threadsafe(hop.stream.close)
+        tasks, self._handovers = list(self._handovers.values()), {}
+
+        def close_all() -> None:
+            for hop in hops:
+                hop.stream.close()
+            for task in tasks:
+                task.cancel()
+                task.add_done_callback(_close_replacement)
+
+        self.client.loop.loop.call_soon_threadsafe(close_all)
+
+
+def item_shape(steps: list[StepInput]) -> tuple[int, int]:
+    """(batch, hidden_size) of a session's steps."""
+    batch, _, hidden_size = steps[0].hidden.shape
+    return batch, hidden_size
+
+
+def _close_replacement(task: asyncio.Task) -> None:
+    """A cancelled handover may have opened streams already: close them."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    replacement, _ = task.result()
+    for hop in replacement:
+        hop.stream.close()

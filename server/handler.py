@@ -186,7 +186,7 @@ class Handler:
 
     def _open(self, serving: Serving, request: pb.InferenceRequest, peer: str) -> Session:
         self.gate.check(peer, request.membership)
-        if serving.draining:
+        if serving.leaving or serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if request.step != 0:
             raise errors.SessionNotFoundError(
@@ -252,7 +252,7 @@ class Handler:
             push = pb.PushRequest(session_id=request.push_session_id, position=request.position, hidden=output)
             pushed = await self.pusher.push(request.push_peer_id, push)
         logger.debug("inference %s step %d: %s", session.session_id, request.step, list(step.hidden.shape))
-        return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed)
+        return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed, draining=serving.leaving)
 
     async def rpc_info(self, request: pb.InfoRequest, context: P2PContext) -> pb.ServerRecord:
         self.gate.check(context.remote_id.to_base58(), request.membership)  # raised: the caller gets its text

@@ -78,7 +78,7 @@ class PassHandler:
         """Checks every stateless pass starts with: membership, draining, per-peer bound, blocks, input."""
         serving = self.current()
         self.gate().check(peer, request.membership)
-        if serving.draining:
+        if serving.leaving or serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
         if self.in_flight.get(peer, 0) >= self.max_per_peer:
             raise errors.TooManyRequestsError(f"this peer already has {self.max_per_peer} passes running here")

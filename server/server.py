@@ -11,7 +11,6 @@ import asyncio
 import logging
 import random
 import signal
-import time
 from collections.abc import Callable
 
 import torch
@@ -175,18 +174,17 @@ class Server:
         logger.info("Now serving blocks %s", target)
 
     async def _shutdown(self) -> None:
-        """Announce offline first, let steps in flight finish, then stop."""
+        """Tell clients to move and announce offline, serve open sessions until they have moved (at most
+        ``shutdown_grace`` seconds), let steps in flight finish, then stop."""
         serving = self.serving
-        logger.info("Shutting down: announcing offline, finishing %d steps in flight", serving.scheduler.in_flight)
+        logger.info("Shutting down: announcing offline, moving %d sessions elsewhere", len(serving.store))
         self.state = ServerState.OFFLINE
-        serving.draining = True
+        serving.leaving = True
         try:
             await asyncio.wait_for(self.announcer.announce(), self.config.shutdown_grace)
         except (TimeoutError, Exception):
             logger.warning("Could not announce offline state before shutdown")
-        deadline = time.monotonic() + self.config.shutdown_grace
-        while serving.scheduler.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await serving.wind_down(self.config.shutdown_grace)
 
     def _dht_config(self) -> DHTConfig:
         c = self.config

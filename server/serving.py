@@ -37,7 +37,8 @@ class Serving:
     store: SessionStore
     limits: validation.Limits
     adapters: dict[str, LoraAdapter] = field(default_factory=dict)  # preloaded (--adapters), on this span
-    draining: bool = False  # no new sessions or steps (shutdown, or retired after a move)
+    leaving: bool = False  # no new sessions; open ones are still served, and told to move elsewhere
+    draining: bool = False  # no new sessions or steps (the end of a shutdown, or of a retirement after a move)
 
     @classmethod
     def build(
@@ -116,17 +117,23 @@ class Serving:
         work.prompts, work.adapter = prompts, adapter
         return work
 
-    async def retire(self, grace: float) -> None:
-        """Let open sessions finish for up to ``grace`` seconds, then refuse their steps and stop."""
+    async def wind_down(self, grace: float) -> None:
+        """Tell clients to move (in every answer) while serving their sessions for up to ``grace`` seconds or
+        until they have left, then refuse steps and let the ones in flight finish."""
+        self.leaving = True
         deadline = time.monotonic() + grace
         while len(self.store) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.02)
         if len(self.store):
             logger.info("Handing off %d sessions on blocks %s to other servers", len(self.store), self.span)
         self.draining = True
         deadline = time.monotonic() + grace
         while self.scheduler.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    async def retire(self, grace: float) -> None:
+        """After a move: wind down, then stop computing."""
+        await self.wind_down(grace)
         self.scheduler.shutdown()
 
 

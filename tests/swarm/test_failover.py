@@ -112,6 +112,8 @@ def test_graceful_shutdown_moves_clients_without_error(replicated):
             session.open(batch_size=1)
             killer = KillAtToken(swarm, session, hop=1, at=4, sig=signal.SIGTERM)
             actual = model.generate(ids, max_new_tokens=14, do_sample=False, streamer=killer)
+            assert killer.victim.peer_id not in [hop.peer_id for hop in session.route]  # moved off it...
+        assert killer.victim.peer_id not in model.client.routes.banned()  # ...as told, not after a failure
         assert actual.tolist() == expected.tolist()
         assert killer.victim.proc.wait(timeout=30) == 0  # it stopped cleanly
         assert "Server stopped" in "".join(killer.victim.output)

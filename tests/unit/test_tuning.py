@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from client.base import Layout, RemoteCache
+from client.hop import StepInput, merge_steps
 from client.lora import RemoteLora
 from client.passes import PassInputs, split
 from client.session import InferenceSession
@@ -224,3 +225,16 @@ def test_backward_work_equals_autograd_through_the_blocks(stack, chunk):
     (grad,) = run(stack, [work], chunk)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(work.prompts.grad, prompt_leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_merges_steps_but_keeps_reorders_and_prompts_in_place():
+    def step(tokens: int, prompts: int = 0, reorder=None) -> StepInput:
+        deep = torch.full((6, 1, prompts, 64), float(tokens)) if prompts else None
+        return StepInput(torch.zeros(3, tokens, 64), torch.zeros(3, tokens, dtype=torch.int64), None, deep, reorder)
+
+    rows = torch.tensor([2, 0, 1])
+    merged = merge_steps([step(3, 3), step(2, 1), step(1, reorder=rows), step(1), step(1, 1)], max_tokens=100)
+    assert [m.hidden.shape[1] for m in merged] == [5, 2, 1]
+    assert merged[0].prompts.shape[2] == 4 and merged[0].reorder is None  # prompts stay on the first tokens
+    assert merged[1].prompts is None and merged[1].reorder.tolist() == [2, 0, 1]  # the reorder comes first
+    assert merged[2].prompts.shape[2] == 1  # prompts after unprompted tokens cannot join them
