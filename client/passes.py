@@ -192,7 +192,7 @@ class Passes:
 
     async def _chain(self, span: BlockRange, adapter: str | None):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: self.client.routes.chain(span, 0, True, adapter))
+        return await loop.run_in_executor(None, lambda: self.client.routes.chain(span, 0, True, adapter=adapter))
 
     def _request(self, message, peer: str, span: BlockRange, hidden: torch.Tensor, inputs: PassInputs):
         """Fill the fields Forward and Backward requests share."""
