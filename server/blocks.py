@@ -115,4 +115,4 @@ def load_block_stack(folder: Path, config: PretrainedConfig, span: BlockRange, d
         block.self_attn.layer_idx = local  # the attention plan finds the block's cache by its index in the span
         blocks.append(block.eval())
         logger.info("Loaded block %d (%d/%d) in %.1f s", absolute, local + 1, len(span), time.perf_counter() - started)
-    return BlockStack(config, family, span, blocks).eval()
+    return BlockStack(config, family, span, blocks).eval().requires_grad_(False)  # frozen: gradients go to inputs only

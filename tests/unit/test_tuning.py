@@ -225,6 +225,7 @@ def test_backward_work_equals_autograd_through_the_blocks(stack, chunk):
     (grad,) = run(stack, [work], chunk)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(work.prompts.grad, prompt_leaf.grad, rtol=1e-5, atol=1e-5)
+    assert all(not p.requires_grad and p.grad is None for p in stack.parameters())  # the weights stay frozen
 
 
 def test_replay_merges_steps_but_keeps_reorders_and_prompts_in_place():
