@@ -21,6 +21,8 @@ class ClientConfig:
     ban_base: float = 5.0  # seconds a failed server is avoided; doubles with each repeated failure
     ban_max: float = 300.0  # longest ban, in seconds
     max_message_bytes: int = 2 << 20  # larger steps are split (the libp2p daemon caps messages at 4 MiB)
+    max_pass_bytes: int = (4 << 20) - (128 << 10)  # forward/backward requests and answers are split to fit this
+    pass_concurrency: int = 1  # chunks of a forward/backward pass in flight at once (>1 pipelines across servers)
     push: bool = False  # servers send each step's output straight to the next server of the chain
     ping_period: float = 60.0  # seconds a measured round trip to a server stays fresh
     allowed_peers: list[str] | None = None  # if set, use only these servers

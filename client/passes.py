@@ -88,31 +88,40 @@ class Gradients:
             self.lora[key] = (grad_a, grad_b)
 
 
+def request_bytes(blocks: int, rows: int, tokens: int, hidden: int, inputs: PassInputs, backward: bool) -> int:
+    """The largest message (request or answer) of a pass over ``blocks`` blocks and ``rows`` rows."""
+    per_row = tokens * hidden * ITEMSIZE
+    prompts = 0
+    if inputs.prompts is not None:
+        prompts = blocks * inputs.prompts.shape[2] * hidden * ITEMSIZE * (rows if inputs.prompts.shape[1] > 1 else 1)
+    lora = inputs.adapter if isinstance(inputs.adapter, LoraAdapter) else None
+    per_block_lora = 0 if lora is None else math.ceil(lora.nbytes() / max(1, len({b for b, _ in lora.weights})))
+    fixed = prompts + blocks * per_block_lora + rows * tokens * 9  # position ids and mask
+    outputs = blocks if inputs.hidden_states else 1
+    if backward:  # input and gradients in, gradients out
+        return rows * per_row * (1 + outputs) + fixed
+    return rows * per_row * outputs + fixed  # the answer (with every block's output) or the request
+
+
+def fitting_rows(
+    blocks: int, rows: int, tokens: int, hidden: int, inputs: PassInputs, backward: bool, budget: int
+) -> int:
+    """The most rows (at most ``rows``, at least one) whose requests over ``blocks`` blocks fit ``budget``."""
+    fit = rows
+    while fit > 1 and request_bytes(blocks, fit, tokens, hidden, inputs, backward) > budget:
+        fit -= 1
+    return fit
+
+
 def split(
     num_blocks: int, rows: int, tokens: int, hidden: int, inputs: PassInputs, backward: bool, budget: int
 ) -> tuple[int, int]:
     """(blocks per piece, rows per chunk) so that every request and answer fits ``budget`` bytes, with the
     fewest requests (ties: more blocks per piece). At least one block and one row."""
-    per_row = tokens * hidden * ITEMSIZE
-    prompt_rows = 0 if inputs.prompts is None else inputs.prompts.shape[1]
-    per_block_prompts = 0 if inputs.prompts is None else inputs.prompts.shape[2] * hidden * ITEMSIZE
-    lora = inputs.adapter if isinstance(inputs.adapter, LoraAdapter) else None
-    per_block_lora = 0 if lora is None else math.ceil(lora.nbytes() / max(1, len({b for b, _ in lora.weights})))
-
-    def size(blocks: int, chunk: int) -> int:
-        outputs = blocks if inputs.hidden_states else 1
-        prompts = blocks * per_block_prompts * (chunk if prompt_rows > 1 else 1)
-        fixed = prompts + blocks * per_block_lora + chunk * tokens * 9  # position ids and mask
-        if backward:
-            return chunk * per_row * (1 + outputs) + fixed
-        return max(chunk * per_row, chunk * per_row * outputs) + fixed
-
     best = None
     for blocks in range(1, num_blocks + 1):
-        chunk = rows
-        while chunk > 1 and size(blocks, chunk) > budget:
-            chunk -= 1
-        if blocks > 1 and size(blocks, chunk) > budget:
+        chunk = fitting_rows(blocks, rows, tokens, hidden, inputs, backward, budget)
+        if blocks > 1 and request_bytes(blocks, chunk, tokens, hidden, inputs, backward) > budget:
             break
         requests = math.ceil(num_blocks / blocks) * math.ceil(rows / chunk)
         if best is None or requests <= best[0]:
@@ -120,14 +129,18 @@ def split(
     return best[1], best[2]
 
 
+def even_pieces(span: BlockRange, blocks: int) -> list[BlockRange]:
+    """``span`` in as few pieces of at most ``blocks`` blocks as possible, of nearly equal sizes."""
+    count = math.ceil(len(span) / blocks)
+    bounds = [span.start + round(index * len(span) / count) for index in range(count + 1)]
+    return [BlockRange(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 class Passes:
     """Stateless forward and backward passes of one client; the async methods run on its loop."""
 
     def __init__(self, client: SwarmClient):
         self.client, self.config = client, client.config
-
-    def pieces_of(self, span: BlockRange, blocks: int) -> list[BlockRange]:
-        return [BlockRange(start, min(span.end, start + blocks)) for start in range(span.start, span.end, blocks)]
 
     async def forward(
         self, hidden: torch.Tensor, inputs: PassInputs, blocks: int
@@ -139,7 +152,7 @@ class Passes:
         while position < end:
             chain = await self._chain(BlockRange(position, end), name)
             peer = chain[0].peer_id
-            for span in self.pieces_of(chain[0].span, blocks):
+            for span in even_pieces(chain[0].span, blocks):
                 try:
                     output, intermediate = await self._forward_piece(peer, span, hidden, inputs.within(span))
                 except ServerFailure as failure:
@@ -268,7 +281,9 @@ class PassRecord:
 
 
 class PassRunner:
-    """Synchronous entry points (any thread): whole batches, split into chunks of rows."""
+    """Synchronous entry points (any thread): whole batches, split into chunks of rows; with
+    ``pass_concurrency`` > 1, chunks go through the chain concurrently (a server works on one chunk while
+    the next server works on another)."""
 
     def __init__(self, client: SwarmClient):
         self.client, self.passes = client, Passes(client)
@@ -279,44 +294,78 @@ class PassRunner:
         """(output [batch, tokens, hidden], every block's output but the last [len(span) - 1, batch, tokens,
         hidden] if asked, and with ``keep`` what the backward pass needs)."""
         batch, tokens, size = hidden.shape
-        budget = self.client.config.max_message_bytes
-        blocks, rows = split(len(inputs.span), batch, tokens, size, inputs, keep, budget)
-        outputs, block_outputs, chunks = [], [], []
-        for start in range(0, batch, rows):
-            part = slice(start, min(batch, start + rows))
-            chunk = inputs.rows(part)
-            output, all_outputs, pieces = self.client.loop.run(self.passes.forward(hidden[part], chunk, blocks))
-            outputs.append(output)
-            if inputs.hidden_states:
-                block_outputs.append(torch.stack(all_outputs[:-1]) if len(all_outputs) > 1 else None)
-            chunks.append((part, pieces))
+        budget = self.client.config.max_pass_bytes
+        blocks, rows = split(len(inputs.span), batch, tokens, size, inputs, False, budget)
+        if keep:  # pieces small enough for their backward requests too (those carry gradients as well)
+            blocks = min(blocks, split(len(inputs.span), batch, tokens, size, inputs, True, budget)[0])
+            rows = fitting_rows(blocks, batch, tokens, size, inputs, False, budget)
+        parts = [slice(start, min(batch, start + rows)) for start in range(0, batch, rows)]
+        coroutines = [self.passes.forward(hidden[part], inputs.rows(part), blocks) for part in parts]
+        results = self.client.loop.run(self._all(coroutines))
         stacked = None
         if inputs.hidden_states:
-            stacked = torch.cat(block_outputs, dim=1) if len(inputs.span) > 1 else hidden.new_zeros(0, *hidden.shape)
-        return torch.cat(outputs), stacked, (PassRecord(inputs, blocks, chunks) if keep else None)
+            if len(inputs.span) > 1:
+                stacked = torch.cat([torch.stack(all_outputs[:-1]) for _, all_outputs, _ in results], dim=1)
+            else:
+                stacked = hidden.new_zeros(0, *hidden.shape)
+        output = torch.cat([output for output, _, _ in results])
+        record = PassRecord(
+            inputs, blocks, [(part, pieces) for part, (_, _, pieces) in zip(parts, results, strict=True)]
+        )
+        return output, stacked, (record if keep else None)
 
     def backward(
         self, record: PassRecord, grad_output: torch.Tensor, grad_blocks: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(gradient w.r.t. the input, w.r.t. the deep prompts, w.r.t. each LoRA weight: key -> (a, b))."""
-        inputs = record.inputs
-        grads, prompt_grads, lora = [], [], {}
-        for part, pieces in record.chunks:
-            chunk = inputs.rows(part)
-            gradients = Gradients(
-                inputs.span.start, torch.zeros_like(chunk.prompts) if chunk.prompts is not None else None
-            )
-            chunk_blocks = grad_blocks[:, part] if grad_blocks is not None else None
-            grads.append(
-                self.client.loop.run(
-                    self.passes.backward(pieces, grad_output[part], chunk_blocks, chunk, record.blocks, gradients)
+        inputs, budget = record.inputs, self.client.config.max_pass_bytes
+        _, tokens, size = grad_output.shape
+        coroutines, gradients = [], []
+        for part, pieces in record.chunks:  # each forward chunk in smaller chunks of rows if need be
+            rows = fitting_rows(record.blocks, part.stop - part.start, tokens, size, inputs, True, budget)
+            for start in range(part.start, part.stop, rows):
+                sub = slice(start, min(part.stop, start + rows))
+                inside = slice(sub.start - part.start, sub.stop - part.start)
+                chunk = inputs.rows(sub)
+                sub_pieces = [dataclasses.replace(piece, hidden=piece.hidden[inside]) for piece in pieces]
+                accumulated = Gradients(
+                    inputs.span.start, torch.zeros_like(chunk.prompts) if chunk.prompts is not None else None
                 )
-            )
-            prompt_grads.append(gradients.prompts)
-            for key, (grad_a, grad_b) in gradients.lora.items():
+                blocks_grad = grad_blocks[:, sub] if grad_blocks is not None else None
+                gradients.append(accumulated)
+                coroutines.append(
+                    self.passes.backward(sub_pieces, grad_output[sub], blocks_grad, chunk, record.blocks, accumulated)
+                )
+        grads = self.client.loop.run(self._all(coroutines))
+        lora = {}
+        for accumulated in gradients:
+            for key, (grad_a, grad_b) in accumulated.lora.items():
                 lora[key] = (grad_a + lora[key][0], grad_b + lora[key][1]) if key in lora else (grad_a, grad_b)
         grad_prompts = None
         if inputs.prompts is not None:
+            prompt_grads = [accumulated.prompts for accumulated in gradients]
             shared = inputs.prompts.shape[1] == 1
             grad_prompts = torch.stack(prompt_grads).sum(0) if shared else torch.cat(prompt_grads, dim=1)
         return torch.cat(grads), grad_prompts, lora
+
+    async def _all(self, coroutines: list) -> list:
+        """Run the chunks, at most ``pass_concurrency`` at a time; if one fails, cancel the others and raise."""
+        limit = asyncio.Semaphore(max(1, self.client.config.pass_concurrency))
+
+        async def limited(coroutine):
+            async with limit:
+                return await coroutine
+
+        return await _all([limited(coroutine) for coroutine in coroutines])
+
+
+async def _all(coroutines: list) -> list:
+    """Run concurrently; if one fails, cancel the others and raise its error."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from client.base import Layout, RemoteCache
 from client.hop import StepInput, merge_steps
 from client.lora import RemoteLora
-from client.passes import PassInputs, split
+from client.passes import PassInputs, even_pieces, split
 from client.session import InferenceSession
 from proto import pb
 from server import extras, validation
@@ -54,6 +54,13 @@ def test_split_keeps_every_request_under_the_budget_with_few_requests():
     adapter = LoraAdapter(8, 16, {(b, "q"): (torch.zeros(8, 576), torch.zeros(576, 8)) for b in range(30)})
     blocks, rows = split(30, 1, 16, 576, inputs(adapter=adapter), False, 10 * 8 * 576 * 2 * 4)
     assert blocks < 10 and rows == 1  # the adapter's weights limit the blocks per request
+
+
+def test_a_span_is_cut_in_even_pieces():
+    sizes = [len(piece) for piece in even_pieces(BlockRange(15, 30), 12)]
+    assert sizes == [8, 7]  # not 12 + 3
+    assert [len(piece) for piece in even_pieces(BlockRange(0, 6), 6)] == [6]
+    assert [(p.start, p.end) for p in even_pieces(BlockRange(0, 5), 2)] == [(0, 2), (2, 3), (3, 5)]
 
 
 def test_layout_follows_the_family_weight_names():
