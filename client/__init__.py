@@ -1,9 +1,18 @@
 """Uses the swarm: ``from client import AutoDistributedModelForCausalLM``.
 
-- ``model``: the transformers-compatible model (local embeddings/norm/head, remote blocks, ``generate``)
-- ``swarmclient``: SwarmClient (DHT, libp2p, routes) and stateless forward passes
-- ``session``: InferenceSession (streams through a chain, history for replay, failover)
+- ``model``: the causal LM (local embeddings/norm/head, remote blocks, ``generate``, loss, hidden states)
+- ``classification``: the sequence classifier (local score head)
+- ``pretrained``: what both share: loading the local parts, connecting, the tuning API (prompts, LoRA)
+- ``base``: the family's module layout, the base model (``model.model``) and ``RemoteCache``
+- ``layers``: the remote blocks as a module (len, slices, iteration) and the autograd function through them
+- ``passes``: stateless forward and backward passes, split into bounded requests, with failover
+- ``lora``, ``ptune``: LoRA weights and trainable prompts kept on the client
+- ``swarmclient``: SwarmClient (DHT, libp2p, routes, sessions, passes)
+- ``session``: InferenceSession (streams through a chain, history for replay, failover, beam reorders)
+- ``retry``: the one retry policy (what a server's failure means, how many failovers an operation gets)
 - ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks)
+- ``hop``: one server's part of a session (its stream, step history, liveness ping), steps merged for replay
+- ``points``: receipts for the work servers did (signed, sent periodically) and the volunteer's voucher
 - ``__main__``: ``python -m client``, a completion in the terminal
 - ``bans``: the ban policy (pure): exponential bans whose failures decay with successes and time
 - ``loop``: the background event loop that owns libp2p
@@ -13,11 +22,21 @@
 
 Concurrency: the public API is synchronous; network work runs on one background asyncio loop
 (uvloop); blocking DHT look-ups run in that loop's default executor. Code already on that loop (the API's
-engine) uses the async forms (``InferenceSession.open_async``, ``step_async``). Imports only ``proto`` and
-``swarm``.
+engine) uses the async forms (``InferenceSession.open_async``, ``step_async``). Autograd's backward calls the
+servers from the thread that runs it, through the same loop. Imports only ``proto`` and ``swarm``.
 """
 
+from client.classification import (
+    AutoDistributedModelForSequenceClassification,
+    DistributedModelForSequenceClassification,
+)
 from client.config import ClientConfig
 from client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "ClientConfig"]
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
+    "ClientConfig",
+    "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
+]

@@ -23,6 +23,8 @@ class ClientConfig:
     ban_forgive_steps: int = 8  # successful calls to a server that forgive one of its past failures
     ban_forget_after: float = 600.0  # seconds without a failure after which a server's failures are forgotten
     max_message_bytes: int = 2 << 20  # larger steps are split (the libp2p daemon caps messages at 4 MiB)
+    max_pass_bytes: int = (4 << 20) - (128 << 10)  # forward/backward requests and answers are split to fit this
+    pass_concurrency: int = 1  # chunks of a forward/backward pass in flight at once (>1 pipelines across servers)
     push: bool = False  # servers send each step's output straight to the next server of the chain
     ping_period: float = 60.0  # seconds a measured round trip to a server stays fresh
     allowed_peers: list[str] | None = None  # if set, use only these servers

@@ -19,6 +19,7 @@ import torch
 from proto import pb
 from swarm import tensors
 from swarm.errors import StamenError
+from swarm.models.adapters import LoraAdapter
 from swarm.routing import Hop
 from swarm.rpc import InferenceStream, ServerFailure, ping
 
@@ -31,19 +32,40 @@ class StepInput:
     hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
     position_ids: torch.Tensor  # [batch, new_tokens] int64
     attention_mask: torch.Tensor | None  # [batch, new_tokens] bool (False marks padding), or None
+    prompts: torch.Tensor | None = None  # [num_blocks, 1 or batch, k, hidden]: deep prompts of the first k tokens
+    reorder: torch.Tensor | None = None  # [batch] int64: rows the servers keep before this step (beam search)
+
+
+def adapter_message(adapter: LoraAdapter | str | None, span) -> pb.Adapter | None:
+    """The wire form of an adapter choice on ``span``: a preloaded adapter's name or the client's weights."""
+    if adapter is None:
+        return None
+    if isinstance(adapter, str):
+        return pb.Adapter(name=adapter)
+    return pb.Adapter(lora=adapter.within(span).to_proto())
 
 
 def merge_steps(steps: list[StepInput], max_tokens: int) -> list[StepInput]:
     """Consecutive steps joined into as few steps of at most ``max_tokens`` new tokens as possible (a
-    replay sends a history as a few prefill steps instead of one step per token)."""
+    replay sends a history as a few prefill steps instead of one step per token). A step that reorders
+    the rows starts a new step (the reorder comes before its tokens); deep prompts stay on the first
+    tokens of a merged step."""
     merged: list[list[StepInput]] = []
     for step in steps:
         tokens = step.hidden.shape[1]
-        if merged and sum(s.hidden.shape[1] for s in merged[-1]) + tokens <= max_tokens:
+        if merged and sum(s.hidden.shape[1] for s in merged[-1]) + tokens <= max_tokens and _joinable(merged[-1], step):
             merged[-1].append(step)
         else:
             merged.append([step])
     return [_join(group) for group in merged]
+
+
+def _joinable(group: list[StepInput], step: StepInput) -> bool:
+    if step.reorder is not None:
+        return False
+    if step.prompts is None:
+        return True
+    return all(s.prompts is not None and s.prompts.shape[2] == s.hidden.shape[1] for s in group)
 
 
 def _join(group: list[StepInput]) -> StepInput:
@@ -52,10 +74,13 @@ def _join(group: list[StepInput]) -> StepInput:
     masks = None
     if any(step.attention_mask is not None for step in group):
         masks = torch.cat([_mask(step) for step in group], dim=1)
+    prompted = [step.prompts for step in group if step.prompts is not None]
     return StepInput(
         torch.cat([step.hidden for step in group], dim=1),
         torch.cat([step.position_ids for step in group], dim=1),
         masks,
+        torch.cat(prompted, dim=2) if prompted else None,
+        group[0].reorder,
     )
 
 
@@ -102,8 +127,10 @@ class HopSession:
     def peer_id(self) -> str:
         return self.hop.peer_id
 
-    def request(self, item: StepInput, max_length: int, with_hidden: bool = True) -> pb.InferenceRequest:
-        """The message for this hop's next step (opening its session on step 0)."""
+    def request(
+        self, item: StepInput, max_length: int, adapter: LoraAdapter | str | None = None, with_hidden: bool = True
+    ) -> pb.InferenceRequest:
+        """The message for this hop's next step (opening its session on step 0, with the session's adapter)."""
         request = pb.InferenceRequest(
             step=self.next_step,
             position=self.position,
@@ -116,7 +143,14 @@ class HopSession:
             request.expect_push = True
         if item.attention_mask is not None:
             request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
+        span = self.hop.span
+        if item.prompts is not None:  # the session's prompts cover every block of the model
+            request.prompts.CopyFrom(tensors.to_proto(item.prompts[span.start : span.end].to(self.dtype)))
+        if item.reorder is not None:
+            request.reorder.CopyFrom(tensors.to_proto(item.reorder))
         if self.next_step == 0:
+            if (message := adapter_message(adapter, span)) is not None:
+                request.adapter.CopyFrom(message)
             request.membership = self.membership
             if self.voucher is not None:
                 request.voucher.CopyFrom(self.voucher)

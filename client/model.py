@@ -1,135 +1,53 @@
 """AutoDistributedModelForCausalLM: local embeddings, final norm and LM head; blocks in the swarm.
 
-It is a transformers ``PreTrainedModel`` with ``GenerationMixin``, so ``generate`` works as usual
-(greedy, sampling, eos, padded batches, streamers). During ``generate`` the model's cache is a
-``RemoteCache`` that stands for an inference session: its length is the number of tokens the
-servers already hold, which is how transformers knows to send only new tokens.
+It is a transformers ``PreTrainedModel`` with ``GenerationMixin`` laid out like the family's own class
+(``model.model.embed_tokens``, ``model.model.layers``, ``model.model.norm``, ``model.lm_head`` for Llama),
+so ``generate`` works as usual (greedy, sampling, beam search, eos, padded batches, streamers) and so
+does training: ``labels`` give transformers' loss, ``output_hidden_states`` its tuple of hidden states,
+and gradients flow through the servers (``client.layers``). During ``generate`` the model's cache is a
+``RemoteCache`` that stands for an inference session: its length is the number of tokens the servers
+already hold, which is how transformers knows to send only new tokens, and beam search's reorders go
+to the servers with the next step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from client.config import ClientConfig
+from client.base import RemoteCache, new_tokens_mask, with_cache
+from client.pretrained import DistributedPreTrainedModel
 from client.session import InferenceSession
 from client.swarmclient import SwarmClient
-from swarm.models.families import family_for, soft_cap
-from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
-from swarm.models.weights import load_tensors, tensor_index
-from swarm.spans import model_prefix
+from swarm.models.families import soft_cap
 
 logger = logging.getLogger(__name__)
 # what generate() and model outputs call the cache: "past_key_values", or "cache" since transformers 5.24
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-
-class RemoteCache(Cache):
-    """The transformers-side face of an inference session: it only reports how many tokens it holds."""
-
-    def __init__(self, session: InferenceSession):
-        super().__init__(layers=[])
-        self.session = session
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_linear(self) -> list[bool]:
-        """One attention cache (not a linear-attention state), so generate sends only the tokens it lacks."""
-        return [False]
+__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "RemoteCache", "new_tokens_mask"]
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
-    config_class = PretrainedConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-
+class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     def __init__(self, config: PretrainedConfig, client: SwarmClient | None = None):
-        super().__init__(config)
-        family = family_for(config)  # the local parts and their transformers module names (family.layout)
-        self.embed_tokens = family.build_embedding(config)
-        self.embed_norm = family.build_embed_norm(config)  # None except BLOOM's word_embeddings_layernorm
-        self.norm = family.build_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.logit_softcap = family.logit_softcap(config)  # Gemma 2: final-logit soft-capping
-        self.client = client
-        self._local = threading.local()  # per thread: the session of an enclosing ``inference_session``
+        super().__init__(config, client)
+        self.add_module(self.layout.head, nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.logit_softcap = self.family.logit_softcap(config)  # Gemma 2: final-logit soft-capping
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str | None = None,
-        initial_peers: list[str] | tuple[str, ...] = (),
-        dht_prefix: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        swarm_key: str | None = None,
-        **client_options,
-    ) -> DistributedModelForCausalLM:
-        """Load only the local parts of ``model`` (name or folder) and connect to the swarm."""
-        name = model or DEFAULT_MODEL
-        folder = resolve_model(model)
-        config = AutoConfig.from_pretrained(folder)
-        client_config = ClientConfig(
-            initial_peers=list(initial_peers), dht_prefix=dht_prefix, swarm_key=swarm_key, **client_options
-        )
-        prefix = dht_prefix or model_prefix(name)
-        instance = cls(config)
-        instance._load_local_weights(folder, dtype)
-        with contextlib.suppress(OSError):
-            instance.generation_config = GenerationConfig.from_pretrained(folder)
-        instance.client = SwarmClient(client_config, prefix, config.num_hidden_layers)
-        return instance.eval()
+    @property
+    def head(self) -> nn.Linear:
+        return getattr(self, self.layout.head)
 
-    def _load_local_weights(self, folder: Path, dtype: torch.dtype) -> None:
-        family, index = family_for(self.config), tensor_index(folder)
-        tied = family.tied_head(self.config)
-        parts = {"embed_tokens": "embed", "embed_norm": "embed_norm", "norm": "norm", "lm_head": "head"}
-        wanted = family.local_weights({ours: (role, getattr(self, ours)) for ours, role in parts.items()}, index, tied)
-        state = load_tensors(folder, lambda name: name in wanted, dtype, index)
-        missing = [key for key in wanted if key not in state]
-        if missing:
-            raise ValueError(f"{folder} lacks the local weights {missing}")
-        state = {wanted[key]: value for key, value in state.items()}
-        if tied:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        self.load_state_dict(state, strict=True, assign=True)
-        if tied:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
+    def local_heads(self) -> dict[str, nn.Module]:
+        return {self.layout.head: self.head}
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    @contextlib.contextmanager
-    def inference_session(self, max_length: int):
-        """Keep one server-side session across several ``generate`` calls (pass the whole history)."""
-        session = self.client.inference_session(max_length)
-        previous, self._local.session = self._active_session, session
-        try:
-            with session:
-                yield session
-        finally:
-            self._local.session = previous
-
-    @property
-    def _active_session(self) -> InferenceSession | None:
-        """The session of this thread's enclosing ``inference_session`` (threads never share one)."""
-        return getattr(self._local, "session", None)
+        return self.head
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
@@ -138,6 +56,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if session is not None:
             return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(session)}, **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None and kwargs.get("inputs_embeds") is not None:
+            ids = kwargs["inputs_embeds"]
         prompt_length = ids.shape[1] if ids is not None else 1
         max_length = self._max_length(prompt_length, kwargs)
         with self.inference_session(max_length) as new_session:
@@ -146,9 +66,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _max_length(self, prompt_length: int, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config
         new_tokens = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
+        prefix = self.base.prompt_tuning.pre_seq_len if self.base.prompt_tuning is not None else 0
         if new_tokens is not None:
-            return prompt_length + new_tokens
-        return max(kwargs.get("max_length") or config.max_length or 0, prompt_length + 1)
+            return prefix + prompt_length + new_tokens
+        return prefix + max(kwargs.get("max_length") or config.max_length or 0, prompt_length + 1)
 
     def forward(
         self,
@@ -157,61 +78,36 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,  # transformers >= 5.24 passes the cache under this name
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         past_key_values = cache if cache is not None else past_key_values
-        hidden = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        if self.embed_norm is not None:
-            hidden = self.embed_norm(hidden)
-        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
-        past = session.position if session is not None else 0
-        batch, tokens, _ = hidden.shape
-        if position_ids is None:  # as transformers does: consecutive positions after the past
-            position_ids = torch.arange(past, past + tokens).expand(batch, tokens)
-        position_ids = position_ids.expand(batch, tokens).to(torch.int64)
-        mask = new_tokens_mask(attention_mask, past, tokens, session.padding if session is not None else None)
-        with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            if session is not None:
-                hidden = session.step(hidden, position_ids, mask)
-            else:
-                hidden = self.client.forward(hidden, position_ids, mask)
-        hidden = self.norm(hidden)
+        outputs = self.base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = soft_cap(self.lm_head(hidden[:, keep, :]), self.logit_softcap)
-        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: past_key_values})
-
-    def shutdown(self) -> None:
-        """Leave the swarm (also done at interpreter exit)."""
-        if self.client is not None:
-            self.client.shutdown()
-            self.client = None
+        logits = soft_cap(self.head(hidden[:, keep, :]), self.logit_softcap)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = with_cache(
+            CausalLMOutputWithPast, past_key_values, loss=loss, logits=logits, hidden_states=outputs.hidden_states
+        )
+        return result.to_tuple() if return_dict is False else result
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM
-
-
-def new_tokens_mask(
-    attention_mask: torch.Tensor | None, past: int, tokens: int, held: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """The padding mask of the new tokens, [batch, tokens] bool, from what the caller passed: a 2D mask of
-    the whole sequence so far (past + new tokens, as ``generate`` passes it) or of the new tokens alone.
-    The session keeps the rest (``held``, [batch, past]), so nothing here depends on how ``generate``
-    slices its mask; a mask that would change the padding of tokens the servers already hold is refused."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or attention_mask.shape[1] not in (past + tokens, tokens):
-        raise ValueError(
-            f"attention_mask must be a 2D padding mask of {past + tokens} (past + new) or {tokens} (new) tokens, "
-            f"got shape {list(attention_mask.shape)}"
-        )
-    mask = attention_mask.bool()
-    if held is not None and mask.shape[1] == past + tokens and past and not torch.equal(mask[:, :past], held):
-        raise ValueError(
-            "attention_mask marks tokens the inference session already holds differently from when they were "
-            "sent (transformers infers padding from pad_token_id when no mask is given: pass attention_mask)"
-        )
-    return mask[:, -tokens:]

@@ -90,11 +90,17 @@ class RouteManager:
         with self._lock:
             return {peer for peer, record in self._bans.items() if record.until > now}
 
-    def candidates(self, refresh: bool = False, exclude: frozenset[str] = frozenset()) -> list[ServerInfo]:
+    def candidates(
+        self, refresh: bool = False, exclude: frozenset[str] = frozenset(), adapter: str | None = None
+    ) -> list[ServerInfo]:
+        """Servers to route through: online, not banned, blocked or ``exclude``d, allowed, and (if ``adapter``
+        is given) announcing that preloaded adapter."""
         excluded = self.banned() | set(self.config.blocked_peers) | exclude
         servers = usable(self.servers(refresh), excluded)
         if self.config.allowed_peers is not None:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
+        if adapter is not None:
+            servers = [s for s in servers if adapter in s.adapters]
         return servers
 
     def chain(
@@ -103,19 +109,21 @@ class RouteManager:
         min_cache_tokens: int = 0,
         forward: bool = False,
         exclude: frozenset[str] = frozenset(),
+        adapter: str | None = None,
     ) -> list[Hop]:
         """A chain covering ``span`` (default: the whole model) without the ``exclude``d servers, waiting up
         to ``wait_for_blocks``.
 
         Inference: the lowest expected latency per token (measured pings, announced throughputs,
-        servers short of cache penalised). Forward passes: load spread by forward throughput.
+        servers short of cache penalised). Forward and backward passes: load spread by forward throughput.
+        With ``adapter``, only servers that announce that preloaded adapter.
         """
         span = span or BlockRange(0, self.num_blocks)
         deadline = time.monotonic() + self.config.wait_for_blocks
         refresh = False
         while True:
             try:
-                servers = self.candidates(refresh, exclude)
+                servers = self.candidates(refresh, exclude, adapter)
                 if forward:
                     return spread_forward(servers, span, self._rng, client_pings=self.pings())
                 return fastest_chain(

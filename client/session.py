@@ -8,6 +8,12 @@ other servers keep their sessions. A server that is leaving (shutdown or a move)
 answers while it keeps serving: the client then builds the replacement in the background and swaps
 it in at a step boundary, so a graceful exit costs no stall.
 
+Beam search reorders the session's rows: ``reorder`` keeps the hypothesis indices until the next step,
+which carries them to every server (each reorders its cache before running the step); the history
+keeps them with that step, so a replay reorders at the same points. A session may carry a LoRA
+adapter (sent when each server's session opens) and deep prompts (sent with the steps that hold the
+first tokens). Failures are judged by the client's one retry policy (``client.retry``).
+
 Concurrency: all methods ending in ``_async`` and the private coroutines run on the client's event
 loop; ``step`` is the synchronous entry for any thread. One caller at a time per session.
 """
@@ -22,7 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
-from swarm.errors import BlocksNotServedError, SessionNotFoundError, StamenError
+from client.retry import Attempts
+from swarm.models.adapters import LoraAdapter
+from swarm.receipts import work_units
 from swarm.routing import Hop
 from swarm.rpc import InferenceStream, ServerFailure
 
@@ -34,20 +42,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["InferenceSession", "StepInput"]
 
 
-@dataclasses.dataclass
-class _Attempts:
-    allowed: int
-    used: int = 0
-
-
 class InferenceSession:
     """Use as a context manager. One caller at a time: a session is one conversation's state."""
 
-    def __init__(self, client: SwarmClient, max_length: int):
+    def __init__(self, client: SwarmClient, max_length: int, adapter: LoraAdapter | str | None = None):
         self.client, self.max_length = client, max_length
         self.config = client.config
+        self.adapter = adapter  # LoRA weights (detached) or a preloaded adapter's name, for every step
         self.position = 0  # tokens processed so far (per sequence)
+        self.prefix = 0  # of them, trainable prompt tokens the model put before the caller's tokens
         self.padding: torch.Tensor | None = None  # [batch, position] bool: the padding mask the servers hold
+        self._reorder: torch.Tensor | None = None  # hypothesis indices for the next step (beam search)
         self.batch_size: int | None = None
         self._hops: list[HopSession] = []
         self._handovers: dict[HopSession, asyncio.Task] = {}  # leaving server -> its replacement being built
@@ -95,17 +100,36 @@ class InferenceSession:
             self._hops = hops
         return self
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row ``rows[i]`` of the session as row i from the next step on (beam search)."""
+        rows = rows.to(torch.int64).reshape(-1)
+        if self.batch_size is not None and rows.numel() != self.batch_size:
+            raise ValueError(f"reorder needs {self.batch_size} row indices, got {rows.numel()}")
+        if self.position == 0:
+            raise ValueError("nothing to reorder yet: the session holds no tokens")
+        self._reorder = rows if self._reorder is None else self._reorder[rows]
+        self.padding = self.padding[rows]
+
     def step(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run new tokens through all blocks; returns the last block's hidden states for them.
 
         ``hidden`` [batch, new_tokens, hidden_size], ``position_ids`` [batch, new_tokens], ``attention_mask``
-        [batch, new_tokens] bool (False marks padding) or None. Synchronous; any thread may call it."""
-        return self.client.loop.run(self.step_async(hidden, position_ids, attention_mask))
+        [batch, new_tokens] bool (False marks padding) or None, ``prompts`` [num_blocks, 1 or batch, k, hidden]
+        deep prompts of the session's first k tokens (or None). Synchronous; any thread may call it."""
+        return self.client.loop.run(self.step_async(hidden, position_ids, attention_mask, prompts))
 
     async def step_async(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``step`` for code running on the client's event loop (e.g. one engine stepping many sessions)."""
         if self.closed:
@@ -123,21 +147,28 @@ class InferenceSession:
         self.padding = new_padding if self.padding is None else torch.cat([self.padding, new_padding], dim=1)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        chunk = self._chunk_tokens(batch, hidden_size)
+        chunk = self._chunk_tokens(batch, hidden_size, prompts is not None)
         outputs = []
         for start in range(0, tokens, chunk):
             end = min(tokens, start + chunk)
             mask = attention_mask[:, start:end] if attention_mask is not None else None
-            outputs.append(await self._step(StepInput(hidden[:, start:end], position_ids[:, start:end], mask)))
+            first = self.position  # the chunk's first token in the session; deep prompts cover the first k tokens
+            chunk_prompts = prompts[:, :, first : first + end - start] if prompts is not None else None
+            if chunk_prompts is not None and chunk_prompts.shape[2] == 0:
+                chunk_prompts = None
+            reorder, self._reorder = self._reorder, None
+            item = StepInput(hidden[:, start:end], position_ids[:, start:end], mask, chunk_prompts, reorder)
+            outputs.append(await self._step(item))
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    def _chunk_tokens(self, batch: int, hidden_size: int) -> int:
-        """Most new tokens per step that keep one message under the size limit."""
-        return max(1, self.config.max_message_bytes // (batch * hidden_size * 4))
+    def _chunk_tokens(self, batch: int, hidden_size: int, prompts: bool = False) -> int:
+        """Most new tokens per step that keep one message under the size limit (with deep prompts, which ride
+        along with the first tokens, half as many)."""
+        return max(1, self.config.max_message_bytes // ((2 if prompts else 1) * batch * hidden_size * 4))
 
     async def _step(self, inputs: StepInput) -> torch.Tensor:
-        attempts = _Attempts(self.config.max_retries)
+        attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
         batch = inputs.hidden.shape[0]
         if not self._hops:
             self._hops = await self._open_with_retries(batch, attempts)
@@ -150,14 +181,14 @@ class InferenceSession:
             try:
                 output, pushed = await self._run(hop, current, delivered=pushed)
             except ServerFailure as failure:
-                self._on_failure(failure, attempts)
+                attempts.failed(failure)
                 self._cancel_handover(hop)
                 self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
                 pushed = False
                 continue  # the replacement replayed the history; now run this step through it
             hop.history.append(current)
             self.client.routes.mark_ok(hop.peer_id)
-            self.client.receipts.add(hop.peer_id, batch * current.hidden.shape[1] * len(hop.hop.span))
+            self.client.receipts.add(hop.peer_id, work_units(tuple(current.hidden.shape), hop.hop.span))
             if hop.draining and hop not in self._handovers:
                 logger.info("Server %s is leaving; moving its blocks %s in the background", hop.peer_id, hop.hop.span)
                 self._handovers[hop] = asyncio.ensure_future(self._prepare_handover(hop, batch))
@@ -165,36 +196,27 @@ class InferenceSession:
             index += 1
         return current.hidden
 
-    async def _open_with_retries(self, batch: int, attempts: _Attempts | None = None) -> list[HopSession]:
-        attempts = attempts or _Attempts(self.config.max_retries)
+    async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> list[HopSession]:
+        attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
         return await self._retrying(attempts, lambda: self._open_chain(None, batch))
 
-    async def _retrying(self, attempts: _Attempts, action):
+    @staticmethod
+    async def _retrying(attempts: Attempts, action):
         """Run ``action`` (open or replace part of the chain) until it succeeds or attempts run out."""
         while True:
             try:
                 return await action()
             except ServerFailure as failure:
-                self._on_failure(failure, attempts)
-
-    def _on_failure(self, failure: ServerFailure, attempts: _Attempts) -> None:
-        """Raise if we should give up; otherwise ban the server (unless it only expired our session)."""
-        if failure.is_client_error:
-            raise failure.cause
-        attempts.used += 1
-        if attempts.used > attempts.allowed:
-            raise StamenError(f"inference step failed after {attempts.used} attempts; last: {failure}") from failure
-        logger.warning("Server %s failed (%s); rerouting its blocks", failure.peer_id, failure.reason)
-        if isinstance(failure.cause, BlocksNotServedError):  # it moved to other blocks: look again
-            self.client.routes.invalidate()
-        elif not isinstance(failure.cause, SessionNotFoundError):  # an expired session: the server is fine
-            self.client.routes.ban(failure.peer_id, failure.reason)
+                attempts.failed(failure)
 
     async def _open_chain(self, span, batch: int, exclude: frozenset[str] = frozenset()) -> list[HopSession]:
         loop = asyncio.get_running_loop()
         needed = batch * self.max_length
         await self.client.measure_pings()
-        chain = await loop.run_in_executor(None, self.client.routes.chain, span, needed, False, exclude)
+        adapter = self.adapter if isinstance(self.adapter, str) else None
+        chain = await loop.run_in_executor(
+            None, lambda: self.client.routes.chain(span, needed, False, exclude, adapter=adapter)
+        )
         hops = []
         try:
             for hop in chain:
@@ -226,7 +248,8 @@ class InferenceSession:
         try:
             for hop in hops:
                 outputs = []
-                for item in merge_steps(steps, self._chunk_tokens(*item_shape(steps))):
+                prompted = any(step.prompts is not None for step in steps)
+                for item in merge_steps(steps, self._chunk_tokens(*item_shape(steps), prompted)):
                     hidden, _ = await self._run(hop, item)
                     hop.history.append(item)
                     outputs.append(dataclasses.replace(item, hidden=hidden))
@@ -238,7 +261,7 @@ class InferenceSession:
 
     async def _prepare_handover(self, leaving: HopSession, batch: int) -> tuple[list[HopSession], int]:
         """Build a replacement for a server that is leaving, replaying its history so far."""
-        attempts = _Attempts(self.config.max_retries)
+        attempts = Attempts(self.client.routes, self.config.max_retries, "moving off a leaving server")
         exclude = frozenset({leaving.peer_id})
         replacement = await self._retrying(attempts, lambda: self._open_chain(leaving.hop.span, batch, exclude))
         done = len(leaving.history)
@@ -277,7 +300,7 @@ class InferenceSession:
     def _send_headers(self, item: StepInput) -> None:
         """Push mode: the first server gets the step, the others a header naming where to push next."""
         for index, hop in enumerate(self._hops):
-            request = hop.request(item, self.max_length, with_hidden=index == 0)
+            request = hop.request(item, self.max_length, self.adapter, with_hidden=index == 0)
             if index > 0:  # the only peer allowed to push this step's input
                 request.push_from_peer_id = self._hops[index - 1].peer_id
             if index + 1 < len(self._hops):
@@ -289,7 +312,7 @@ class InferenceSession:
     async def _run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
         """One step on one server: (its output, whether it pushed that output to the next server)."""
         if hop.sent is None:
-            hop.stream.send(hop.request(item, self.max_length))
+            hop.stream.send(hop.request(item, self.max_length, self.adapter))
         elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
             self.relayed += 1
             hop.relay(item)

@@ -1,4 +1,5 @@
-"""SwarmClient: the client's handle on a swarm (DHT, libp2p, routes) and stateless forward passes."""
+"""SwarmClient: the client's handle on a swarm (DHT, libp2p, routes), its inference sessions and its
+stateless passes (``client.passes``)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ import torch
 
 from client.config import ClientConfig
 from client.loop import LoopThread
+from client.passes import PassRunner
 from client.points import ReceiptBook, VoucherSource
 from client.sequence import RouteManager
 from client.session import InferenceSession
 from proto import pb
 from swarm import tensors
 from swarm.dht import DHTConfig, SwarmDHT
-from swarm.errors import StamenError
 from swarm.membership import Membership, load_key
-from swarm.rpc import ServerFailure, call_forward, ping
-from swarm.spans import BlockRange
+from swarm.models.adapters import LoraAdapter
+from swarm.rpc import ping
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class SwarmClient:
                 await self.receipts.send_due(self.p2p, self.membership)
             except Exception:
                 logger.debug("Handing out receipts failed", exc_info=True)
+        self.passes = PassRunner(self)  # stateless forward and backward passes
 
     async def measure_pings(self, limit: int = 32) -> None:
         """Round trips to candidate servers whose ping is unknown or stale (concurrently, bounded)."""
@@ -82,62 +84,8 @@ class SwarmClient:
         info = self.routes.server(peer_id)
         return wanted if info is not None and wanted in info.compressions else pb.COMPRESSION_NONE
 
-    def inference_session(self, max_length: int) -> InferenceSession:
-        return InferenceSession(self, max_length)
-
-    def forward(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Stateless pass of a batch through all blocks (split by rows to fit the message size)."""
-        batch, tokens, hidden_size = hidden.shape
-        rows = max(1, self.config.max_message_bytes // (tokens * hidden_size * 4))
-        outputs = []
-        for start in range(0, batch, rows):
-            part = slice(start, start + rows)
-            mask = attention_mask[part] if attention_mask is not None else None
-            outputs.append(self.loop.run(self._forward(hidden[part], position_ids[part], mask)))
-        return torch.cat(outputs, dim=0)
-
-    async def _forward(self, hidden, position_ids, attention_mask) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        position, failures = 0, 0
-        while position < self.num_blocks:
-            span = BlockRange(position, self.num_blocks)
-            chain = await loop.run_in_executor(None, self.routes.chain, span, 0, True)
-            hop = chain[0]
-            request = pb.ForwardRequest(
-                start_block=hop.span.start,
-                end_block=hop.span.end,
-                hidden=tensors.to_proto(hidden.to(self.server_dtype(hop.peer_id)), self.compression_for(hop.peer_id)),
-                position_ids=tensors.to_proto(position_ids),
-                compression=self.compression_for(hop.peer_id),
-                membership=self.membership.proof_for(hop.peer_id),
-            )
-            voucher = self.vouchers.current()
-            if voucher is not None:
-                request.voucher.CopyFrom(voucher)
-            if attention_mask is not None:
-                request.attention_mask.CopyFrom(tensors.to_proto(attention_mask))
-            timeout = self.config.step_timeout + self.config.step_timeout_per_token * hidden.shape[0] * hidden.shape[1]
-            try:
-                response = await call_forward(self.p2p, hop.peer_id, request, timeout)
-                output = tensors.from_proto(response.hidden, "hidden")
-                if output.shape != hidden.shape:
-                    raise ServerFailure(hop.peer_id, f"answered shape {list(output.shape)}")
-            except (ServerFailure, StamenError) as failure:
-                failure = failure if isinstance(failure, ServerFailure) else ServerFailure(hop.peer_id, str(failure))
-                if failure.is_client_error:
-                    raise failure.cause from failure
-                failures += 1
-                if failures > self.config.max_retries:
-                    raise StamenError(f"forward failed after {failures} attempts; last: {failure}") from failure
-                self.routes.ban(failure.peer_id, failure.reason)
-                continue
-            self.routes.mark_ok(hop.peer_id)
-            hidden = output.to(hidden.dtype)
-            self.receipts.add(hop.peer_id, hidden.shape[0] * hidden.shape[1] * len(hop.span))
-            position = hop.span.end
-        return hidden
+    def inference_session(self, max_length: int, adapter: LoraAdapter | str | None = None) -> InferenceSession:
+        return InferenceSession(self, max_length, adapter)
 
     async def _stop_receipting(self) -> None:
         self._receipting.cancel()

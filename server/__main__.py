@@ -87,6 +87,16 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="long prompts and forward passes run in slices of about this many tokens x blocks, so decode steps "
         f"of other sessions wait at most one slice (default: {d.chunk_token_blocks})",
     )
+    p.add_argument(
+        "--adapters",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapter folders to preload (see README, 'Fine-tuning through the swarm'); clients pick them by name",
+    )
+    p.add_argument(
+        "--max-lora-rank", type=int, default=d.max_lora_rank, help="largest rank of a LoRA adapter a client may send"
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: torch's)")
     p.add_argument("--identity", default=None, help="private key file for a fixed peer id")
     p.add_argument(
@@ -123,12 +133,19 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "max_queued_steps",
         "max_batch_tokens",
         "chunk_token_blocks",
+        "max_lora_rank",
     )
     for limit in limits:
         if getattr(args, limit) < 1:
             p.error(f"--{limit.replace('_', '-')} must be at least 1")
     if not 0 < args.announce_period < ServerConfig.record_ttl:
         p.error(f"--announce-period must be above 0 and below the record lifetime ({ServerConfig.record_ttl:.0f} s)")
+    adapters = {}
+    for item in args.adapters:
+        name, _, path = item.partition("=")
+        if not name or not path or name in adapters:
+            p.error(f"--adapters takes distinct NAME=PATH items, got {item!r}")
+        adapters[name] = path
     if args.max_message_bytes is not None and args.max_message_bytes < 1:
         p.error("--max-message-bytes must be at least 1")
     if args.announce_host and not (args.port or args.announce_port):
@@ -164,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_batch_tokens=args.max_batch_tokens,
         chunk_token_blocks=args.chunk_token_blocks,
         num_threads=args.num_threads,
+        adapters=adapters,
+        max_lora_rank=args.max_lora_rank,
         identity_path=args.identity,
         announce_period=args.announce_period,
         swarm_key=args.swarm_key,

@@ -62,11 +62,13 @@ class SessionCache:
         self.length += tokens
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep row ``rows[i]`` as row i (beam search picks which hypotheses go on)."""
+        """Keep row ``rows[i]`` as row i (beam search picks which hypotheses go on): the tokens held so far
+        in every block, and their padding. The padding of a step already announced is for the new rows."""
+        end = self.length
         for buffers in (self.keys, self.values):
-            for index, buffer in enumerate(buffers):
-                buffers[index] = buffer.index_select(0, rows)
-        self.padding = self.padding.index_select(0, rows)
+            for buffer in buffers:
+                buffer[:, :, :end] = buffer[:, :, :end].index_select(0, rows)
+        self.padding[:, :end] = self.padding[:, :end].index_select(0, rows)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,9 @@ class ServerConfig:
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT
     max_batch_tokens: int = 256  # decode steps of many sessions run as one batch of up to this many rows x tokens
     chunk_token_blocks: int = 4096  # long work runs in slices of about this many tokens x blocks between decode steps
+    max_lora_rank: int = 32  # largest rank of a LoRA adapter a client may send with its requests
+    max_adapter_bytes: int | None = None  # bytes of LoRA weights one request may carry; None = max rank on every layer
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters to preload: name -> folder (--adapters)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     identity_path: str | None = None  # private key file for a fixed peer id
     swarm_key: str | None = None  # private swarm: path of the swarm key file (only its holders get served)

@@ -1,6 +1,7 @@
 """RPC handler: translates protobuf requests into validated domain objects and back.
 
 It validates and delegates (to the session store and the span's Serving); it never touches nn.Modules.
+Stateless passes (Forward, Backward) are ``server.passes``; this module registers them with the rest.
 Every exception is mapped to a ``pb.Error`` in one place, so a bad request gets a clear error and
 the server keeps serving everyone else.
 
@@ -18,19 +19,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from hivemind.p2p import P2P, P2PContext
-from hivemind.utils import get_dht_time
 
 from proto import pb, rpc_name
-from server import validation
+from server import extras, validation
 from server.config import ServerConfig
 from server.gate import Gate
 from server.ledger import Ledger
+from server.passes import PassHandler, log_failure
 from server.push import Pusher
 from server.serving import Serving
 from server.sessions import Session, SessionRegistry
 from server.streams import BoundedStreams
 from swarm import errors, tensors
-from swarm.receipts import Receipt, Voucher
+from swarm.receipts import Receipt, work_units
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Handler:
         self.max_queued_steps = config.max_queued_steps
         self.max_per_peer = config.max_sessions_per_peer
         self.registry = SessionRegistry(config.max_sessions_per_peer)  # open sessions of every span
-        self.forwards: dict[str, int] = {}  # forward passes in flight, by peer
+        self.passes = PassHandler(current, config.max_sessions_per_peer, lambda: self.gate, lambda: self.ledger)
         self.pusher: Pusher | None = None
         self.gate = Gate(None, "")  # private swarms: set by the server to check membership proofs
         self.ledger = Ledger("")  # points: set by the server (work done per client, receipts, standings)
@@ -70,7 +71,8 @@ class Handler:
         # a peer may hold more inference streams than sessions: a closing stream still counts for a moment
         await streams.add(rpc_name("Inference"), self.rpc_inference, pb.InferenceRequest, 2 * self.max_per_peer)
         await streams.add(rpc_name("Push"), self.rpc_push, pb.PushRequest, PUSH_STREAMS_PER_PEER)
-        await p2p.add_protobuf_handler(rpc_name("Forward"), self.rpc_forward, pb.ForwardRequest)
+        await p2p.add_protobuf_handler(rpc_name("Forward"), self.passes.rpc_forward, pb.ForwardRequest)
+        await p2p.add_protobuf_handler(rpc_name("Backward"), self.passes.rpc_backward, pb.BackwardRequest)
         await p2p.add_protobuf_handler(rpc_name("Info"), self.rpc_info, pb.InfoRequest)
         await p2p.add_protobuf_handler(rpc_name("Receipt"), self.rpc_receipt, pb.ReceiptRequest)
 
@@ -95,7 +97,7 @@ class Handler:
                             state.session.end_inputs(state.ended)
                     yield await self._step(serving, state.session, request)
                 except Exception as exc:  # mapped for the client; the server carries on
-                    self._log_failure("inference", peer, exc)
+                    log_failure("inference", peer, exc)
                     step = request.step if isinstance(request, pb.InferenceRequest) else 0
                     yield pb.InferenceResponse(error=errors.to_proto(exc), step=step)
                     return
@@ -196,9 +198,11 @@ class Handler:
             )
         opened = validation.open_request(request, serving.limits)
         validation.push_fields(request)
+        adapter = extras.adapter(request.adapter, serving.limits, opened.blocks, serving.adapters, trainable=False)
         self.registry.check_can_open(opened.session_id, peer)  # before anything is allocated
         session = serving.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
-        session.points = self._standing(peer, request.voucher if request.HasField("voucher") else None)
+        session.points = self.ledger.request_standing(peer, request)
+        session.adapter = adapter
         try:
             if request.expect_push:  # before the pushes that came early are handed over
                 session.expect_input(request.push_from_peer_id)
@@ -227,7 +231,10 @@ class Handler:
             )
         if request.expect_push == request.HasField("hidden"):
             raise errors.InvalidRequestError("a step carries its hidden states unless it is a header (expect_push)")
+        if request.step and request.HasField("adapter"):
+            raise errors.InvalidRequestError("an adapter is chosen when the session opens (step 0) and kept")
         validation.push_fields(request)
+        reorder = extras.reorder(request.reorder, session.batch_size)
         session.next_step += 1
         hidden = request.hidden
         if request.expect_push:
@@ -242,8 +249,10 @@ class Handler:
             past=session.position,
         )
         compression = validation.output_compression(request.compression)
-        output = tensors.to_proto(await serving.inference_step(session, step), compression)
-        self.ledger.record_work(session.peer, step.hidden.shape[0] * step.hidden.shape[1] * len(session.blocks))
+        batch, tokens, _ = step.hidden.shape
+        prompts = extras.prompts(request.prompts, serving.limits, session.blocks, batch, tokens)
+        output = tensors.to_proto(await serving.inference_step(session, step, prompts, reorder), compression)
+        self.ledger.record_work(session.peer, work_units((batch, tokens), session.blocks))
         session.drop_stale_inputs()
         pushed = False
         if request.push_peer_id:
@@ -251,40 +260,6 @@ class Handler:
             pushed = await self.pusher.push(request.push_peer_id, push)
         logger.debug("inference %s step %d: %s", session.session_id, request.step, list(step.hidden.shape))
         return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed, draining=serving.leaving)
-
-    async def rpc_forward(self, request: pb.ForwardRequest, context: P2PContext) -> pb.ForwardResponse:
-        peer = context.remote_id.to_base58()
-        serving = self.current()
-        try:
-            self.gate.check(peer, request.membership)
-            if serving.leaving or serving.draining:
-                raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
-            if self.forwards.get(peer, 0) >= self.max_per_peer:
-                raise errors.TooManyRequestsError(f"this peer already has {self.max_per_peer} forward passes running")
-            blocks = validation.requested_blocks(request.start_block, request.end_block, serving.limits)
-            step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
-            compression = validation.output_compression(request.compression)
-            points = self._standing(peer, request.voucher if request.HasField("voucher") else None)
-            logger.debug("forward %s from %s: %s, standing %.1f", blocks, peer, list(step.hidden.shape), points)
-            self.forwards[peer] = self.forwards.get(peer, 0) + 1
-            try:
-                hidden = await serving.forward(blocks, step, points)
-            finally:
-                self._forward_done(peer)
-            self.ledger.record_work(peer, step.hidden.shape[0] * step.hidden.shape[1] * len(blocks))
-            return pb.ForwardResponse(hidden=tensors.to_proto(hidden, compression))
-        except Exception as exc:
-            self._log_failure("forward", peer, exc)
-            return pb.ForwardResponse(error=errors.to_proto(exc))
-
-    def _forward_done(self, peer: str) -> None:
-        left = self.forwards.pop(peer) - 1
-        if left:
-            self.forwards[peer] = left
-
-    def _standing(self, peer: str, voucher: pb.Voucher | None) -> float:
-        """The requester's standing (points) for ordering a busy server's queue."""
-        return self.ledger.standing(peer, Voucher.from_proto(voucher) if voucher is not None else None, get_dht_time())
 
     async def rpc_receipt(self, request: pb.ReceiptRequest, context: P2PContext) -> pb.ReceiptResponse:
         """A client acknowledges the work this server did for it (see ``swarm.receipts``)."""
@@ -294,16 +269,9 @@ class Handler:
             self.ledger.accept(Receipt.from_proto(request.receipt), peer)
             return pb.ReceiptResponse()
         except Exception as exc:
-            self._log_failure("receipt", peer, exc)
+            log_failure("receipt", peer, exc)
             return pb.ReceiptResponse(error=errors.to_proto(exc))
 
     async def rpc_info(self, request: pb.InfoRequest, context: P2PContext) -> pb.ServerRecord:
         self.gate.check(context.remote_id.to_base58(), request.membership)  # raised: the caller gets its text
         return self.record()
-
-    @staticmethod
-    def _log_failure(rpc: str, peer: str, exc: Exception) -> None:
-        if isinstance(exc, errors.StamenError):
-            logger.info("Rejected %s request from %s: %s", rpc, peer, exc)
-        else:
-            logger.exception("Internal error serving %s for %s", rpc, peer)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from hivemind.utils import get_dht_time
+
 from swarm.errors import InvalidRequestError
 from swarm.receipts import Receipt, Voucher, newer, points
 
@@ -55,3 +57,8 @@ class Ledger:
         if voucher is not None and voucher.valid_for(sender, now):
             return self.standings.get(voucher.issuer, 0.0)
         return self.standings.get(sender, 0.0)
+
+    def request_standing(self, sender: str, request) -> float:
+        """The standing of a request (Inference step 0, Forward, Backward) that may carry a ``voucher``."""
+        voucher = Voucher.from_proto(request.voucher) if request.HasField("voucher") else None
+        return self.standing(sender, voucher, get_dht_time())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server import backward
 from server.blocks import BlockStack
 from server.work import ActiveSessions, Kind, Work, next_batch
 from swarm.errors import ShuttingDownError
@@ -127,6 +128,13 @@ class Scheduler:
             time.sleep(self.config.step_delay)  # test only, on the compute thread
         started = time.perf_counter()
         try:
+            if works[0].kind == Kind.BACKWARD:  # always alone (next_batch batches only decode steps)
+                self._run_backward(pendings[0], blocks)
+                return
+            for work in works:
+                if work.reorder is not None and work.cursor == work.blocks.start:  # before the step's first slice
+                    work.cache.reorder(work.reorder)
+                    work.reorder = None
             with torch.inference_mode():
                 outputs = self.stack.run(works, blocks)
         except Exception as exc:
@@ -143,15 +151,7 @@ class Scheduler:
         if works[0].kind == Kind.DECODE:
             elapsed = time.perf_counter() - started
             self._decode_seconds = elapsed if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * elapsed
-        logger.debug(
-            "slice: %d x %s, %d rows x tokens, %d blocks, standing %.1f, %.1f ms",
-            len(works),
-            works[0].kind.name,
-            sum(work.size for work in works),
-            blocks,
-            works[0].points,
-            1000 * (time.perf_counter() - started),
-        )
+        self._log_slice(works, blocks, started)
         unfinished = []
         for pending, output in zip(pendings, outputs, strict=True):
             work = pending.work
@@ -163,6 +163,32 @@ class Scheduler:
                 work.cache.advance(work.hidden.shape[1])
             pending.settle(output)
         self._requeue(unfinished)
+
+    def _run_backward(self, pending: _Pending, blocks: int) -> None:
+        """One slice of a backward item (``server.backward``): forward without grad, or one step back."""
+        started = time.perf_counter()
+        walking = pending.work.backward.walking
+        grad = backward.run_slice(self.stack, pending.work, blocks)
+        self.slices += 1
+        self.batched_items += 1
+        self._log_slice([pending.work], blocks, started, "back" if walking else "")
+        if grad is not None:
+            pending.settle(grad)
+        else:
+            self._requeue([pending])
+
+    @staticmethod
+    def _log_slice(works: list[Work], blocks: int, started: float, phase: str = "") -> None:
+        logger.debug(
+            "slice: %d x %s%s, %d rows x tokens, %d blocks, standing %.1f, %.1f ms",
+            len(works),
+            works[0].kind.name,
+            f" ({phase})" if phase else "",
+            sum(work.size for work in works),
+            blocks,
+            works[0].points,
+            1000 * (time.perf_counter() - started),
+        )
 
     def _requeue(self, pendings: list[_Pending], solo: bool = False) -> None:
         with self._cond:

@@ -238,4 +238,5 @@ class Server:
             next_pings=dict(self.next_pings),
             points=self.ledger.points,
             compressions=tuple(tensors.COMPRESSIONS.values()),
+            adapters=tuple(self.config.adapters),
         )

@@ -1,4 +1,4 @@
-"""Serving: everything that serves one span (blocks, compute scheduler, sessions, limits).
+"""Serving: everything that serves one span (blocks, compute scheduler, sessions, limits, adapters).
 
 A server has one current Serving; when it moves to another span it builds a new one, switches new
 work to it, and retires the old one once its sessions end (or hands them off after a grace period:
@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PretrainedConfig
 
 from server import validation
+from server.backward import BackwardState
 from server.blocks import BlockStack
 from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.scheduler import Scheduler, SchedulerConfig
 from server.sessions import Session, SessionStore
 from server.work import Kind, Work, step_kind
+from swarm.models.adapters import LoraAdapter, load_adapter
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Serving:
     scheduler: Scheduler
     store: SessionStore
     limits: validation.Limits
+    adapters: dict[str, LoraAdapter] = field(default_factory=dict)  # preloaded (--adapters), on this span
     leaving: bool = False  # no new sessions; open ones are still served, and told to move elsewhere
     draining: bool = False  # no new sessions or steps (the end of a shutdown, or of a retirement after a move)
 
@@ -48,7 +51,9 @@ class Serving:
     ) -> Serving:
         span = stack.span
         geometry = KVGeometry.from_config(model_config, dtype)
-        limits = validation.Limits.build(span, model_config.hidden_size, dtype, config)
+        layers = stack.lora.available()
+        limits = validation.Limits.build(span, model_config.hidden_size, dtype, config, layers)
+        adapters = {name: _preload(name, path, span, dtype, layers) for name, path in config.adapters.items()}
         scheduler = Scheduler(
             stack,
             SchedulerConfig(
@@ -57,23 +62,62 @@ class Serving:
                 step_delay=config.test_step_delay,
             ),
         )
-        return cls(span, stack, scheduler, SessionStore(budget, geometry, span), limits)
+        return cls(span, stack, scheduler, SessionStore(budget, geometry, span), limits, adapters)
 
-    async def inference_step(self, session: Session, step: validation.Step) -> torch.Tensor:
-        """Run a validated step of ``session`` through its blocks (its cache grows by the new tokens)."""
+    async def inference_step(
+        self,
+        session: Session,
+        step: validation.Step,
+        prompts: torch.Tensor | None = None,
+        reorder: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run a validated step of ``session`` through its blocks (its cache grows by the new tokens);
+        ``reorder`` picks the session's rows first (beam search), ``prompts`` are the step's deep prompts."""
         batch, tokens, _ = step.hidden.shape
         session.cache.check_room(tokens)
         session.cache.set_padding(session.position, step.attention_mask, tokens)
         kind = step_kind(batch * tokens, self.scheduler.config.decode_tokens)
         work = Work(kind, session.blocks, step.hidden, step.position_ids, session.cache, session.block_offset)
-        work.points = session.points
+        work.prompts, work.adapter, work.reorder, work.points = prompts, session.adapter, reorder, session.points
         return await self.scheduler.submit(work)
 
-    async def forward(self, blocks: BlockRange, step: validation.Step, points: float = 0.0) -> torch.Tensor:
-        """A stateless pass of a validated batch through ``blocks`` (``points``: the requester's standing)."""
-        offset = blocks.start - self.span.start
-        work = Work(Kind.FORWARD, blocks, step.hidden, step.position_ids, None, offset, step.attention_mask, points)
+    async def forward(
+        self,
+        blocks: BlockRange,
+        step: validation.Step,
+        prompts: torch.Tensor | None = None,
+        adapter: LoraAdapter | None = None,
+        hidden_states: bool = False,
+        points: float = 0.0,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """A stateless pass of a validated batch through ``blocks``: the output, and with ``hidden_states``
+        the outputs of every block but the last (``points``: the requester's standing)."""
+        work = self._stateless(Kind.FORWARD, blocks, step, prompts, adapter, points)
+        work.block_outputs = [] if hidden_states else None
+        output = await self.scheduler.submit(work)
+        return output, (work.block_outputs[:-1] if hidden_states else None)
+
+    async def backward(
+        self,
+        blocks: BlockRange,
+        step: validation.Step,
+        grad_output: torch.Tensor,
+        grad_block_outputs: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        adapter: LoraAdapter | None = None,
+        points: float = 0.0,
+    ) -> torch.Tensor:
+        """The gradient w.r.t. the batch's input through ``blocks`` (activations recomputed). Gradients of
+        ``prompts`` and of the adapter's weights that require grad accumulate in their ``.grad``."""
+        work = self._stateless(Kind.BACKWARD, blocks, step, prompts, adapter, points)
+        work.backward = BackwardState(grad_output, grad_block_outputs)
         return await self.scheduler.submit(work)
+
+    def _stateless(self, kind: Kind, blocks: BlockRange, step: validation.Step, prompts, adapter, points) -> Work:
+        offset = blocks.start - self.span.start
+        work = Work(kind, blocks, step.hidden, step.position_ids, None, offset, step.attention_mask, points)
+        work.prompts, work.adapter = prompts, adapter
+        return work
 
     async def wind_down(self, grace: float) -> None:
         """Tell clients to move (in every answer) while serving their sessions for up to ``grace`` seconds or
@@ -93,3 +137,18 @@ class Serving:
         """After a move: wind down, then stop computing."""
         await self.wind_down(grace)
         self.scheduler.shutdown()
+
+
+def _preload(name: str, path: str, span: BlockRange, dtype: torch.dtype, layers: dict) -> LoraAdapter:
+    """An adapter folder's weights on ``span``, checked against the blocks' linear layers."""
+    adapter = load_adapter(path, span, dtype)
+    for (block, module), (a, b) in adapter.weights.items():
+        if module not in layers:
+            raise ValueError(f"adapter {name} ({path}): no linear layer {module!r} in block {block}")
+        in_features, out_features = layers[module]
+        if tuple(a.shape) != (adapter.rank, in_features) or tuple(b.shape) != (out_features, adapter.rank):
+            raise ValueError(f"adapter {name} ({path}): block {block} {module}: a, b shapes do not fit the layer")
+    logger.info(
+        "Loaded adapter %s (rank %d, %d layers in %s) from %s", name, adapter.rank, len(adapter.weights), span, path
+    )
+    return adapter

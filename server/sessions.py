@@ -19,6 +19,7 @@ import torch
 
 from server.cache import CacheBudget, KVGeometry, SessionCache
 from swarm.errors import InvalidRequestError, SessionNotFoundError, TooManyRequestsError
+from swarm.models.adapters import LoraAdapter
 from swarm.spans import BlockRange
 
 MAX_PENDING_INPUTS = 4  # pushed/relayed inputs a session holds ahead of its steps
@@ -44,6 +45,7 @@ class Session:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     pusher: str = ""  # the only peer allowed to push inputs, named by the latest header ("" = any: legacy)
     ended: Exception | None = None  # why the client's stream ended: a header still waiting gets no input
+    adapter: LoraAdapter | None = None  # LoRA for every step, chosen when the session opens
 
     def may_push(self, sender: str | None) -> bool:
         """Whether an input from ``sender`` (None: the client, on its own stream) may fill a header."""

@@ -8,7 +8,7 @@ tensor costs nothing. Error messages never echo unbounded strings a peer sent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,9 +36,24 @@ class Limits:
     max_request_tokens: int  # batch x new tokens of one request
     max_length: int  # largest max_length of a session
     message_bytes: int | None = None  # cap on one stream message; None = derived (max_message_bytes)
+    max_lora_rank: int = 32  # largest rank of a LoRA adapter a client may send
+    max_adapter_bytes: int = 0  # bytes of LoRA weights one request may carry
+    lora_layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # linear layers: name -> (in, out)
 
     @classmethod
-    def build(cls, span: BlockRange, hidden_size: int, dtype: torch.dtype, config: ServerConfig) -> Limits:
+    def build(
+        cls,
+        span: BlockRange,
+        hidden_size: int,
+        dtype: torch.dtype,
+        config: ServerConfig,
+        lora_layers: dict[str, tuple[int, int]] | None = None,
+    ) -> Limits:
+        lora_layers = dict(lora_layers or {})
+        adapter_bytes = config.max_adapter_bytes
+        if adapter_bytes is None:  # room for an adapter of the largest rank on every linear layer of the span
+            per_block = sum(in_features + out_features for in_features, out_features in lora_layers.values())
+            adapter_bytes = config.max_lora_rank * per_block * len(span) * torch.empty(0, dtype=dtype).element_size()
         return cls(
             span,
             hidden_size,
@@ -46,6 +61,9 @@ class Limits:
             config.max_request_tokens,
             config.max_length_limit,
             config.max_message_bytes,
+            config.max_lora_rank,
+            adapter_bytes,
+            lora_layers,
         )
 
     @property
@@ -54,13 +72,16 @@ class Limits:
 
     @property
     def max_message_bytes(self) -> int:
-        """The largest message a stream may carry: room for the largest valid step and its small fields."""
+        """The largest message a stream may carry: room for the largest valid step (with deep prompts, a LoRA
+        adapter on its first step, and hypothesis indices) and its small fields."""
         if self.message_bytes is not None:
             return self.message_bytes
         hidden = self.max_request_tokens * self.hidden_size * torch.empty(0, dtype=self.dtype).element_size()
         position_ids = self.max_request_tokens * 8  # int64 [batch, new_tokens]
         mask = self.max_request_tokens  # bool [batch, new_tokens]
-        return hidden + position_ids + mask + MESSAGE_OVERHEAD
+        reorder = self.max_request_tokens * 8  # int64 [batch]
+        prompts = hidden  # [blocks, rows, prefix, hidden] with blocks x rows x prefix <= max_request_tokens
+        return hidden + prompts + position_ids + mask + reorder + self.max_adapter_bytes + MESSAGE_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -124,7 +145,7 @@ def _check_peer_id(value: str, field: str) -> None:
         raise InvalidRequestError(f"{field}: not a base58 peer id")
 
 
-def _declared_shape(message: pb.Tensor, field: str, dtypes: tuple[str, ...], ndim: int) -> tuple[int, ...]:
+def declared_shape(message: pb.Tensor, field: str, dtypes: tuple[str, ...], ndim: int) -> tuple[int, ...]:
     """The shape a tensor message declares, once its dtype and rank are right (nothing is copied)."""
     if message.dtype not in dtypes:
         raise InvalidRequestError(f"{field}: dtype {message.dtype[:32]!r} sent, expected {' or '.join(dtypes)}")
@@ -154,7 +175,7 @@ def _check_finite(hidden: torch.Tensor) -> None:
 def pushed_input(message: pb.Tensor, limits: Limits, batch_size: int | None) -> torch.Tensor:
     """The input of a header's step, pushed by another server or relayed by the client: checked, and
     converted to the server's dtype (the previous server of a chain may compute in another one)."""
-    _check_hidden_shape(_declared_shape(message, "hidden", FLOAT_DTYPES, 3), limits, batch_size)
+    _check_hidden_shape(declared_shape(message, "hidden", FLOAT_DTYPES, 3), limits, batch_size)
     hidden = tensors.from_proto(message, "hidden").to(limits.dtype)
     _check_finite(hidden)
     return hidden
@@ -175,7 +196,7 @@ def step_input(
         hidden = hidden_msg
         _check_hidden_shape(tuple(hidden.shape), limits, batch_size)
     else:
-        _check_hidden_shape(_declared_shape(hidden_msg, "hidden", (limits.dtype_name,), 3), limits, batch_size)
+        _check_hidden_shape(declared_shape(hidden_msg, "hidden", (limits.dtype_name,), 3), limits, batch_size)
         hidden = tensors.from_proto(hidden_msg, "hidden")
     if hidden.dtype != limits.dtype:
         raise InvalidRequestError(f"hidden: dtype {hidden.dtype} sent, this server computes in {limits.dtype}")
@@ -185,7 +206,7 @@ def step_input(
     if tensors.is_empty(position_ids_msg):
         position_ids = torch.arange(past, past + tokens).expand(batch, tokens)
     else:
-        if _declared_shape(position_ids_msg, "position_ids", ("int64",), 2) != (batch, tokens):
+        if declared_shape(position_ids_msg, "position_ids", ("int64",), 2) != (batch, tokens):
             raise InvalidRequestError(f"position_ids: must be int64 [{batch}, {tokens}]")
         position_ids = tensors.from_proto(position_ids_msg, "position_ids")
         if not (0 <= int(position_ids.min()) and int(position_ids.max()) < MAX_POSITION):
@@ -193,7 +214,7 @@ def step_input(
 
     attention_mask = None
     if not tensors.is_empty(mask_msg):
-        if _declared_shape(mask_msg, "attention_mask", ("bool",), 2) != (batch, tokens):
+        if declared_shape(mask_msg, "attention_mask", ("bool",), 2) != (batch, tokens):
             raise InvalidRequestError(f"attention_mask: must be bool [{batch}, {tokens}] (the new tokens)")
         attention_mask = tensors.from_proto(mask_msg, "attention_mask")
         if bool(attention_mask.all()):

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.cache import SessionCache
+from swarm.models.adapters import LoraAdapter
 from swarm.spans import BlockRange
+
+if TYPE_CHECKING:
+    from server.backward import BackwardState
 
 
 class Kind(enum.IntEnum):
@@ -49,6 +54,11 @@ class Work:
     cursor: int = field(init=False)  # the next block to run
     seq: int = 0  # arrival order, set by the scheduler
     solo: bool = False  # run alone (after a batch it was in failed)
+    prompts: torch.Tensor | None = None  # [num_blocks, batch or 1, prefix, hidden]: added to the first tokens
+    adapter: LoraAdapter | None = None  # LoRA on this item's rows
+    reorder: torch.Tensor | None = None  # [batch] int64: the session cache's rows to keep, before the first slice
+    block_outputs: list[torch.Tensor] | None = None  # a list: each block's output is appended to it
+    backward: BackwardState | None = None  # BACKWARD work: the gradients and the walk back through the slices
 
     def __post_init__(self):
         self.cursor = self.blocks.start

@@ -51,6 +51,12 @@ class TooManyRequestsError(StamenError):
     code = pb.TOO_MANY_REQUESTS
 
 
+class AdapterNotFoundError(StamenError):
+    """The request names a LoRA adapter this server has not loaded; go to a server that announces it."""
+
+    code = pb.ADAPTER_NOT_FOUND
+
+
 class NotAMemberError(StamenError):
     """Private swarm: the caller did not prove it holds the swarm key."""
 
@@ -81,6 +87,7 @@ _BY_CODE = {
         BlocksNotServedError,
         ShuttingDownError,
         TooManyRequestsError,
+        AdapterNotFoundError,
         NotAMemberError,
     )
 }

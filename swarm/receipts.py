@@ -3,7 +3,8 @@ let a volunteer's client use the standing of the volunteer's server.
 
 - A ``Receipt`` is cumulative and signed by the client's libp2p identity: "server S did W units of work
   for me, client C, in my epoch E (V of them I checked on another server)". A unit is one token through
-  one block. A server keeps the latest receipt of each client; its points are ``points(receipts)``.
+  one block (``work_units``; a backward pass counts twice: it recomputes the forward pass, then goes
+  back). A server keeps the latest receipt of each client; its points are ``points(receipts)``.
 - A ``Voucher`` is signed by a server's identity: "client C may use my standing until time T". A client
   started with its volunteer's server key (``--points-key``) sends one with its requests; a busy server
   serves requests in the order of their standing (the voucher issuer's announced points).
@@ -27,6 +28,11 @@ from swarm.identity import Identity, verify
 CLIENT_CAP = 50_000_000  # units (tokens x blocks) one client identity may contribute to a server's points
 VERIFIED_WEIGHT = 2.0  # a unit the client checked on another server counts this much
 POINTS_PER_UNIT = 1e-3  # points are shown in thousands of units
+
+
+def work_units(shape: tuple[int, ...], blocks, backward: bool = False) -> int:
+    """Units of work for a [batch, tokens, ...] input through ``blocks`` (anything with a length)."""
+    return shape[0] * shape[1] * len(blocks) * (2 if backward else 1)
 
 
 @dataclasses.dataclass(frozen=True)

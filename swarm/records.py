@@ -42,6 +42,7 @@ class ServerInfo:
     compressions: tuple[int, ...] = ()  # activation compressions (``pb.Compression``) it reads and sends
     public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
     signature: bytes = b""  # by that key over the record serialized with an empty signature
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters the server has loaded (--adapters)
 
     def to_proto(self) -> pb.ServerRecord:
         return pb.ServerRecord(
@@ -66,6 +67,7 @@ class ServerInfo:
             expires_at=self.expires_at,
             points=self.points,
             compressions=list(self.compressions),
+            adapters=list(self.adapters),
         )
 
     @classmethod
@@ -91,6 +93,7 @@ class ServerInfo:
             expires_at=record.expires_at,
             points=record.points,
             compressions=tuple(record.compressions),
+            adapters=tuple(record.adapters),
         )
 
     def to_bytes(self) -> bytes:

@@ -1,5 +1,5 @@
 """Calls to one server (by clients, and by servers for pushes and pings): a persistent inference
-stream, and unary forward / info / receipt calls.
+stream, and unary forward / backward / info / receipt calls.
 
 Every failure to reach or hear from a server surfaces as ``ServerFailure`` (with the peer id), so the
 caller can ban that server and route around it; typed errors the server sent are kept as the cause.
@@ -90,6 +90,20 @@ async def call_forward(p2p: P2P, peer_id: str, request: pb.ForwardRequest, timeo
         )
     except Exception as exc:
         raise ServerFailure(peer_id, f"forward failed: {exc!r}", exc) from exc
+    if response.HasField("error"):
+        cause = errors.from_proto(response.error, peer_id)
+        raise ServerFailure(peer_id, str(cause), cause)
+    return response
+
+
+async def call_backward(p2p: P2P, peer_id: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
+    try:
+        response = await asyncio.wait_for(
+            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Backward"), request, pb.BackwardResponse),
+            timeout,
+        )
+    except Exception as exc:
+        raise ServerFailure(peer_id, f"backward failed: {exc!r}", exc) from exc
     if response.HasField("error"):
         cause = errors.from_proto(response.error, peer_id)
         raise ServerFailure(peer_id, str(cause), cause)

@@ -6,4 +6,5 @@
   Qwen2-MoE (experts fused at load); ``bloom``: BLOOM (ALiBi); ``falcon``: Falcon (both architectures)
 - ``weights``: read selected tensors from safetensors files
 - ``modelpath``: resolve ``--model`` to a local folder (the default model is converted once from GGUF)
+- ``adapters``: LoRA adapters of the blocks (weights, their linear layers, wire form, folder format)
 """

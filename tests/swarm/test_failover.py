@@ -1,12 +1,13 @@
 """Servers that drop out mid-generation: the client reroutes, replays, and the tokens do not change.
 
 Real server processes are killed with SIGKILL at chosen moments (first, middle and last span; prefill
-and decode; inside a multi-turn session). Each killed server is replaced afterwards, so every test
-starts from a swarm with two replicas of each span.
+and decode; inside a multi-turn session; during beam search; in the middle of a backward pass). Each
+killed server is replaced afterwards, so every test starts from a swarm with two replicas of each span.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -180,3 +181,62 @@ def test_failed_pushes_fall_back_to_client_relay(tiny_models):
         finally:
             model.shutdown()
     assert actual.tolist() == local.generate(ids, max_new_tokens=10, do_sample=False).tolist()
+
+
+def test_killed_server_during_backward_does_not_change_gradients(replicated, caplog):
+    """The server of the first span dies after the forward pass, while loss.backward() runs (it is reached
+    last): its backward request goes to the other replica and the gradients are those of local transformers."""
+    swarm, model, local = replicated
+    ids = prompt(80, 12).expand(2, 12)
+    embeds = local.model.embed_tokens(ids).detach()
+    x_remote, x_local = (embeds.clone().requires_grad_() for _ in range(2))
+    local(inputs_embeds=x_local, labels=ids).loss.backward()
+
+    outputs = []
+    handle = model.model.layers.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        loss = model(inputs_embeds=x_remote, labels=ids).loss
+        (blocks_output,) = outputs
+        first_piece = blocks_output.grad_fn.record.chunks[0][1][0]  # the pieces this forward pass went through
+        assert first_piece.span.start == 0
+        victim = swarm.by_peer(first_piece.peer_id)
+
+        def kill(grad: torch.Tensor) -> None:  # the gradient reached the remote blocks: their backward starts now
+            os.kill(victim.proc.pid, signal.SIGKILL)
+
+        blocks_output.register_hook(kill)
+        with caplog.at_level(logging.WARNING, logger="client.retry"):
+            loss.backward()
+        assert victim.proc.wait(timeout=10) == -signal.SIGKILL
+        assert f"Server {victim.peer_id} failed" in caplog.text  # its backward request failed over
+        torch.testing.assert_close(x_remote.grad, x_local.grad, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+        restore(swarm)
+
+
+def test_killed_server_during_beam_search_does_not_change_tokens(replicated):
+    """The replacement replays the session's steps with the beam reorders they carried."""
+    swarm, model, local = replicated
+    ids = prompt(81, 8)
+    expected = local.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False)
+    try:
+        with model.inference_session(max_length=32) as session:
+            session.open(batch_size=3)
+            calls, victims = [], []
+
+            def kill_at_sixth_step(module, args, kwargs):
+                calls.append(1)
+                if len(calls) == 6:
+                    victims.append(swarm.by_peer(session.route[1].peer_id))
+                    os.kill(victims[0].proc.pid, signal.SIGKILL)
+
+            handle = model.register_forward_pre_hook(kill_at_sixth_step, with_kwargs=True)
+            try:
+                actual = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False)
+            finally:
+                handle.remove()
+            assert victims and victims[0].peer_id not in [hop.peer_id for hop in session.route]
+        assert actual.tolist() == expected.tolist()
+    finally:
+        restore(swarm)

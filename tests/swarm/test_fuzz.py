@@ -2,7 +2,8 @@
 
 Hundreds of cases (random fields, wrong dtypes and shapes, huge declared shapes with tiny buffers,
 NaN/inf, wild positions, out-of-order steps, raw bytes, frames that declare huge lengths, pushes into
-other peers' sessions, floods of sessions and steps, unary garbage) from two hostile peers, while a
+other peers' sessions, floods of sessions and steps, unary garbage, forward and backward passes with
+random gradients, deep prompts, LoRA weights and adapter names, beam reorders) from two hostile peers, while a
 legitimate session stays open. Afterwards: the server is up, never answered INTERNAL, its memory did
 not grow beyond a bound, and both the old session and a new one give the local model's tokens.
 """
@@ -93,6 +94,42 @@ def int_tensor(rng: random.Random, rows: int, cols: int, dtype: torch.dtype) -> 
     return pb.Tensor(buffer=buffer, shape=[rows, cols], dtype=str(dtype).removeprefix("torch."))
 
 
+def random_adapter(rng: random.Random) -> pb.Adapter:
+    """A preloaded adapter's name, or LoRA weights: often plausible, often not."""
+    if rng.random() < 0.2:
+        return pb.Adapter(name=rng.choice(["", "x" * 300, "trained", "\x00"]))
+    rank = rng.choice([1, 4, 4, 0, 33, 2**32 - 1])
+    weights = []
+    for _ in range(rng.choice([0, 1, 2, 3])):
+        module = rng.choice(["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "nope", "y" * 300])
+        weight = pb.LoraWeight(block=rng.choice([0, 3, 5, 6, 2**32 - 1]), module=module)
+        weight.a.CopyFrom(tensor_message(rng) if rng.random() < 0.5 else float_tensor(rng, [max(rank, 1) % 64, HIDDEN]))
+        weight.b.CopyFrom(tensor_message(rng) if rng.random() < 0.5 else float_tensor(rng, [HIDDEN, max(rank, 1) % 64]))
+        weights.append(weight)
+    return pb.Adapter(lora=pb.LoraWeights(rank=rank, alpha=rng.choice([8.0, float("nan"), 1e300]), weights=weights))
+
+
+def float_tensor(rng: random.Random, shape: list[int]) -> pb.Tensor:
+    values = torch.randn(*shape, generator=torch_generator(rng))
+    if rng.random() < 0.2 and values.numel():
+        values.view(-1)[0] = float("nan")
+    return pb.Tensor(buffer=values.reshape(-1).view(torch.uint8).numpy().tobytes(), shape=shape, dtype="float32")
+
+
+def random_extras(rng: random.Random, message) -> None:
+    """Deep prompts and an adapter on any request; a reorder on inference steps."""
+    if rng.random() < 0.2:
+        shape = [rng.choice([6, 3, 1, 0]), rng.choice([1, 2]), rng.choice([1, 2, 3]), rng.choice([HIDDEN, 3])]
+        message.prompts.CopyFrom(float_tensor(rng, shape) if rng.random() < 0.7 else tensor_message(rng))
+    if rng.random() < 0.2:
+        message.adapter.CopyFrom(random_adapter(rng))
+    if isinstance(message, pb.InferenceRequest) and rng.random() < 0.2:
+        rows = rng.choice([1, 2, 3])
+        message.reorder.CopyFrom(int_tensor(rng, 1, rows, rng.choice([torch.int64, torch.int32])))
+        if rng.random() < 0.7:  # a 1-D reorder, as the server expects
+            message.reorder.shape[:] = [rows]
+
+
 def random_request(rng: random.Random, session_id: str, server: str, victims: list[str]) -> pb.InferenceRequest:
     """An inference message with every field random (often valid, often not)."""
     message = pb.InferenceRequest(
@@ -118,6 +155,7 @@ def random_request(rng: random.Random, session_id: str, server: str, victims: li
         message.push_session_id = rng.choice(victims + ["", "s" * 300, uuid.uuid4().hex])
     if rng.random() < 0.2:
         message.push_from_peer_id = rng.choice([server, PEER_ID_LIKE, "x" * 300, "bad id"])
+    random_extras(rng, message)
     return message
 
 
@@ -213,16 +251,31 @@ class Fuzzer:
     async def unary(self, peer: HostilePeer) -> None:
         rng = self.rng
         if rng.random() < 0.3:
-            rpc, message = rng.choice(["Forward", "Info", "Receipt"]), RawMessage(rng.randbytes(rng.randint(0, 2048)))
+            rpc = rng.choice(["Forward", "Backward", "Info", "Receipt"])
+            message = RawMessage(rng.randbytes(rng.randint(0, 2048)))
         elif rng.random() < 0.25:
             rpc, message = "Receipt", pb.ReceiptRequest(receipt=self.forged_receipt())
         else:
-            rpc = "Forward"
-            message = pb.ForwardRequest(start_block=rng.choice([0, 0, 2, 6]), end_block=rng.choice([6, 6, 3, 0, 99]))
+            rpc = rng.choice(["Forward", "Backward"])
+            message = pb.ForwardRequest() if rpc == "Forward" else pb.BackwardRequest()
+            message.start_block, message.end_block = rng.choice([0, 0, 2, 6]), rng.choice([6, 6, 3, 0, 99])
             message.hidden.CopyFrom(tensor_message(rng))
             if rng.random() < 0.3:
                 message.position_ids.CopyFrom(int_tensor(rng, 1, rng.choice([1, 2, 3]), torch.int64))
-        response_type = {"Forward": pb.ForwardResponse, "Info": pb.ServerRecord, "Receipt": pb.ReceiptResponse}[rpc]
+            random_extras(rng, message)
+            if rpc == "Forward":
+                message.output_hidden_states = rng.random() < 0.3
+            else:
+                grad = message.hidden if rng.random() < 0.6 else tensor_message(rng)
+                message.grad_output.CopyFrom(grad)
+                if rng.random() < 0.2:
+                    message.grad_block_outputs.CopyFrom(tensor_message(rng))
+        response_type = {
+            "Forward": pb.ForwardResponse,
+            "Backward": pb.BackwardResponse,
+            "Info": pb.ServerRecord,
+            "Receipt": pb.ReceiptResponse,
+        }[rpc]
         try:
             response = await asyncio.wait_for(peer.unary(self.server, rpc, message, response_type), 10)
         except Exception:  # garbage that does not parse: the server's p2p layer answers with an error

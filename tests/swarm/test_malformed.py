@@ -4,11 +4,13 @@ and a session opened before the bad requests carries on correctly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from contextlib import suppress
 
 import pytest
 import torch
+from google.protobuf.message import Message
 from hivemind.p2p import P2P
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +19,7 @@ from client.loop import LoopThread
 from proto import pb, rpc_name
 from swarm import errors, tensors
 from swarm.localswarm import LocalSwarm
-from swarm.rpc import InferenceStream, ServerFailure, call_forward, call_info
+from swarm.rpc import InferenceStream, ServerFailure, call_backward, call_forward, call_info
 from tests.swarm.hostile import FRAME_END, HostilePeer, receive, rss_mb, send, step_request, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,6 +41,8 @@ def request(step=0, position=0, tokens=2, hidden=None, **fields) -> pb.Inference
     for name, value in fields.items():
         if isinstance(value, torch.Tensor):
             getattr(message, name).CopyFrom(tensors.to_proto(value))
+        elif isinstance(value, pb.Adapter):
+            getattr(message, name).CopyFrom(value)
         else:
             setattr(message, name, value)
     return message
@@ -104,6 +108,30 @@ BAD_REQUESTS.update(
         "push without a session id": (request(push_peer_id="12D3KooWAbc"), errors.InvalidRequestError),
         "malformed pusher": (request(push_from_peer_id="x" * 500), errors.InvalidRequestError),
         "session id too long": (request(session_id="s" * 129), errors.InvalidRequestError),
+    }
+)
+
+
+def lora(rank: int = 4, block: int = 0, module: str = "self_attn.q_proj", a=None, b=None) -> pb.Adapter:
+    a = torch.zeros(rank, HIDDEN) if a is None else a
+    b = torch.zeros(HIDDEN, rank) if b is None else b
+    weight = pb.LoraWeight(block=block, module=module, a=tensors.to_proto(a), b=tensors.to_proto(b))
+    return pb.Adapter(lora=pb.LoraWeights(rank=rank, alpha=8, weights=[weight]))
+
+
+BAD_REQUESTS.update(
+    {
+        "reorder out of range": (request(batch_size=1, reorder=torch.tensor([1])), errors.InvalidRequestError),
+        "reorder of wrong length": (request(reorder=torch.tensor([0, 0])), errors.InvalidRequestError),
+        "reorder of wrong dtype": (request(reorder=torch.tensor([0], dtype=torch.int32)), errors.InvalidRequestError),
+        "step prompts longer than the step": (
+            request(prompts=torch.zeros(6, 1, 3, HIDDEN)),
+            errors.InvalidRequestError,
+        ),
+        "session LoRA on an unknown layer": (
+            request(adapter=lora(module="mlp.nothing")),
+            errors.InvalidRequestError,
+        ),
     }
 )
 
@@ -345,3 +373,86 @@ def test_ending_the_stream_releases_a_waiting_header_at_once(push_pair):
 
     answer = loop.run(end_early())
     assert answer is not None and answer.error.code == pb.SESSION_NOT_FOUND, answer
+
+
+def backward(tokens: int = 2, **fields) -> pb.BackwardRequest:
+    """A valid backward request over blocks 0:6 unless ``fields`` override something."""
+    generator = torch.Generator().manual_seed(tokens)
+    message = pb.BackwardRequest(start_block=fields.pop("start_block", 0), end_block=fields.pop("end_block", 6))
+    message.hidden.CopyFrom(tensors.to_proto(fields.pop("hidden", torch.randn(1, tokens, HIDDEN, generator=generator))))
+    message.grad_output.CopyFrom(
+        tensors.to_proto(fields.pop("grad", torch.randn(1, tokens, HIDDEN, generator=generator)))
+    )
+    for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            getattr(message, name).CopyFrom(tensors.to_proto(value))
+        elif isinstance(value, Message):
+            getattr(message, name).CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def without_grad() -> pb.BackwardRequest:
+    message = backward()
+    message.ClearField("grad_output")
+    return message
+
+
+BAD_BACKWARD = {
+    "gradient of another shape": (backward(grad=torch.randn(1, 3, HIDDEN)), errors.InvalidRequestError),
+    "NaN gradient": (backward(grad=torch.full((1, 2, HIDDEN), float("nan"))), errors.InvalidRequestError),
+    "infinite input": (backward(hidden=torch.full((1, 2, HIDDEN), float("inf"))), errors.InvalidRequestError),
+    "no gradient": (without_grad(), errors.InvalidRequestError),
+    "too many tokens": (backward(tokens=65), errors.InvalidRequestError),
+    "gradient declares 2**40 tokens": (
+        backward(grad_output=pb.Tensor(buffer=b"\0" * 8, shape=[1, 2**40, HIDDEN], dtype="float32")),
+        errors.InvalidRequestError,
+    ),
+    "block gradients of wrong count": (
+        backward(grad_block_outputs=torch.zeros(2, 1, 2, HIDDEN)),
+        errors.InvalidRequestError,
+    ),
+    "prompts longer than the input": (backward(prompts=torch.zeros(6, 1, 3, HIDDEN)), errors.InvalidRequestError),
+    "prompts for other blocks": (backward(prompts=torch.zeros(5, 1, 1, HIDDEN)), errors.InvalidRequestError),
+    "NaN prompts": (backward(prompts=torch.full((6, 1, 1, HIDDEN), float("nan"))), errors.InvalidRequestError),
+    "LoRA rank over the limit": (backward(adapter=lora(rank=33)), errors.InvalidRequestError),
+    "LoRA on an unknown layer": (backward(adapter=lora(module="self_attn.x_proj")), errors.InvalidRequestError),
+    "LoRA of wrong shape": (backward(adapter=lora(a=torch.zeros(4, HIDDEN - 1))), errors.InvalidRequestError),
+    "LoRA outside the blocks": (backward(adapter=lora(block=7)), errors.InvalidRequestError),
+    "NaN LoRA weights": (backward(adapter=lora(b=torch.full((HIDDEN, 4), float("nan")))), errors.InvalidRequestError),
+    "unknown preloaded adapter": (backward(adapter=pb.Adapter(name="nope")), errors.AdapterNotFoundError),
+    "blocks outside span": (backward(end_block=8), errors.BlocksNotServedError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BACKWARD))
+def test_bad_backward_request_gets_typed_error(server_and_client, case):
+    server, model, _ = server_and_client
+    message, expected = BAD_BACKWARD[case]
+    client = model.client
+    with pytest.raises(ServerFailure) as caught:
+        client.loop.run(call_backward(client.p2p, server.peer_id, message, timeout=10))
+    assert isinstance(caught.value.cause, expected), f"{case}: got {caught.value.cause!r}"
+    assert str(caught.value.cause)
+    assert server.proc.poll() is None
+
+
+def test_server_still_computes_exact_gradients_after_bad_backward_requests(server_and_client):
+    server, model, local = server_and_client
+    client = model.client
+    for message, _ in BAD_BACKWARD.values():
+        with contextlib.suppress(ServerFailure):
+            client.loop.run(call_backward(client.p2p, server.peer_id, message, timeout=10))
+    good = backward(tokens=5)
+    answer = client.loop.run(call_backward(client.p2p, server.peer_id, good, timeout=10))
+
+    hidden = tensors.from_proto(good.hidden).clone().requires_grad_()
+    positions = torch.arange(5).unsqueeze(0)
+    embeddings = local.model.rotary_emb(hidden, positions)
+    output = hidden
+    for layer in local.model.layers:
+        output = layer(output, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
+    output.backward(tensors.from_proto(good.grad_output))
+    torch.testing.assert_close(tensors.from_proto(answer.grad_hidden), hidden.grad, rtol=1e-5, atol=1e-5)
+    assert server.proc.poll() is None

@@ -31,9 +31,10 @@ class InProcessSession:
     def __init__(self, stacks, geometry: KVGeometry, batch: int, max_length: int):
         self.stacks = stacks
         self.caches = [geometry.allocate(len(stack.span), batch, max_length) for stack in stacks]
-        self.position, self.padding = 0, None
+        self.position, self.padding, self.prefix, self.batch_size = 0, None, 0, batch
 
-    def step(self, hidden, position_ids, mask=None):
+    def step(self, hidden, position_ids, mask=None, prompts=None):
+        assert prompts is None
         batch, tokens, _ = hidden.shape
         new = mask if mask is not None else torch.ones(batch, tokens, dtype=torch.bool)
         self.padding = new if self.padding is None else torch.cat([self.padding, new], dim=1)
@@ -47,18 +48,25 @@ class InProcessSession:
         return hidden.clone()
 
 
-class InProcessClient:
-    """Stateless forward passes through the same block stacks."""
+class InProcessPasses:
+    """Stateless forward passes through the same block stacks (what ``RemoteBlocks`` asks of a client)."""
 
     def __init__(self, stacks):
         self.stacks = stacks
 
-    def forward(self, hidden, position_ids, mask=None):
+    def forward(self, hidden, inputs, keep=False):
+        assert inputs.span == BlockRange(0, self.stacks[-1].span.end) and not keep and not inputs.hidden_states
+        positions = inputs.position_ids.expand(hidden.shape[0], -1)
         with torch.inference_mode():
             for stack in self.stacks:
-                work = Work(Kind.FORWARD, stack.span, hidden, position_ids, padding=mask)
+                work = Work(Kind.FORWARD, stack.span, hidden, positions, padding=inputs.attention_mask)
                 hidden = stack.run([work], len(stack.span))[0]
-        return hidden.clone()
+        return hidden.clone(), None, None
+
+
+class InProcessClient:
+    def __init__(self, stacks):
+        self.passes = InProcessPasses(stacks)
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -110,12 +118,15 @@ def test_stateless_forward_matches_local(pair):
 
 def test_local_parts_follow_the_family(pair):
     model, local, _ = pair
-    family = family_for(model.config)
-    tied = family.tied_head(model.config)
-    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
-    assert (model.embed_norm is not None) == (family.layout.embed_norm is not None)
-    head = local.get_output_embeddings().weight
-    torch.testing.assert_close(model.lm_head.weight, head, rtol=0, atol=0)
+    layout = family_for(model.config).layout
+    assert (model.lm_head.weight is model.embed_tokens.weight) == family_for(model.config).tied_head(model.config)
+    for path in (layout.embed, layout.embed_norm, layout.norm, layout.head):  # where transformers keeps them
+        if path is None:
+            continue
+        ours, theirs = model.get_submodule(path).state_dict(), local.get_submodule(path).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=0)
 
 
 def test_other_families_get_an_error_that_lists_the_supported_ones():

@@ -106,12 +106,23 @@ def test_push_fields_must_be_peer_ids_and_session_ids(fields):
 
 
 def test_message_cap_leaves_room_for_the_largest_valid_step():
-    limits = validation.Limits.build(BlockRange(0, 6), 576, torch.float32, ServerConfig())
+    layers = {"self_attn.q_proj": (576, 576), "self_attn.v_proj": (576, 192)}
+    limits = validation.Limits.build(BlockRange(0, 6), 576, torch.float32, ServerConfig(max_lora_rank=8), layers)
     largest = pb.InferenceRequest(session_id="s" * 128, push_peer_id=PEER_A, push_session_id="s" * 128)
     tokens = limits.max_request_tokens
     largest.hidden.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, 576)))
     largest.position_ids.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, dtype=torch.int64)))
     largest.attention_mask.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, dtype=torch.bool)))
+    largest.prompts.CopyFrom(tensors.to_proto(torch.zeros(6, 1, tokens // 6, 576)))  # blocks x rows x prefix
+    largest.reorder.CopyFrom(tensors.to_proto(torch.zeros(1, dtype=torch.int64)))
+    lora = [
+        pb.LoraWeight(
+            block=block, module=name, a=tensors.to_proto(torch.zeros(8, i)), b=tensors.to_proto(torch.zeros(o, 8))
+        )
+        for block in range(6)
+        for name, (i, o) in layers.items()
+    ]
+    largest.adapter.lora.CopyFrom(pb.LoraWeights(rank=8, alpha=16, weights=lora))
     assert largest.ByteSize() <= limits.max_message_bytes < 2 * largest.ByteSize()
     assert (
         validation.Limits.build(
