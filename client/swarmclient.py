@@ -47,6 +47,7 @@ class SwarmClient:
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
         self.receipts = ReceiptBook(self.dht.identity)  # points: the work servers did for us, acknowledged
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
+        self.passes = PassRunner(self)  # stateless forward and backward passes
         self._receipting = self.loop.run(self._start_receipting())
 
     async def _start_receipting(self) -> asyncio.Task:
@@ -60,7 +61,6 @@ class SwarmClient:
                 await self.receipts.send_due(self.p2p, self.membership)
             except Exception:
                 logger.debug("Handing out receipts failed", exc_info=True)
-        self.passes = PassRunner(self)  # stateless forward and backward passes
 
     async def measure_pings(self, limit: int = 32) -> None:
         """Round trips to candidate servers whose ping is unknown or stale (concurrently, bounded)."""
