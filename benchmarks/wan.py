@@ -21,7 +21,8 @@ independent of who dialled whom, since a connection between two servers crosses 
 proxy. No bandwidth cap in these runs.
 
 Floor per decode token = one-way delays on the critical path + local compute, where local compute is the
-median per-token decode of local transformers (float32, same thread count) timed in turns with the swarm:
+median per-token decode of local transformers (float32, same thread count), timed just before and just
+after each swarm run; the faster of the two counts, so the floor stays a lower bound under varying load:
 
 - relay (push=False): client -> s1 -> client -> s2 -> client -> s3 -> client = 2 x delay per server (6);
 - push (push=True): the client sends the step to s1 and headers to s2 and s3 at once, then
@@ -65,7 +66,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.failover import Clock  # noqa: E402
-from benchmarks.latency import greedy_steps, local_run, make_prompt  # noqa: E402
+from benchmarks.latency import BenchmarkTimeout, greedy_steps, local_run, make_prompt  # noqa: E402
 from benchmarks.netem import LinkProxy  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
@@ -75,10 +76,6 @@ from swarm.models.modelpath import resolve_model  # noqa: E402
 SPANS = ["0:10", "10:20", "20:30"]
 REPLICA = "10:20"  # the span that gets a second server for the failover run
 COMPRESSIONS = ["none", "float16", "int8"]
-
-
-class BenchmarkTimeout(Exception):
-    """The whole run took longer than --time-limit."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,30 +200,32 @@ def warm(model, prompt: torch.Tensor) -> None:
     model.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy(2))
 
 
-def compare(run: dict, local_seconds: list[float]) -> dict:
-    """A swarm run's prefill and median decode (ms, KiB on the wire) beside local transformers' (ms)."""
+def compare(run: dict, local: list[list[float]]) -> dict:
+    """A swarm run's prefill and median decode (ms, KiB on the wire) beside the faster of local transformers'
+    runs just before and just after it (ms): the floor stays a lower bound when the machine's load varies."""
     seconds, steps = run["seconds"], run["bytes"]
     return {
         "prefill_ms": 1000 * seconds[0],
         "decode_ms": 1000 * statistics.median(seconds[1:]),
         "prefill_kib": steps[0] / 1024,
         "decode_kib": statistics.median(steps[1:]) / 1024,
-        "local_prefill_ms": 1000 * local_seconds[0],
-        "local_ms": 1000 * statistics.median(local_seconds[1:]),
+        "local_prefill_ms": 1000 * min(times[0] for times in local),
+        "local_ms": 1000 * min(statistics.median(times[1:]) for times in local),
     }
 
 
 def measure_delay(models: dict, local, prompt: torch.Tensor, links: list[Link], delay: float, args) -> list[dict]:
     """Relay and push at one delay, each in turn with local transformers; one row per mode."""
     set_links(links, delay)
-    rows = []
+    rows, (_, before, _) = [], local_run(local, prompt, args.new_tokens)
     for push, model in models.items():
         warm(model, prompt)
         run = swarm_run(model, prompt, args.new_tokens, links)
-        local_tokens, local_seconds, _ = local_run(local, prompt, args.new_tokens)
+        local_tokens, after, _ = local_run(local, prompt, args.new_tokens)
         hops = len(SPANS) + 1 if push else 2 * len(SPANS)
         row = {"delay_ms": 1000 * delay, "mode": "push" if push else "relay", "hops": hops}
-        row.update(compare(run, local_seconds), same=run["tokens"] == local_tokens)
+        row.update(compare(run, [before, after]), same=run["tokens"] == local_tokens)
+        before = after
         row["floor_ms"] = hops * row["delay_ms"] + row["local_ms"]
         print(f"   {row['delay_ms']:.0f} ms {row['mode']}: decode {row['decode_ms']:.1f} ms, floor "
               f"{row['floor_ms']:.1f} ms, tokens equal local: {row['same']}", flush=True)  # fmt: skip
@@ -238,7 +237,7 @@ def measure_compression(folder, swarm, local, prompt: torch.Tensor, links: list[
     """Prefill of a long prompt and decode under the bandwidth cap, for each compression (relay)."""
     delay_ms, hops = 25.0, 2 * len(SPANS)
     set_links(links, delay_ms / 1000, args.mbit)
-    rows = []
+    rows, (_, before, _) = [], local_run(local, prompt, args.new_tokens)
     for compression in COMPRESSIONS:
         model = connect(folder, swarm, compression=compression)
         try:
@@ -246,8 +245,9 @@ def measure_compression(folder, swarm, local, prompt: torch.Tensor, links: list[
             run = swarm_run(model, prompt, args.new_tokens, links)
         finally:
             model.shutdown()
-        _, local_seconds, _ = local_run(local, prompt, args.new_tokens)
-        row = {"compression": compression, **compare(run, local_seconds), "tokens": run["tokens"]}
+        _, after, _ = local_run(local, prompt, args.new_tokens)
+        row = {"compression": compression, **compare(run, [before, after]), "tokens": run["tokens"]}
+        before = after
         first = rows[0] if rows else row
         row.update(same=run["tokens"] == first["tokens"], none_kib=first["prefill_kib"])
         serialise_ms = row["prefill_kib"] * 1024 * 8 / (args.mbit * 1e3)  # relay: transfers one after another
