@@ -1,7 +1,7 @@
 """One inference session's part on one server: its stream, counters, the inputs sent so far, and how
 one step runs there (request, answer, liveness).
 
-A late answer is not waited out blindly: once a step is later than a few times the server's usual
+A late answer is not waited out blindly: once a step is later than 1.5 times the server's usual
 step time (and than twice the measured round trip to it), the client pings the server; one that does
 not answer the ping within 0.3 s (or 3 round trips, for far servers) is given up at once (a server that
 died often leaves its connection open for seconds), one that answers is waited for up to the step's
@@ -24,7 +24,7 @@ from swarm.models.adapters import LoraAdapter
 from swarm.routing import Hop
 from swarm.rpc import InferenceStream, ServerFailure, ping
 
-PROBE_AFTER = 0.05  # seconds: a step later than this (and than 3x the server's usual step) gets a liveness ping
+PROBE_AFTER = 0.05  # seconds: a step later than this (and than 1.5x the server's usual step) gets a liveness ping
 PROBE_TIMEOUT = 0.3  # seconds a liveness ping may take (at least 3x the measured round trip to the server)
 
 
@@ -190,7 +190,7 @@ class HopSession:
     async def _receive(self, timeout: float) -> pb.InferenceResponse:
         """The next answer within ``timeout``; a server that is late and does not answer a ping is given up."""
         answer = asyncio.ensure_future(self.stream.receive(timeout))
-        probe_after = max(PROBE_AFTER, 3 * (self.decode_seconds or 0.0), 2 * self.rtt)
+        probe_after = max(PROBE_AFTER, 1.5 * (self.decode_seconds or 0.0), 2 * self.rtt)
         probe_timeout = max(PROBE_TIMEOUT, 3 * self.rtt)
         try:
             while True:
