@@ -34,15 +34,46 @@ class RouteManager:
         self._bans: dict[str, BanRecord] = {}  # peer id -> its ban and the failures held against it
         self._ban_policy = BanPolicy(config.ban_base, config.ban_max, config.ban_forgive_steps, config.ban_forget_after)
         self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields above; never held during a DHT look-up
+        self._fetching = threading.Lock()
+        self._refreshing = False
         self._rng = random.Random()
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
+        """The swarm's servers as last fetched from the DHT. A view older than ``update_period`` is returned
+        as is while a fresh one is fetched in the background (a DHT look-up can take long when some DHT
+        peers have died, and a failover must not wait for it); ``refresh`` (or no view yet) fetches now."""
         with self._lock:
-            if refresh or time.monotonic() - self._fetched_at > self.config.update_period:
-                self._servers = self.dht.fetch_servers(self.prefix, self.num_blocks)
-                self._fetched_at = time.monotonic()
-            return list(self._servers)
+            fetched_at, cached = self._fetched_at, list(self._servers)
+        if refresh or fetched_at == -float("inf"):
+            return self._fetch()
+        if time.monotonic() - fetched_at > self.config.update_period:
+            self._refresh_in_background()
+        return cached
+
+    def _fetch(self) -> list[ServerInfo]:
+        with self._fetching:  # one look-up at a time; readers of the current view never wait for it
+            servers = self.dht.fetch_servers(self.prefix, self.num_blocks)
+        with self._lock:
+            self._servers, self._fetched_at = servers, time.monotonic()
+        return list(servers)
+
+    def _refresh_in_background(self) -> None:
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+
+        def refresh() -> None:
+            try:
+                self._fetch()
+            except Exception:
+                logger.debug("Refreshing the view of the swarm failed", exc_info=True)
+            finally:
+                with self._lock:
+                    self._refreshing = False
+
+        threading.Thread(target=refresh, name="stamen-routes", daemon=True).start()
 
     def invalidate(self) -> None:
         """Forget the fetched view of the swarm (e.g. a server no longer serves what it announced)."""

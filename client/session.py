@@ -212,7 +212,7 @@ class InferenceSession:
     async def _open_chain(self, span, batch: int, exclude: frozenset[str] = frozenset()) -> list[HopSession]:
         loop = asyncio.get_running_loop()
         needed = batch * self.max_length
-        await self.client.measure_pings()
+        await self.client.measure_pings(span)
         adapter = self.adapter if isinstance(self.adapter, str) else None
         chain = await loop.run_in_executor(
             None, lambda: self.client.routes.chain(span, needed, False, exclude, adapter=adapter)

@@ -20,9 +20,11 @@ from swarm.dht import DHTConfig, SwarmDHT
 from swarm.membership import Membership, load_key
 from swarm.models.adapters import LoraAdapter
 from swarm.rpc import ping
+from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
+PING_TIMEOUT = 0.5  # seconds a routing ping may take (a replacement chain waits for these pings)
 RECEIPT_FLUSH_SECONDS = 3.0  # at shutdown: how long to spend handing out the last receipts
 
 
@@ -62,13 +64,16 @@ class SwarmClient:
             except Exception:
                 logger.debug("Handing out receipts failed", exc_info=True)
 
-    async def measure_pings(self, limit: int = 32) -> None:
-        """Round trips to candidate servers whose ping is unknown or stale (concurrently, bounded)."""
+    async def measure_pings(self, span: BlockRange | None = None, limit: int = 32) -> None:
+        """Round trips to candidate servers (of ``span``'s blocks, if given) whose ping is unknown or stale,
+        concurrently and bounded: a server that does not answer within PING_TIMEOUT is left unmeasured."""
         loop = asyncio.get_running_loop()
         servers = await loop.run_in_executor(None, self.routes.candidates)
+        if span is not None:
+            servers = [s for s in servers if s.span.start < span.end and span.start < s.span.end]
         stale = self.routes.stale_pings([s.peer_id for s in servers])[:limit]
         results = await asyncio.gather(
-            *(ping(self.p2p, peer, 1, 1.0, self.membership.proof_for(peer)) for peer in stale)
+            *(ping(self.p2p, peer, 1, PING_TIMEOUT, self.membership.proof_for(peer)) for peer in stale)
         )
         for peer, rtt in zip(stale, results, strict=True):
             if rtt is not None:

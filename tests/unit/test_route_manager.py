@@ -88,3 +88,32 @@ def test_banned_only_server_waits_for_ban_to_expire_within_the_wait():
     routes = manager([server("a", 0, 4)], ban_base=0.5, wait_for_blocks=5)
     routes.ban("a")
     assert routes.chain()[0].peer_id == "a"
+
+
+class SlowSwarm(FixedSwarm):
+    """A DHT whose look-ups take ``delay`` seconds after the first (as when some DHT peers have died)."""
+
+    def __init__(self, servers, delay: float):
+        super().__init__(servers)
+        self.delay, self.calls = delay, 0
+
+    def fetch_servers(self, prefix, num_blocks):
+        self.calls += 1
+        if self.calls > 1:
+            time.sleep(self.delay)
+        return list(self.servers)
+
+
+def test_a_stale_view_is_used_at_once_while_a_fresh_one_is_fetched():
+    dht = SlowSwarm([server("a", 0, 4)], delay=1.0)
+    routes = RouteManager(dht, "m", 4, ClientConfig(update_period=0.0))
+    assert [s.peer_id for s in routes.servers()] == ["a"]  # the first view is fetched synchronously
+    dht.servers = [server("a", 0, 4), server("b", 0, 4)]
+    started = time.monotonic()
+    assert [hop.peer_id for hop in routes.chain(BlockRange(0, 4))] == ["a"]  # from the stale view, no waiting
+    assert routes.pings() == {}  # nothing else waits for the look-up either
+    assert time.monotonic() - started < 0.5
+    deadline = time.monotonic() + 10
+    while {s.peer_id for s in routes.servers()} != {"a", "b"} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {s.peer_id for s in routes.servers()} == {"a", "b"}  # the background look-up landed
