@@ -16,6 +16,7 @@ import sys  # noqa: E402
 from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
+from client.verdicts import DEFAULT_VERIFY
 from swarm.dht import NAT_CHOICES, add_nat_arguments
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--points-key", default=None, help="your server's identity file: busy servers serve you by its points"
+    )
+    p.add_argument(
+        "--verify",
+        type=float,
+        default=DEFAULT_VERIFY,
+        help=f"share of steps checked on another server (1: every step before use; 0: none; default {DEFAULT_VERIFY})",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         nat_traversal=NAT_CHOICES[args.nat_traversal],
         points_key=args.points_key,
         compression=args.compression,
+        verify=args.verify,
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

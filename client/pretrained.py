@@ -221,6 +221,11 @@ class DistributedPreTrainedModel(PreTrainedModel):
         """The session of this thread's enclosing ``inference_session`` (threads never share one)."""
         return getattr(self._local, "session", None)
 
+    @property
+    def flagged_servers(self) -> set[str]:
+        """Peer ids of the servers caught answering wrongly (``client.verify``); never used again."""
+        return self.client.routes.flagged if self.client is not None else set()
+
     def shutdown(self) -> None:
         """Leave the swarm (also done at interpreter exit)."""
         if self.client is not None:

@@ -14,6 +14,7 @@ from client.passes import PassRunner
 from client.points import ReceiptBook, VoucherSource
 from client.sequence import RouteManager
 from client.session import InferenceSession
+from client.verify import VerifyStats
 from proto import pb
 from swarm import tensors
 from swarm.dht import DHTConfig, SwarmDHT
@@ -47,6 +48,7 @@ class SwarmClient:
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
         self.receipts = ReceiptBook(self.dht.identity)  # points: the work servers did for us, acknowledged
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
+        self.verification = VerifyStats()  # what the sessions' verifiers checked and found (``client.verify``)
         self._receipting = self.loop.run(self._start_receipting())
 
     async def _start_receipting(self) -> asyncio.Task:

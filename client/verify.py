@@ -1,0 +1,347 @@
+"""Verification on the client: another server recomputes a server's steps, and a referee settles disputes.
+
+For each hop of a session (server S serving span P) the client keeps a *shadow*: its own session on
+another server V that holds P (chosen like any chain, without S, preferring servers at least as precise
+as S's announced dtype), fed the same inputs as S. Outputs are compared per token (``client.verdicts``:
+relative L2 distance, tolerance of the less precise dtype of the pair).
+
+- ``verify=1``: every step goes to S and to V at once; S's output is used only once V agrees, so the
+  generated text never depends on a cheater (at the cost of a second server per hop and the slower of
+  the two answers per step).
+- ``0 < verify < 1``: lazy checks. Every ``W = round(1 / verify)`` steps of a hop, in the background,
+  V catches up on the steps since its last check as one merged prefill step, and each of those steps'
+  outputs is compared with what S answered (the client keeps S's outputs of the unchecked window only).
+  Every step is still checked, only late: a server that cheats on every step from some step on is
+  caught at the end of that window, W steps at most plus the check's own latency. A merged catch-up of
+  W tokens costs far less server time than W decode steps, which is what keeps the extra compute low.
+  Default ``verify = 0.1`` (``client.verdicts.DEFAULT_VERIFY``); the README gives the measured costs.
+  The steps of a session's last, incomplete window are checked in the background when it closes.
+- ``verify=0``: nothing is checked.
+
+On a mismatch a third server (a referee: a fresh session on another server of P, fed the span's whole
+input history up to the disputed step as a few prefill steps) recomputes the step. Whoever disagrees
+with the referee while the other agrees is flagged: never used again by this client
+(``RouteManager.flag``, ``model.flagged_servers``), a WARNING names it with the evidence, and its hop
+is replaced by replaying its history into an honest server (the failover path of ``client.session``).
+With ``verify=1`` a convicted S fails the step, which then runs on the replacement (and is checked
+again); with lazy checks the replacement happens at the next step boundary. A convicted shadow is
+simply replaced. Without a majority (the referee disagrees with both) S is banned like a failing server.
+
+Work that was checked is counted as verified in the points receipts (``client.points``), both S's and V's.
+
+Concurrency: everything runs on the client's event loop; background checks are tasks owned by the
+``Verifier`` of one session, at most one in flight per hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from client.hop import HopSession, StepInput, merge_steps
+from client.verdicts import (
+    Evidence,
+    least_precise,
+    less_precise,
+    mismatch,
+    split_tokens,
+    tolerance,
+    verdict,
+    window,
+    worst_token,
+)
+from swarm import tensors
+from swarm.errors import StamenError
+from swarm.receipts import work_units
+from swarm.routing import uncovered_blocks
+from swarm.rpc import ServerFailure
+from swarm.spans import BlockRange
+
+if TYPE_CHECKING:
+    from client.session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+SHADOW_ATTEMPTS = 2  # shadows tried per check before the check is skipped (logged)
+
+
+class CheatingDetected(StamenError):
+    """A server's answer disagreed with another server's and with a referee's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    peer_id: str  # the flagged server
+    span: BlockRange  # the blocks it served in this session
+    position: int  # the session's processed tokens when it was caught
+    step_position: int  # the first position of the disputed step
+    evidence: Evidence
+    role: str  # "suspect" (it served the session) or "shadow" (it was checking another server)
+
+
+@dataclasses.dataclass
+class VerifyStats:
+    """What verification did for one client (all sessions)."""
+
+    checks: int = 0  # steps whose output was compared with a shadow's
+    tokens: int = 0  # of them, tokens compared
+    mismatches: int = 0  # comparisons beyond tolerance (each one goes to a referee)
+    skipped: int = 0  # steps left unchecked (no other server of the span, or its shadows failed)
+    shadow_units: int = 0  # token-blocks computed by shadows and referees (work units)
+    largest: dict[str, float] = dataclasses.field(default_factory=dict)  # dtype pair -> largest distance seen
+    detections: list[Detection] = dataclasses.field(default_factory=list)
+
+
+class Shadow:
+    """A hop's shadow: sessions on other servers of the span, and the span's inputs they must hold."""
+
+    def __init__(self, known: list[StepInput]):
+        self.hops: list[HopSession] = []  # the shadow chain (empty: open one before the next check)
+        self.known = list(known)  # every input of the span so far that a shadow has been or must be fed
+        self.fed = 0  # how many of ``known`` the current shadow chain holds
+        self.pending: list[tuple[StepInput, torch.Tensor]] = []  # lazy: (input, S's output), unchecked
+        self.task: asyncio.Task | None = None  # lazy: the check in flight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The least precise dtype along the shadow chain."""
+        return least_precise([hop.dtype for hop in self.hops])
+
+    def close(self) -> None:
+        for hop in self.hops:
+            hop.stream.close()
+        self.hops, self.fed = [], 0
+
+
+class Verifier:
+    """Checks one inference session's hops (see the module docstring)."""
+
+    def __init__(self, session: InferenceSession, verify: float):
+        self.session, self.window = session, window(verify)
+        self.full = verify >= 1.0
+        self.shadows: dict[HopSession, Shadow] = {}
+        self.convicted: set[HopSession] = set()  # lazy: hops found cheating, to replace at the next step
+        client = session.client
+        self.routes, self.stats, self.receipts = client.routes, client.verification, client.receipts
+
+    # -- the session's entry points --
+
+    def start(self, hop: HopSession, item: StepInput, hops: list[HopSession]) -> asyncio.Future | None:
+        """Before ``item`` goes to ``hop``: with verify=1, the same step starts on the hop's shadow."""
+        self.prune(hops)
+        if not self.full:
+            return None
+        shadow = self.shadows.setdefault(hop, Shadow(hop.history))
+        return asyncio.ensure_future(self._run_shadow(hop, shadow, [item]))
+
+    async def check(
+        self, hop: HopSession, item: StepInput, output: torch.Tensor, started: asyncio.Future | None
+    ) -> torch.Tensor:
+        """``hop`` answered ``output`` for ``item``: with verify=1 return it once checked (raises
+        ``ServerFailure`` if the hop cheated); with lazy checks keep it for the window's check."""
+        if self.full:
+            return await self._check_now(hop, item, output, started)
+        shadow = self.shadows.setdefault(hop, Shadow(hop.history))
+        shadow.pending.append((item, output))
+        if len(shadow.pending) >= self.window and (shadow.task is None or shadow.task.done()):
+            shadow.task = asyncio.ensure_future(self._check_window(hop, shadow))
+        return output
+
+    def take_convicted(self, hops: list[HopSession]) -> list[HopSession]:
+        """Hops of ``hops`` found cheating by a background check (each reported once)."""
+        found = [hop for hop in hops if hop in self.convicted]
+        self.convicted.difference_update(found)
+        return found
+
+    def prune(self, hops: list[HopSession]) -> None:
+        """Close the shadows of hops no longer in the session (replaced, moved)."""
+        for hop in [hop for hop in self.shadows if hop not in hops]:
+            shadow = self.shadows.pop(hop)
+            if shadow.task is not None and not shadow.task.done():
+                shadow.task.add_done_callback(lambda _, s=shadow: s.close())
+            else:
+                shadow.close()
+
+    def finish(self) -> None:
+        """The session closed: check the steps of its last windows in the background, then close."""
+        for hop, shadow in self.shadows.items():
+            asyncio.ensure_future(self._final_check(hop, shadow))
+        self.shadows = {}
+
+    # -- checks --
+
+    async def _check_now(
+        self, hop: HopSession, item: StepInput, output: torch.Tensor, started: asyncio.Future | None
+    ) -> torch.Tensor:
+        shadow = self.shadows[hop]
+        answers = await started if started is not None else None
+        if answers is None:
+            return output
+        evidence = self._compare(hop, shadow, item, output, answers[0])
+        if evidence is None:
+            return output
+        culprit = await self._settle(hop, shadow, len(shadow.known) - 1, output, answers[0], evidence)
+        if culprit == "suspect":
+            raise ServerFailure(hop.peer_id, f"wrong answer ({evidence})", CheatingDetected(str(evidence)))
+        if culprit is None:  # no majority: treat it as a failing server, not a cheater
+            raise ServerFailure(hop.peer_id, f"answers disputed without a majority ({evidence})")
+        return output
+
+    async def _check_window(self, hop: HopSession, shadow: Shadow) -> None:
+        pairs, shadow.pending = shadow.pending, []
+        try:
+            answers = await self._run_shadow(hop, shadow, [item for item, _ in pairs])
+        except Exception:
+            logger.exception("Checking server %s failed", hop.peer_id)
+            return
+        if answers is None:
+            shadow.pending = pairs + shadow.pending  # checked with the next window
+            return
+        first = len(shadow.known) - len(pairs)
+        for offset, ((item, output), answer) in enumerate(zip(pairs, answers, strict=True)):
+            evidence = self._compare(hop, shadow, item, output, answer)
+            if evidence is None:
+                continue
+            culprit = await self._settle(hop, shadow, first + offset, output, answer, evidence)
+            if culprit is None:  # no majority: treat it as a failing server, not a cheater
+                self.routes.ban(hop.peer_id, f"answers disputed without a majority ({evidence})")
+            if culprit != "shadow":
+                self.convicted.add(hop)
+            return
+
+    async def _final_check(self, hop: HopSession, shadow: Shadow) -> None:
+        try:
+            if shadow.task is not None:
+                await asyncio.wait({shadow.task})
+            if shadow.pending:
+                await self._check_window(hop, shadow)
+        finally:
+            shadow.close()
+
+    def _compare(
+        self, hop: HopSession, shadow: Shadow, item: StepInput, output: torch.Tensor, answer: torch.Tensor
+    ) -> Evidence | None:
+        """Compare S's and V's outputs of one step; agreed work is counted verified for both."""
+        distance, token = worst_token(output, answer, item.attention_mask)
+        allowed = tolerance(hop.dtype, shadow.dtype)
+        evidence = Evidence(distance, allowed, token) if distance > allowed else None
+        pair = "/".join(sorted(tensors.DTYPE_NAMES.get(d, str(d)) for d in (hop.dtype, shadow.dtype)))
+        self.stats.largest[pair] = max(self.stats.largest.get(pair, 0.0), distance)
+        units = work_units(tuple(item.hidden.shape), hop.hop.span)
+        self.stats.checks += 1
+        self.stats.tokens += item.hidden.shape[0] * item.hidden.shape[1]
+        if evidence is not None:
+            self.stats.mismatches += 1
+            return evidence
+        self.receipts.confirm(hop.peer_id, units)
+        for shadow_hop in shadow.hops:
+            self.receipts.add(shadow_hop.peer_id, work_units(tuple(item.hidden.shape), shadow_hop.hop.span), True)
+        return None
+
+    # -- shadows and referees --
+
+    async def _run_shadow(self, hop: HopSession, shadow: Shadow, steps: list[StepInput]) -> list[torch.Tensor] | None:
+        """Feed ``steps`` to the hop's shadow (opening one first if needed); their outputs, or None if no
+        shadow could do it (the steps stay unchecked; a later check feeds them)."""
+        for _ in range(SHADOW_ATTEMPTS):
+            try:
+                if not shadow.hops:
+                    exclude = frozenset({hop.peer_id})
+                    shadow.hops = await self._open(hop, exclude, steps[0].hidden.shape[0])
+                    if not shadow.hops:
+                        break
+                await self._feed(shadow.hops, shadow.known[shadow.fed :])
+                shadow.fed = len(shadow.known)
+                answers = await self._feed(shadow.hops, steps)
+            except ServerFailure as failure:
+                self.routes.ban(failure.peer_id, f"failed as a verifier: {failure.reason}")
+                shadow.close()
+                continue
+            shadow.known.extend(steps)
+            shadow.fed = len(shadow.known)
+            return answers
+        self.stats.skipped += len(steps)
+        return None
+
+    async def _open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> list[HopSession]:
+        """A chain over ``hop``'s span on other servers, preferring ones at least as precise as ``hop``'s
+        server; empty if no other server holds the span (logged)."""
+        loop = asyncio.get_running_loop()
+        span = hop.hop.span
+        servers = await loop.run_in_executor(None, lambda: self.routes.candidates(exclude=exclude))
+        if uncovered_blocks(servers, span):
+            logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)
+            return []
+        avoid = less_precise(servers, span, tensors.DTYPE_NAMES.get(hop.dtype, "float32"))
+        return await self.session._open_chain(span, batch, exclude | avoid)
+
+    async def _feed(self, hops: list[HopSession], steps: list[StepInput]) -> list[torch.Tensor]:
+        """Run ``steps`` through ``hops`` merged into few steps; each step's output (in order)."""
+        if not steps:
+            return []
+        batch, _, hidden_size = steps[0].hidden.shape
+        prompted = any(step.prompts is not None for step in steps)
+        merged = merge_steps(steps, self.session._chunk_tokens(batch, hidden_size, prompted))
+        for hop in hops:
+            outputs = []
+            for item in merged:
+                hidden, _ = await self.session._run(hop, item)
+                hop.history.append(item)
+                self.stats.shadow_units += work_units(tuple(item.hidden.shape), hop.hop.span)
+                outputs.append(dataclasses.replace(item, hidden=hidden))
+            merged = outputs
+        return split_tokens([item.hidden for item in merged], [step.hidden.shape[1] for step in steps])
+
+    async def _settle(
+        self, hop: HopSession, shadow: Shadow, index: int, output: torch.Tensor, answer: torch.Tensor, evidence
+    ) -> str | None:
+        """A referee recomputes step ``index`` of the span's inputs; flag whoever disagrees with it.
+        Returns "suspect", "shadow" or None (no majority, or no referee)."""
+        item = shadow.known[index]
+        suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
+        referee = await self._open(hop, suspects, item.hidden.shape[0])
+        if not referee:
+            logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
+            return None
+        try:
+            truth = (await self._feed(referee, shadow.known[: index + 1]))[-1]
+        except ServerFailure as failure:
+            self.routes.ban(failure.peer_id, f"failed as a referee: {failure.reason}")
+            return None
+        finally:
+            for referee_hop in referee:
+                referee_hop.stream.close()
+        referee_dtype = least_precise([h.dtype for h in referee])
+        mask = item.attention_mask
+        culprit = verdict(
+            mismatch(output, truth, hop.dtype, referee_dtype, mask),
+            mismatch(answer, truth, shadow.dtype, referee_dtype, mask),
+        )
+        if culprit == "suspect":
+            self._flag(hop.peer_id, hop.hop.span, item, evidence, culprit)
+        elif culprit == "shadow" and len(shadow.hops) == 1:
+            self._flag(shadow.hops[0].peer_id, shadow.hops[0].hop.span, item, evidence, culprit)
+        elif culprit == "shadow":  # one of several servers is wrong, which one is not known: flag nobody
+            logger.warning("The verifier chain of blocks %s disagrees with a referee; replacing it", hop.hop.span)
+        if culprit == "shadow":
+            shadow.close()
+        return culprit
+
+    def _flag(self, peer_id: str, span: BlockRange, item: StepInput, evidence: Evidence, role: str) -> None:
+        step_position = int(item.position_ids.min()) if item.position_ids.numel() else 0
+        position = self.session.position
+        self.routes.flag(peer_id)
+        self.stats.detections.append(Detection(peer_id, span, position, step_position, evidence, role))
+        logger.warning(
+            "Flagged server %s (blocks %s, %s): its output of the step at position %d disagrees with two other "
+            "servers: %s; no longer using it",
+            peer_id,
+            span,
+            "serving" if role == "suspect" else "verifying",
+            step_position,
+            evidence,
+        )
