@@ -30,7 +30,7 @@ from swarm.spans import BlockRange
 
 TOLERANCES = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 2e-1}  # per-token relative L2
 PRECISION = {"float32": 3, "float16": 2, "bfloat16": 1}  # more is more precise (mantissa bits)
-DEFAULT_VERIFY = 0.1  # the share of steps that end a check window: every 10th step checks the last 10
+DEFAULT_VERIFY = 0.125  # the share of steps that end a check window: every 8th step checks the last 8
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ relative L2 distance, tolerance of the less precise dtype of the pair).
   Every step is still checked, only late: a server that cheats on every step from some step on is
   caught at the end of that window, W steps at most plus the check's own latency. A merged catch-up of
   W tokens costs far less server time than W decode steps, which is what keeps the extra compute low.
-  Default ``verify = 0.1`` (``client.verdicts.DEFAULT_VERIFY``); the README gives the measured costs.
+  Default ``verify = 0.125`` (W = 8; ``client.verdicts.DEFAULT_VERIFY``); the README gives the measured
+  costs and detection delays.
   The steps of a session's last, incomplete window are checked in the background when it closes.
 - ``verify=0``: nothing is checked.
 

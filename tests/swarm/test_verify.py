@@ -68,6 +68,19 @@ def stop(swarm: LocalSwarm, server) -> None:
     server.kill_group()
 
 
+def wait_flagged(model, timeout: float = 20.0) -> set[str]:
+    """The flagged servers once there are any (a check may still run after ``generate`` returns)."""
+    deadline = time.monotonic() + timeout
+    while not model.flagged_servers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return set(model.flagged_servers)
+
+
+def generate(model, ids: torch.Tensor, tokens: int, **kwargs) -> torch.Tensor:
+    """Greedy, exactly ``tokens`` new tokens (no stop at eos)."""
+    return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
+
+
 def prompt(seed: int, length: int = 8) -> torch.Tensor:
     return torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(seed))
 
@@ -79,8 +92,7 @@ def test_verify_all_generates_the_local_tokens_with_a_cheater(honest):
     try:
         steer(model, swarm, cheater.peer_id)
         ids = prompt(0)
-        expected = local.generate(ids, max_new_tokens=24, do_sample=False)
-        assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), expected)
+        assert torch.equal(generate(model, ids, 24), generate(local, ids, 24))
         assert model.flagged_servers == {cheater.peer_id}
         detection = model.client.verification.detections[0]
         assert detection.role == "suspect" and detection.evidence.distance > detection.evidence.tolerance
@@ -109,8 +121,8 @@ def test_default_verify_flags_each_kind_of_cheat(honest, kind, tmp_path):
     model = connect(swarm, folder)
     try:
         steer(model, swarm, cheater.peer_id)
-        model.generate(prompt(1), max_new_tokens=30, do_sample=False)
-        assert model.flagged_servers == {cheater.peer_id}
+        generate(model, prompt(1), 30)
+        assert wait_flagged(model) == {cheater.peer_id}
         assert all(d.peer_id == cheater.peer_id for d in model.client.verification.detections)
     finally:
         model.shutdown()
@@ -132,8 +144,8 @@ def test_default_verify_detection_delay(honest):
                 steer(model, swarm, cheater.peer_id)
                 ids = prompt(100 + run, length)
                 with model.inference_session(max_length=CHEAT_START + 40) as session:
-                    model.generate(ids, max_new_tokens=CHEAT_START - length + 25, do_sample=False, session=session)
-                assert model.flagged_servers == {cheater.peer_id}, f"run {run}: not caught"
+                    generate(model, ids, CHEAT_START - length + 25, session=session)
+                assert wait_flagged(model) == {cheater.peer_id}, f"run {run}: not caught"
                 delays.append(model.client.verification.detections[0].position - CHEAT_START)
             finally:
                 model.shutdown()
@@ -146,6 +158,7 @@ def test_default_verify_detection_delay(honest):
 def test_no_honest_server_flagged_over_mixed_dtype_checks(honest):
     swarm, folder, _ = honest
     bf16 = next(s for s in swarm.live() if "bfloat16" in s.extra)
+    f32 = [s for s in swarm.live() if "bfloat16" not in s.extra and s.args[2] == "server"]
     model = connect(swarm, folder, verify=1.0)
     stats = model.client.verification
     try:
@@ -153,12 +166,13 @@ def test_no_honest_server_flagged_over_mixed_dtype_checks(honest):
             if seed % 2 == 0:
                 steer(model, swarm, bf16.peer_id)  # a bfloat16 server checked by float32 ones
             else:
-                steer(model, swarm, swarm.live()[seed % 2].peer_id)  # float32 checked by float32
+                steer(model, swarm, f32[seed // 2 % len(f32)].peer_id)  # float32 checked by float32
             ids = torch.cat([prompt(200 + seed), prompt(300 + seed)])
-            model.generate(ids, max_new_tokens=24, do_sample=False)
+            generate(model, ids, 32)
             if stats.checks >= 1000:
                 break
         assert stats.checks >= 1000
         assert stats.mismatches == 0 and not model.flagged_servers
+        print(f"{stats.checks} checks; largest distances by dtype pair: {stats.largest}")
     finally:
         model.shutdown()

@@ -1,0 +1,247 @@
+"""Verification: what each ``verify`` setting costs, and how fast each kind of cheater is caught.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/verify.py            # the default model; about 10 minutes when idle
+    .venv/bin/python benchmarks/verify.py --quick    # fewer tokens, settings and runs
+
+Costs: three honest ``python -m server`` processes each hold every block of the model (float32). For each
+setting (verify=0 first, the reference) a client generates greedily with ``--new-tokens`` tokens, timed
+per step ("ms/token": median decode step, the prefill excluded), and the CPU of the server processes
+(with their children) during the generation is measured: "extra server CPU" is that CPU per token relative
+to verify=0's in the same run (the verifiers' busy time over the serving servers'). "extra token-blocks" is
+the work the shadows and referees did (tokens x blocks) over the work of the chain.
+
+Detection: a cheater (``tests.swarm.cheater``: noise of a relative size from a position on, a skipped
+block, bfloat16 compute while announcing float32, another model) joins the honest servers and the client
+is steered to it (its measured round trip looks shortest). Each run varies the prompt's length, so the
+step at which the cheat starts falls at a different place of the check window; the delay is the number of
+steps from the first cheated step to the step at which the cheater is flagged.
+
+Other processes on the machine distort the timings: the load average is printed at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import tree_cpu_seconds  # noqa: E402
+from client import AutoDistributedModelForCausalLM  # noqa: E402
+from client.model import RemoteCache  # noqa: E402
+from swarm.localswarm import LocalSwarm  # noqa: E402
+from swarm.models.modelpath import resolve_model  # noqa: E402
+
+PREFIX = "verify-bench"
+CHEATS = {  # name -> the cheater's arguments ({start}: the position the cheat starts at)
+    "noise 0.5%": ("noise", "0.005", "{start}"),
+    "noise 2%": ("noise", "0.02", "{start}"),
+    "noise 10%": ("noise", "0.1", "{start}"),
+    "skip 1 block": ("skip", "{middle}"),
+    "bf16 as f32": ("lowprec",),
+    "other model": (),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    p.add_argument("--settings", default="0,0.0625,0.125,0.25,1", help="verify values to cost, comma-separated")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens per costed generation (default: 64)")
+    p.add_argument("--runs", type=int, default=8, help="detection runs per cheat (default: 8)")
+    p.add_argument("--num-threads", type=int, default=1, help="torch threads here and in each server (default: 1)")
+    p.add_argument("--quick", action="store_true", help="fewer tokens, settings and detection runs")
+    p.add_argument("--start-timeout", type=float, default=180.0, help="seconds for servers to start serving")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.settings, args.new_tokens, args.runs = "0,0.125,1", 32, 3
+    args.verify_values = [float(v) for v in args.settings.split(",") if v.strip()]
+    if args.verify_values[0] != 0:
+        args.verify_values.insert(0, 0.0)
+    return args
+
+
+def server_args(args, *extra: str) -> tuple[str, ...]:
+    return ("--dht-prefix", PREFIX, "--num-threads", str(args.num_threads), *extra)
+
+
+def connect(swarm: LocalSwarm, folder: Path, verify: float):
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        str(folder), initial_peers=swarm.initial_peers, dht_prefix=PREFIX, update_period=0.5, verify=verify
+    )
+
+
+def steer(model, swarm: LocalSwarm, peer_id: str) -> None:
+    """Make ``peer_id`` the client's first choice (every other server looks far away)."""
+    routes = model.client.routes
+    deadline = time.monotonic() + 60
+    while {s.peer_id for s in swarm.live()} - {s.peer_id for s in routes.servers(refresh=True)}:
+        if time.monotonic() > deadline:
+            raise TimeoutError("servers not announced in time")
+        time.sleep(0.1)
+    for server in swarm.live():
+        routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else 1.0)
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Greedy decoding by hand in one session; the seconds of each decode step (the prefill excluded)."""
+    seconds = []
+    with model.inference_session(max_length=ids.shape[1] + new_tokens) as session, torch.no_grad():
+        cache = RemoteCache(session)
+        for step in range(new_tokens):
+            started = time.perf_counter()
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            ids = logits[:, -1, :].argmax(dim=-1)[:, None]
+            if step:
+                seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def cost(swarm: LocalSwarm, folder: Path, verify: float, prompt: torch.Tensor, blocks: int, args) -> dict:
+    pids = [s.proc.pid for s in swarm.live()]
+    model = connect(swarm, folder, verify)
+    stats = model.client.verification
+    try:
+        steer(model, swarm, swarm.live()[0].peer_id)
+        greedy(model, prompt, 4)  # warm-up: streams, pings
+        wait_checks(stats, 4 if verify else 0)
+        shadow_before, checks_before, cpu_before = stats.shadow_units, stats.checks, tree_cpu_seconds(pids)
+        seconds = greedy(model, prompt, args.new_tokens)
+        wait_checks(stats, checks_before + (args.new_tokens if verify else 0))  # the last window checks at close
+        cpu = tree_cpu_seconds(pids) - cpu_before
+        served = (prompt.shape[1] + args.new_tokens - 1) * blocks  # token-blocks of the chain
+        return {
+            "verify": verify,
+            "ms_per_token": 1000 * statistics.median(seconds),
+            "server_cpu_ms_per_token": 1000 * cpu / args.new_tokens,
+            "extra_units": (stats.shadow_units - shadow_before) / served,
+            "checks": stats.checks - checks_before,
+            "largest": {pair: round(value, 6) for pair, value in stats.largest.items()},
+        }
+    finally:
+        model.shutdown()
+
+
+def wait_checks(stats, checks: int, timeout: float = 60.0) -> None:
+    """Until the background checks have compared ``checks`` steps in all."""
+    deadline = time.monotonic() + timeout
+    while stats.checks < checks and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def detect(swarm: LocalSwarm, folder: Path, served: Path, cheat: tuple[str, ...], args, rng) -> list[int | None]:
+    """Delays (steps from the first cheated step to the flag; None: not caught) over ``args.runs`` runs."""
+    num_blocks = AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers
+    start = 48  # noise cheats start at this position; the prompt's length varies below it
+    entry = (
+        ("tests.swarm.cheater", *(a.format(start=start, middle=num_blocks // 2) for a in cheat), "--")
+        if cheat
+        else ("server",)
+    )
+    (cheater,) = swarm.start(served, [(f"0:{num_blocks}", server_args(args))], entry=entry)
+    delays = []
+    try:
+        for _ in range(args.runs):
+            length = rng.randint(8, start - 4)
+            first_cheated = start if cheat and cheat[0] == "noise" else 0
+            model = connect(swarm, folder, 0.125)
+            try:
+                steer(model, swarm, cheater.peer_id)
+                seed = torch.Generator().manual_seed(rng.randrange(1 << 30))
+                ids = torch.randint(3, 1000, (1, length), generator=seed)
+                greedy(model, ids, start - length + 40)
+                found = model.client.verification.detections
+                delays.append(None if not found else steps_between(found[0].position, first_cheated, length))
+            finally:
+                model.shutdown()
+    finally:
+        swarm.servers.remove(cheater)
+        cheater.kill_group()
+    return delays
+
+
+def steps_between(position: int, first_cheated: int, prompt: int) -> int:
+    """Steps from the step holding position ``first_cheated`` to the step after which the session had
+    processed ``position`` tokens (the prompt is one step)."""
+    step_of = lambda pos: 0 if pos < prompt else pos - prompt + 1  # noqa: E731
+    return max(1, step_of(position - 1) - step_of(first_cheated) + 1)
+
+
+def other_model(folder: Path, root: Path) -> Path:
+    """The same architecture with its blocks in another order: another model that fits the same servers."""
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[-1], *layers[:-1]])
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = index
+    model.save_pretrained(root / "other")
+    return root / "other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    folder = resolve_model(args.model)
+    config = AutoModelForCausalLM.from_pretrained(folder).config
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}; model {folder.name}")
+    span = f"0:{config.num_hidden_layers}"
+    rng = random.Random(0)
+    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with LocalSwarm(timeout=args.start_timeout) as swarm, tempfile.TemporaryDirectory() as tmp:
+        swarm.start(folder, [(span, server_args(args))] * 3)
+        costs = []
+        for verify in args.verify_values:
+            costs.append(cost(swarm, folder, verify, prompt, config.num_hidden_layers, args))
+            print(f"  verify={verify:g}: {costs[-1]}", flush=True)
+        detections = {}
+        for name, cheat in CHEATS.items():
+            if args.quick and name not in ("noise 2%", "skip 1 block", "bf16 as f32"):
+                continue
+            served = other_model(folder, Path(tmp)) if name == "other model" else folder
+            detections[name] = detect(swarm, folder, served, cheat, args, rng)
+            print(f"  {name}: delays {detections[name]}", flush=True)
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}\n")
+    print(cost_table(costs))
+    print()
+    print(detection_table(detections))
+    return 0
+
+
+def cost_table(costs: list[dict]) -> str:
+    base = costs[0]
+    lines = [
+        "| verify | ms/token | x verify=0 | server CPU ms/token | extra server CPU | extra token-blocks | checks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in costs:
+        extra_cpu = row["server_cpu_ms_per_token"] / base["server_cpu_ms_per_token"] - 1
+        lines.append(
+            f"| {row['verify']:g} | {row['ms_per_token']:.1f} | {row['ms_per_token'] / base['ms_per_token']:.2f} | "
+            f"{row['server_cpu_ms_per_token']:.1f} | {extra_cpu:+.0%} | {row['extra_units']:.0%} | {row['checks']} |"
+        )
+    return "\n".join(lines)
+
+
+def detection_table(detections: dict[str, list]) -> str:
+    lines = ["| cheat (verify=0.125) | caught | delay median (steps) | delay max |", "|---|---|---|---|"]
+    for name, delays in detections.items():
+        caught = [d for d in delays if d is not None]
+        median = f"{statistics.median(caught):g}" if caught else "-"
+        lines.append(f"| {name} | {len(caught)}/{len(delays)} | {median} | {max(caught) if caught else '-'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
