@@ -172,6 +172,23 @@ def detect(swarm: LocalSwarm, folder: Path, served: Path, cheat: tuple[str, ...]
     return delays
 
 
+def calibrate(swarm: LocalSwarm, folder: Path, span: str, args) -> dict:
+    """Honest differences: a bfloat16 server serves, float32 servers check every step (verify=1)."""
+    (bf16,) = swarm.start(folder, [(span, server_args(args, "--dtype", "bfloat16"))])
+    model = connect(swarm, folder, 1.0)
+    try:
+        steer(model, swarm, bf16.peer_id)
+        for seed in range(args.runs):
+            ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(1000 + seed))
+            greedy(model, ids, args.new_tokens)
+        stats = model.client.verification
+        return {"checks": stats.checks, "largest": dict(stats.largest), "flagged": len(model.flagged_servers)}
+    finally:
+        model.shutdown()
+        swarm.servers.remove(bf16)
+        bf16.kill_group()
+
+
 def steps_between(position: int, first_cheated: int, prompt: int) -> int:
     """Steps from the step holding position ``first_cheated`` to the step after which the session had
     processed ``position`` tokens (the prompt is one step)."""
@@ -205,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         for verify in args.verify_values:
             costs.append(cost(swarm, folder, verify, prompt, config.num_hidden_layers, args))
             print(f"  verify={verify:g}: {costs[-1]}", flush=True)
+        honest = calibrate(swarm, folder, span, args)
+        print(f"  honest bfloat16 server checked by float32 ones: {honest}", flush=True)
         detections = {}
         for name, cheat in CHEATS.items():
             if args.quick and name not in ("noise 2%", "skip 1 block", "bf16 as f32"):

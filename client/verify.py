@@ -137,7 +137,7 @@ class Verifier:
         if not self.full:
             return None
         shadow = self.shadows.setdefault(hop, Shadow(hop.history))
-        return asyncio.ensure_future(self._run_shadow(hop, shadow, [item]))
+        return asyncio.ensure_future(self._run_shadow(hop, shadow, [item], item.hidden.shape[0]))
 
     async def check(
         self, hop: HopSession, item: StepInput, output: torch.Tensor, started: asyncio.Future | None
@@ -146,10 +146,13 @@ class Verifier:
         ``ServerFailure`` if the hop cheated); with lazy checks keep it for the window's check."""
         if self.full:
             return await self._check_now(hop, item, output, started)
-        shadow = self.shadows.setdefault(hop, Shadow(hop.history))
+        shadow = self.shadows.get(hop)
+        if shadow is None:  # open the shadow and feed it the hop's history now, so the first check is quick
+            shadow = self.shadows[hop] = Shadow(hop.history)
+            shadow.task = asyncio.ensure_future(_logged(self._run_shadow(hop, shadow, [], item.hidden.shape[0])))
         shadow.pending.append((item, output))
         if len(shadow.pending) >= self.window and (shadow.task is None or shadow.task.done()):
-            shadow.task = asyncio.ensure_future(self._check_window(hop, shadow))
+            shadow.task = asyncio.ensure_future(_logged(self._check_window(hop, shadow)))
         return output
 
     def take_convicted(self, hops: list[HopSession]) -> list[HopSession]:
@@ -170,7 +173,7 @@ class Verifier:
     def finish(self) -> None:
         """The session closed: check the steps of its last windows in the background, then close."""
         for hop, shadow in self.shadows.items():
-            asyncio.ensure_future(self._final_check(hop, shadow))
+            asyncio.ensure_future(_logged(self._final_check(hop, shadow)))
         self.shadows = {}
 
     # -- checks --
@@ -194,13 +197,9 @@ class Verifier:
 
     async def _check_window(self, hop: HopSession, shadow: Shadow) -> None:
         pairs, shadow.pending = shadow.pending, []
-        try:
-            answers = await self._run_shadow(hop, shadow, [item for item, _ in pairs])
-        except Exception:
-            logger.exception("Checking server %s failed", hop.peer_id)
-            return
-        if answers is None:
-            shadow.pending = pairs + shadow.pending  # checked with the next window
+        answers = await self._run_shadow(hop, shadow, [item for item, _ in pairs], pairs[0][0].hidden.shape[0])
+        if answers is None:  # these steps stay unchecked; a later shadow must still hold their inputs
+            shadow.known.extend(item for item, _ in pairs)
             return
         first = len(shadow.known) - len(pairs)
         for offset, ((item, output), answer) in enumerate(zip(pairs, answers, strict=True)):
@@ -245,14 +244,16 @@ class Verifier:
 
     # -- shadows and referees --
 
-    async def _run_shadow(self, hop: HopSession, shadow: Shadow, steps: list[StepInput]) -> list[torch.Tensor] | None:
-        """Feed ``steps`` to the hop's shadow (opening one first if needed); their outputs, or None if no
-        shadow could do it (the steps stay unchecked; a later check feeds them)."""
+    async def _run_shadow(
+        self, hop: HopSession, shadow: Shadow, steps: list[StepInput], batch: int
+    ) -> list[torch.Tensor] | None:
+        """Feed ``steps`` to the hop's shadow (opening one first and catching it up if needed); their
+        outputs, or None if no shadow could do it (the steps stay unchecked; a later check feeds them)."""
         for _ in range(SHADOW_ATTEMPTS):
             try:
                 if not shadow.hops:
                     exclude = frozenset({hop.peer_id})
-                    shadow.hops = await self._open(hop, exclude, steps[0].hidden.shape[0])
+                    shadow.hops = await self._open(hop, exclude, batch)
                     if not shadow.hops:
                         break
                 await self._feed(shadow.hops, shadow.known[shadow.fed :])
@@ -346,3 +347,13 @@ class Verifier:
             step_position,
             evidence,
         )
+
+
+async def _logged(coroutine) -> None:
+    """Run a background check; an unexpected error is logged (the steps it covered stay unchecked)."""
+    try:
+        await coroutine
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("A background check failed")
