@@ -5,12 +5,14 @@ Run from the repository root::
     .venv/bin/python benchmarks/verify.py            # the default model; about 10 minutes when idle
     .venv/bin/python benchmarks/verify.py --quick    # fewer tokens, settings and runs
 
-Costs: three honest ``python -m server`` processes each hold every block of the model (float32). For each
-setting (verify=0 first, the reference) a client generates greedily with ``--new-tokens`` tokens, timed
-per step ("ms/token": median decode step, the prefill excluded), and the CPU of the server processes
-(with their children) during the generation is measured: "extra server CPU" is that CPU per token relative
-to verify=0's in the same run (the verifiers' busy time over the serving servers'). "extra token-blocks" is
-the work the shadows and referees did (tokens x blocks) over the work of the chain.
+Costs: three honest ``python -m server`` processes each hold every block of the model (float32), logging at
+debug level (one line per slice of compute, with its milliseconds). For each setting (verify=0 first, the
+reference; settings interleaved, ``--repeats`` times) a client steered to the first server generates greedily
+``--new-tokens`` tokens, timed per step ("ms/token": median decode step, the prefill excluded). "extra server
+busy time" is the compute time of the other servers (the verifiers and referees) over the serving server's,
+from their slice lines; "extra server CPU" is the CPU of all server processes (with their DHT and p2pd
+children, so idle work too) per token relative to verify=0's; "extra token-blocks" is the work the shadows
+and referees did (tokens x blocks) over the work of the chain.
 
 Detection: a cheater (``tests.swarm.cheater``: noise of a relative size from a position on, a skipped
 block, bfloat16 compute while announcing float32, another model) joins the honest servers and the client
@@ -60,13 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     p.add_argument("--settings", default="0,0.0625,0.125,0.25,1", help="verify values to cost, comma-separated")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per costed generation (default: 64)")
-    p.add_argument("--runs", type=int, default=8, help="detection runs per cheat (default: 8)")
+    p.add_argument("--runs", type=int, default=8, help="detection runs per cheat (default: 8; 0: costs only)")
+    p.add_argument("--repeats", type=int, default=3, help="costed generations per setting, interleaved (default 3)")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads here and in each server (default: 1)")
     p.add_argument("--quick", action="store_true", help="fewer tokens, settings and detection runs")
     p.add_argument("--start-timeout", type=float, default=180.0, help="seconds for servers to start serving")
     args = p.parse_args(argv)
     if args.quick:
-        args.settings, args.new_tokens, args.runs = "0,0.125,1", 32, 3
+        args.settings, args.new_tokens, args.runs, args.repeats = "0,0.125,1", 32, 3, 1
     args.verify_values = [float(v) for v in args.settings.split(",") if v.strip()]
     if args.verify_values[0] != 0:
         args.verify_values.insert(0, 0.0)
@@ -91,8 +94,10 @@ def steer(model, swarm: LocalSwarm, peer_id: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("servers not announced in time")
         time.sleep(0.1)
-    for server in swarm.live():
-        routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else 1.0)
+    live = {server.peer_id for server in swarm.live()}
+    for server in routes.servers():  # stopped servers' records (until they expire) look farthest
+        far = 1.0 if server.peer_id in live else 9.0
+        routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else far)
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
@@ -110,21 +115,27 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
 
 
 def cost(swarm: LocalSwarm, folder: Path, verify: float, prompt: torch.Tensor, blocks: int, args) -> dict:
-    pids = [s.proc.pid for s in swarm.live()]
+    servers = swarm.live()
+    serving = servers[0]
     model = connect(swarm, folder, verify)
     stats = model.client.verification
     try:
-        steer(model, swarm, swarm.live()[0].peer_id)
+        steer(model, swarm, serving.peer_id)
         greedy(model, prompt, 4)  # warm-up: streams, pings
         wait_checks(stats, 4 if verify else 0)
-        shadow_before, checks_before, cpu_before = stats.shadow_units, stats.checks, tree_cpu_seconds(pids)
+        shadow_before, checks_before = stats.shadow_units, stats.checks
+        marks = {server.peer_id: len(server.output) for server in servers}
+        cpu_before = tree_cpu_seconds([server.proc.pid for server in servers])
         seconds = greedy(model, prompt, args.new_tokens)
         wait_checks(stats, checks_before + (args.new_tokens if verify else 0))  # the last window checks at close
-        cpu = tree_cpu_seconds(pids) - cpu_before
+        cpu = tree_cpu_seconds([server.proc.pid for server in servers]) - cpu_before
+        busy = {server.peer_id: busy_ms(server.output[marks[server.peer_id] :]) for server in servers}
         served = (prompt.shape[1] + args.new_tokens - 1) * blocks  # token-blocks of the chain
         return {
             "verify": verify,
             "ms_per_token": 1000 * statistics.median(seconds),
+            "serving_busy_ms": busy[serving.peer_id],
+            "verifier_busy_ms": sum(busy.values()) - busy[serving.peer_id],
             "server_cpu_ms_per_token": 1000 * cpu / args.new_tokens,
             "extra_units": (stats.shadow_units - shadow_before) / served,
             "checks": stats.checks - checks_before,
@@ -132,6 +143,11 @@ def cost(swarm: LocalSwarm, folder: Path, verify: float, prompt: torch.Tensor, b
         }
     finally:
         model.shutdown()
+
+
+def busy_ms(lines: list[str]) -> float:
+    """Milliseconds of compute in a server's debug log lines (one "slice: ..., N ms" line per slice run)."""
+    return sum(float(line.rsplit(", ", 1)[1].split()[0]) for line in lines if "slice: " in line and "ms" in line)
 
 
 def wait_checks(stats, checks: int, timeout: float = 60.0) -> None:
@@ -217,11 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with LocalSwarm(timeout=args.start_timeout) as swarm, tempfile.TemporaryDirectory() as tmp:
-        swarm.start(folder, [(span, server_args(args))] * 3)
-        costs = []
-        for verify in args.verify_values:
-            costs.append(cost(swarm, folder, verify, prompt, config.num_hidden_layers, args))
-            print(f"  verify={verify:g}: {costs[-1]}", flush=True)
+        swarm.start(folder, [(span, server_args(args, "--log-level", "DEBUG"))] * 3)  # debug: busy time per slice
+        runs = {verify: [] for verify in args.verify_values}
+        for _ in range(args.repeats):  # settings interleaved, so that all see the same background load
+            for verify in args.verify_values:
+                runs[verify].append(cost(swarm, folder, verify, prompt, config.num_hidden_layers, args))
+                print(f"  verify={verify:g}: {runs[verify][-1]}", flush=True)
+        costs = [merge_runs(rows) for rows in runs.values()]
+        if not args.runs:
+            print(cost_table(costs))
+            return 0
         honest = calibrate(swarm, folder, span, args)
         print(f"  honest bfloat16 server checked by float32 ones: {honest}", flush=True)
         detections = {}
@@ -238,17 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge_runs(rows: list[dict]) -> dict:
+    """Medians over the repeats of one setting (the busy times summed, so their ratio weighs every run)."""
+    medians = ("ms_per_token", "server_cpu_ms_per_token", "extra_units")
+    merged = {key: statistics.median(row[key] for row in rows) for key in medians}
+    merged.update({key: sum(row[key] for row in rows) for key in ("serving_busy_ms", "verifier_busy_ms", "checks")})
+    return {**merged, "verify": rows[0]["verify"]}
+
+
 def cost_table(costs: list[dict]) -> str:
     base = costs[0]
     lines = [
-        "| verify | ms/token | x verify=0 | server CPU ms/token | extra server CPU | extra token-blocks | checks |",
+        "| verify | ms/token | x verify=0 | extra server busy time | extra server CPU | extra token-blocks | checks |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in costs:
         extra_cpu = row["server_cpu_ms_per_token"] / base["server_cpu_ms_per_token"] - 1
+        extra_busy = row["verifier_busy_ms"] / max(row["serving_busy_ms"], 1e-9)
         lines.append(
             f"| {row['verify']:g} | {row['ms_per_token']:.1f} | {row['ms_per_token'] / base['ms_per_token']:.2f} | "
-            f"{row['server_cpu_ms_per_token']:.1f} | {extra_cpu:+.0%} | {row['extra_units']:.0%} | {row['checks']} |"
+            f"{extra_busy:.0%} | {extra_cpu:+.0%} | {row['extra_units']:.0%} | {row['checks']} |"
         )
     return "\n".join(lines)
 

@@ -205,6 +205,7 @@ class InferenceSession:
 
     async def _replace_convicted(self, attempts: Attempts, batch: int) -> None:
         """Replace the hops a background check found cheating (``client.verify``) by honest servers."""
+        await self.verifier.settled()
         for hop in self.verifier.take_convicted(self._hops):
             self._cancel_handover(hop)
             index = self._hops.index(hop)

@@ -12,6 +12,7 @@ from client.config import ClientConfig
 from client.loop import LoopThread
 from client.passes import PassRunner
 from client.points import ReceiptBook, VoucherSource
+from client.referee import LocalReferee
 from client.sequence import RouteManager
 from client.session import InferenceSession
 from client.verify import VerifyStats
@@ -49,6 +50,7 @@ class SwarmClient:
         self.receipts = ReceiptBook(self.dht.identity)  # points: the work servers did for us, acknowledged
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
         self.verification = VerifyStats()  # what the sessions' verifiers checked and found (``client.verify``)
+        self.referee: LocalReferee | None = None  # the client's own computation of disputed spans, if it can
         self._receipting = self.loop.run(self._start_receipting())
 
     async def _start_receipting(self) -> asyncio.Task:

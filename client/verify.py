@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SHADOW_ATTEMPTS = 2  # shadows tried per check before the check is skipped (logged)
+SHADOW_ATTEMPTS = 4  # shadows tried per check before its steps are left unchecked (each failed one is banned)
 
 
 class CheatingDetected(StamenError):
@@ -126,6 +126,11 @@ class Verifier:
         self.full = verify >= 1.0
         self.shadows: dict[HopSession, Shadow] = {}
         self.convicted: set[HopSession] = set()  # lazy: hops found cheating, to replace at the next step
+        self.referee = ""  # who settled the last dispute (for the log)
+        self.unchecked: set[str] = set()  # servers found without another server of their span (logged once)
+        self._calm = asyncio.Event()  # set while no background check is settling a dispute
+        self._calm.set()
+        self._disputes = 0  # background checks settling a dispute now
         client = session.client
         self.routes, self.stats, self.receipts = client.routes, client.verification, client.receipts
 
@@ -154,6 +159,11 @@ class Verifier:
         if len(shadow.pending) >= self.window and (shadow.task is None or shadow.task.done()):
             shadow.task = asyncio.ensure_future(_logged(self._check_window(hop, shadow)))
         return output
+
+    async def settled(self) -> None:
+        """Wait while a background check settles a dispute: the session does not go on using a server
+        that was just caught disagreeing before the referee has spoken."""
+        await self._calm.wait()
 
     def take_convicted(self, hops: list[HopSession]) -> list[HopSession]:
         """Hops of ``hops`` found cheating by a background check (each reported once)."""
@@ -206,7 +216,14 @@ class Verifier:
             evidence = self._compare(hop, shadow, item, output, answer)
             if evidence is None:
                 continue
-            culprit = await self._settle(hop, shadow, first + offset, output, answer, evidence)
+            self._disputes += 1
+            self._calm.clear()
+            try:
+                culprit = await self._settle(hop, shadow, first + offset, output, answer, evidence)
+            finally:
+                self._disputes -= 1
+                if not self._disputes:
+                    self._calm.set()
             if culprit is None:  # no majority: treat it as a failing server, not a cheater
                 self.routes.ban(hop.peer_id, f"answers disputed without a majority ({evidence})")
             if culprit != "shadow":
@@ -276,7 +293,9 @@ class Verifier:
         span = hop.hop.span
         servers = await loop.run_in_executor(None, lambda: self.routes.candidates(exclude=exclude))
         if uncovered_blocks(servers, span):
-            logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)
+            if hop.peer_id not in self.unchecked:  # once per server and session
+                logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)
+                self.unchecked.add(hop.peer_id)
             return []
         avoid = less_precise(servers, span, tensors.DTYPE_NAMES.get(hop.dtype, "float32"))
         return await self.session._open_chain(span, batch, exclude | avoid)
@@ -304,20 +323,10 @@ class Verifier:
         """A referee recomputes step ``index`` of the span's inputs; flag whoever disagrees with it.
         Returns "suspect", "shadow" or None (no majority, or no referee)."""
         item = shadow.known[index]
-        suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
-        referee = await self._open(hop, suspects, item.hidden.shape[0])
-        if not referee:
-            logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
+        found = await self._referee(hop, shadow, index)
+        if found is None:
             return None
-        try:
-            truth = (await self._feed(referee, shadow.known[: index + 1]))[-1]
-        except ServerFailure as failure:
-            self.routes.ban(failure.peer_id, f"failed as a referee: {failure.reason}")
-            return None
-        finally:
-            for referee_hop in referee:
-                referee_hop.stream.close()
-        referee_dtype = least_precise([h.dtype for h in referee])
+        truth, referee_dtype, self.referee = found
         mask = item.attention_mask
         culprit = verdict(
             mismatch(output, truth, hop.dtype, referee_dtype, mask),
@@ -333,19 +342,51 @@ class Verifier:
             shadow.close()
         return culprit
 
+    async def _referee(
+        self, hop: HopSession, shadow: Shadow, index: int
+    ) -> tuple[torch.Tensor, torch.dtype, str] | None:
+        """(the referee's output of step ``index``, its dtype, who it is): the client's own computation if it
+        can, else a third server of the span fed the span's inputs up to that step; None if there is none."""
+        steps = shadow.known[: index + 1]
+        local = self.session.client.referee
+        if local is not None and local.can_run(steps, self.session.adapter):
+            loop = asyncio.get_running_loop()
+            try:
+                truth = await loop.run_in_executor(None, local.run, hop.hop.span, steps)
+                return truth, torch.float32, "the client's own computation"
+            except Exception:
+                logger.exception("The client could not recompute blocks %s; asking a server", hop.hop.span)
+        suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
+        referee = await self._open(hop, suspects, steps[0].hidden.shape[0])
+        if not referee:
+            logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
+            return None
+        try:
+            truth = (await self._feed(referee, steps))[-1]
+        except ServerFailure as failure:
+            self.routes.ban(failure.peer_id, f"failed as a referee: {failure.reason}")
+            return None
+        finally:
+            for referee_hop in referee:
+                referee_hop.stream.close()
+        names = ", ".join(h.peer_id for h in referee)
+        return truth, least_precise([h.dtype for h in referee]), f"server {names}"
+
     def _flag(self, peer_id: str, span: BlockRange, item: StepInput, evidence: Evidence, role: str) -> None:
         step_position = int(item.position_ids.min()) if item.position_ids.numel() else 0
         position = self.session.position
         self.routes.flag(peer_id)
         self.stats.detections.append(Detection(peer_id, span, position, step_position, evidence, role))
         logger.warning(
-            "Flagged server %s (blocks %s, %s): its output of the step at position %d disagrees with two other "
-            "servers: %s; no longer using it",
+            "Flagged server %s (blocks %s, %s): its output of the step at position %d disagrees with %s's "
+            "(%s) and with %s; no longer using it",
             peer_id,
             span,
             "serving" if role == "suspect" else "verifying",
             step_position,
+            "its verifier" if role == "suspect" else "the server it checked",
             evidence,
+            self.referee,
         )
 
 

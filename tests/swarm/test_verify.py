@@ -47,14 +47,17 @@ def connect(swarm: LocalSwarm, folder, verify: float | None = None, **options):
 
 
 def steer(model, swarm: LocalSwarm, peer_id: str) -> None:
-    """Make ``peer_id`` the client's first choice: every other server looks far away."""
+    """Make ``peer_id`` the client's first choice: every other server looks far away (and the records of
+    stopped servers, until they expire, farther still)."""
     routes = model.client.routes
     deadline = time.monotonic() + 30
     while {s.peer_id for s in swarm.live()} - {s.peer_id for s in routes.servers(refresh=True)}:
         assert time.monotonic() < deadline, "servers not announced in time"
         time.sleep(0.1)
-    for server in swarm.live():
-        routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else 1.0)
+    live = {server.peer_id for server in swarm.live()}
+    for server in routes.servers():
+        far = 1.0 if server.peer_id in live else 9.0
+        routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else far)
 
 
 def start_cheater(swarm: LocalSwarm, folder, *cheat: str, extra: tuple[str, ...] = ()):
@@ -176,3 +179,37 @@ def test_no_honest_server_flagged_over_mixed_dtype_checks(honest):
         print(f"{stats.checks} checks; largest distances by dtype pair: {stats.largest}")
     finally:
         model.shutdown()
+
+
+def test_a_cheating_verifier_is_flagged(honest):
+    """The cheater checks an honest server: the referee sides with the honest one."""
+    swarm, folder, local = honest
+    cheater = start_cheater(swarm, folder, "noise", "0.05", "0")
+    model = connect(swarm, folder, verify=1.0)
+    try:
+        serving = next(s for s in swarm.live() if "bfloat16" not in s.extra and s is not cheater)
+        steer(model, swarm, serving.peer_id)
+        model.client.routes.record_ping(cheater.peer_id, 2e-4)  # the first choice as a verifier
+        ids = prompt(2)
+        assert torch.equal(generate(model, ids, 12), generate(local, ids, 12))
+        assert model.flagged_servers == {cheater.peer_id}
+        assert [d.role for d in model.client.verification.detections] == ["shadow"]
+    finally:
+        model.shutdown()
+        stop(swarm, cheater)
+
+
+def test_a_third_server_referees_when_the_client_cannot(honest, caplog):
+    swarm, folder, _ = honest
+    cheater = start_cheater(swarm, folder, "skip", "2")
+    model = connect(swarm, folder, verify=1.0)
+    model.client.referee = None  # as a client without the blocks' weights
+    try:
+        steer(model, swarm, cheater.peer_id)
+        with caplog.at_level("WARNING", logger="client.verify"):
+            generate(model, prompt(3), 6)
+        assert model.flagged_servers == {cheater.peer_id}
+        assert any("Flagged server" in r.message and "and with server" in r.message for r in caplog.records)
+    finally:
+        model.shutdown()
+        stop(swarm, cheater)

@@ -149,3 +149,34 @@ def test_confirmed_work_counts_as_verified():
     book.confirm("s", 6)
     book.add("v", 4, verified=True)
     assert book.work == {"s": 10, "v": 4} and book.verified == {"s": 6, "v": 4}
+
+
+def test_api_cli_takes_verify():
+    from client.api.__main__ import parse_args
+
+    config, _ = parse_args(["--initial-peers", "/ip4/127.0.0.1/tcp/1", "--verify", "1"])
+    assert config.verify == 1.0
+    assert parse_args(["--initial-peers", "/ip4/127.0.0.1/tcp/1"])[0].verify == DEFAULT_VERIFY
+    with pytest.raises(SystemExit):
+        parse_args(["--initial-peers", "/ip4/127.0.0.1/tcp/1", "--verify", "2"])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_local_referee_computes_what_transformers_does(tiny_models, family):
+    from transformers import AutoModelForCausalLM
+
+    from client.referee import LocalReferee
+
+    folder = tiny_models[family]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states  # [i]: the input of block i
+    positions = torch.arange(9).expand(2, 9)
+    cuts = [(0, 5), (5, 6), (6, 8), (8, 9)]  # a prefill, then decode steps (one of two tokens)
+    steps = [StepInput(states[2][:, a:b], positions[:, a:b], None) for a, b in cuts]
+    referee = LocalReferee(folder, model.config)
+    assert referee.can_run(steps, None) and not referee.can_run(steps, "some-adapter")
+    output = referee.run(BlockRange(2, 5), steps)
+    assert output.shape == (2, 1, model.config.hidden_size)
+    assert torch.allclose(output, states[5][:, 8:9], atol=1e-4, rtol=1e-4)
