@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import tree_cpu_seconds  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
+from client.verdicts import DEFAULT_VERIFY  # noqa: E402
 from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
 
@@ -60,7 +61,7 @@ CHEATS = {  # name -> the cheater's arguments ({start}: the position the cheat s
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
-    p.add_argument("--settings", default="0,0.0625,0.125,0.25,1", help="verify values to cost, comma-separated")
+    p.add_argument("--settings", default="0,0.0625,0.0833,0.125,1", help="verify values to cost, comma-separated")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per costed generation (default: 64)")
     p.add_argument("--runs", type=int, default=8, help="detection runs per cheat (default: 8; 0: costs only)")
     p.add_argument("--repeats", type=int, default=3, help="costed generations per setting, interleaved (default 3)")
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=180.0, help="seconds for servers to start serving")
     args = p.parse_args(argv)
     if args.quick:
-        args.settings, args.new_tokens, args.runs, args.repeats = "0,0.125,1", 32, 3, 1
+        args.settings, args.new_tokens, args.runs, args.repeats = "0,0.0833,1", 32, 3, 1
     args.verify_values = [float(v) for v in args.settings.split(",") if v.strip()]
     if args.verify_values[0] != 0:
         args.verify_values.insert(0, 0.0)
@@ -172,7 +173,7 @@ def detect(swarm: LocalSwarm, folder: Path, served: Path, cheat: tuple[str, ...]
         for _ in range(args.runs):
             length = rng.randint(8, start - 4)
             first_cheated = start if cheat and cheat[0] == "noise" else 0
-            model = connect(swarm, folder, 0.125)
+            model = connect(swarm, folder, DEFAULT_VERIFY)
             try:
                 steer(model, swarm, cheater.peer_id)
                 seed = torch.Generator().manual_seed(rng.randrange(1 << 30))
@@ -284,7 +285,10 @@ def cost_table(costs: list[dict]) -> str:
 
 
 def detection_table(detections: dict[str, list]) -> str:
-    lines = ["| cheat (verify=0.125) | caught | delay median (steps) | delay max |", "|---|---|---|---|"]
+    lines = [
+        f"| cheat (verify={DEFAULT_VERIFY:.3g}) | caught | delay median (steps) | delay max |",
+        "|---|---|---|---|",
+    ]
     for name, delays in detections.items():
         caught = [d for d in delays if d is not None]
         median = f"{statistics.median(caught):g}" if caught else "-"

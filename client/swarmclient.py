@@ -15,7 +15,7 @@ from client.points import ReceiptBook, VoucherSource
 from client.referee import LocalReferee
 from client.sequence import RouteManager
 from client.session import InferenceSession
-from client.verify import VerifyStats
+from client.verdicts import VerifyStats
 from proto import pb
 from swarm import tensors
 from swarm.dht import DHTConfig, SwarmDHT

@@ -30,7 +30,7 @@ from swarm.spans import BlockRange
 
 TOLERANCES = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 2e-1}  # per-token relative L2
 PRECISION = {"float32": 3, "float16": 2, "bfloat16": 1}  # more is more precise (mantissa bits)
-DEFAULT_VERIFY = 0.125  # the share of steps that end a check window: every 8th step checks the last 8
+DEFAULT_VERIFY = 1 / 12  # the share of steps that end a check window: every 12th step checks the last 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,29 @@ class Evidence:
 
     def __str__(self) -> str:
         return f"relative L2 distance {self.distance:.3g} > tolerance {self.tolerance:.3g} at token {self.token}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    peer_id: str  # the flagged server
+    span: BlockRange  # the blocks it served (or checked) in this session
+    position: int  # the session's processed tokens when it was caught
+    step_position: int  # the first position of the disputed step
+    evidence: Evidence
+    role: str  # "suspect" (it served the session) or "shadow" (it was checking another server)
+
+
+@dataclasses.dataclass
+class VerifyStats:
+    """What verification did for one client (all sessions)."""
+
+    checks: int = 0  # steps whose output was compared with a shadow's
+    tokens: int = 0  # of them, tokens compared
+    mismatches: int = 0  # comparisons beyond tolerance (each one goes to a referee)
+    skipped: int = 0  # steps left unchecked (no other server of the span, or its shadows failed)
+    shadow_units: int = 0  # token-blocks computed by shadows and referees (work units)
+    largest: dict[str, float] = dataclasses.field(default_factory=dict)  # dtype pair -> largest distance seen
+    detections: list[Detection] = dataclasses.field(default_factory=list)
 
 
 def tolerance(dtype_a: torch.dtype, dtype_b: torch.dtype) -> float:

@@ -14,14 +14,18 @@ relative L2 distance, tolerance of the less precise dtype of the pair).
   Every step is still checked, only late: a server that cheats on every step from some step on is
   caught at the end of that window, W steps at most plus the check's own latency. A merged catch-up of
   W tokens costs far less server time than W decode steps, which is what keeps the extra compute low.
-  Default ``verify = 0.125`` (W = 8; ``client.verdicts.DEFAULT_VERIFY``); the README gives the measured
-  costs and detection delays.
+  Default ``verify = 1/12`` (W = 12; ``client.verdicts.DEFAULT_VERIFY``): a merged catch-up costs a
+  server about as much as 3 decode steps whatever W (per-block overheads dominate on small models), so
+  the verifiers' extra busy time is about 3/W (W = 8 measured 38 %, W = 16 about 19 %); W = 12 stays near
+  25 % and leaves W + the check's latency under 20 steps. The README gives the measured numbers.
   The steps of a session's last, incomplete window are checked in the background when it closes.
 - ``verify=0``: nothing is checked.
 
-On a mismatch a third server (a referee: a fresh session on another server of P, fed the span's whole
-input history up to the disputed step as a few prefill steps) recomputes the step. Whoever disagrees
-with the referee while the other agrees is flagged: never used again by this client
+On a mismatch a referee recomputes the step: the client itself when it has the span's weights and can
+run that family (``client.referee``), else a third server (a fresh session on another server of P, fed
+the span's whole input history up to the disputed step as a few prefill steps). While a background check
+settles a dispute the session waits at its next step. Whoever disagrees with the referee while the other
+agrees is flagged: never used again by this client
 (``RouteManager.flag``, ``model.flagged_servers``), a WARNING names it with the evidence, and its hop
 is replaced by replaying its history into an honest server (the failover path of ``client.session``).
 With ``verify=1`` a convicted S fails the step, which then runs on the replacement (and is checked
@@ -29,6 +33,8 @@ again); with lazy checks the replacement happens at the next step boundary. A co
 simply replaced. Without a majority (the referee disagrees with both) S is banned like a failing server.
 
 Work that was checked is counted as verified in the points receipts (``client.points``), both S's and V's.
+A server that fails as a verifier or referee (down, or too busy for one more session) is not banned; this
+session just asks others.
 
 Concurrency: everything runs on the client's event loop; background checks are tasks owned by the
 ``Verifier`` of one session, at most one in flight per hop.
@@ -45,6 +51,7 @@ import torch
 
 from client.hop import HopSession, StepInput, merge_steps
 from client.verdicts import (
+    Detection,
     Evidence,
     least_precise,
     less_precise,
@@ -67,34 +74,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SHADOW_ATTEMPTS = 4  # shadows tried per check before its steps are left unchecked (each failed one is banned)
+SHADOW_ATTEMPTS = 4  # shadows tried per check before its steps are left unchecked (each failed one is avoided)
 
 
 class CheatingDetected(StamenError):
     """A server's answer disagreed with another server's and with a referee's."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Detection:
-    peer_id: str  # the flagged server
-    span: BlockRange  # the blocks it served in this session
-    position: int  # the session's processed tokens when it was caught
-    step_position: int  # the first position of the disputed step
-    evidence: Evidence
-    role: str  # "suspect" (it served the session) or "shadow" (it was checking another server)
-
-
-@dataclasses.dataclass
-class VerifyStats:
-    """What verification did for one client (all sessions)."""
-
-    checks: int = 0  # steps whose output was compared with a shadow's
-    tokens: int = 0  # of them, tokens compared
-    mismatches: int = 0  # comparisons beyond tolerance (each one goes to a referee)
-    skipped: int = 0  # steps left unchecked (no other server of the span, or its shadows failed)
-    shadow_units: int = 0  # token-blocks computed by shadows and referees (work units)
-    largest: dict[str, float] = dataclasses.field(default_factory=dict)  # dtype pair -> largest distance seen
-    detections: list[Detection] = dataclasses.field(default_factory=list)
 
 
 class Shadow:
@@ -131,6 +115,7 @@ class Verifier:
         self._calm = asyncio.Event()  # set while no background check is settling a dispute
         self._calm.set()
         self._disputes = 0  # background checks settling a dispute now
+        self.avoided: set[str] = set()  # servers that failed as verifiers or referees: not asked again here
         client = session.client
         self.routes, self.stats, self.receipts = client.routes, client.verification, client.receipts
 
@@ -277,7 +262,7 @@ class Verifier:
                 shadow.fed = len(shadow.known)
                 answers = await self._feed(shadow.hops, steps)
             except ServerFailure as failure:
-                self.routes.ban(failure.peer_id, f"failed as a verifier: {failure.reason}")
+                self._avoid(failure, "verifier")
                 shadow.close()
                 continue
             shadow.known.extend(steps)
@@ -286,9 +271,16 @@ class Verifier:
         self.stats.skipped += len(steps)
         return None
 
+    def _avoid(self, failure: ServerFailure, role: str) -> None:
+        """A server failed as a verifier or referee (down, or too busy for another session): this session
+        asks others from now on (no ban: it may still serve well)."""
+        logger.info("Server %s failed as a %s: %s", failure.peer_id, role, failure.reason)
+        self.avoided.add(failure.peer_id)
+
     async def _open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> list[HopSession]:
         """A chain over ``hop``'s span on other servers, preferring ones at least as precise as ``hop``'s
         server; empty if no other server holds the span (logged)."""
+        exclude = exclude | self.avoided
         loop = asyncio.get_running_loop()
         span = hop.hop.span
         servers = await loop.run_in_executor(None, lambda: self.routes.candidates(exclude=exclude))
@@ -364,7 +356,7 @@ class Verifier:
         try:
             truth = (await self._feed(referee, steps))[-1]
         except ServerFailure as failure:
-            self.routes.ban(failure.peer_id, f"failed as a referee: {failure.reason}")
+            self._avoid(failure, "referee")
             return None
         finally:
             for referee_hop in referee:

@@ -98,7 +98,7 @@ def test_verdict_needs_a_majority():
 
 
 def test_window():
-    assert window(1.0) == 1 and window(0.0) == 0 and window(0.5) == 2 and window(DEFAULT_VERIFY) == 8
+    assert window(1.0) == 1 and window(0.0) == 0 and window(0.5) == 2 and window(DEFAULT_VERIFY) == 12
     with pytest.raises(ValueError):
         window(1.5)
     with pytest.raises(ValueError):
