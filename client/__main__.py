@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         "--verify",
         type=float,
         default=DEFAULT_VERIFY,
-        help=f"share of steps checked on another server (1: every step before use; 0: none; default {DEFAULT_VERIFY})",
+        help=f"share of steps checked on another server (1: every step before use; 0: none; default "
+        f"{DEFAULT_VERIFY:.3g}: every 12th step checks the last 12 in the background)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    if not 0 <= args.verify <= 1:
+        p.error("--verify must be within [0, 1]")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))

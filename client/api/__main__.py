@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         "--verify",
         type=float,
         default=d.verify,
-        help=f"share of steps checked on another server (1: every step before use; 0: none; default {d.verify})",
+        help=f"share of steps checked on another server (1: every step before use; 0: none; default {d.verify:.3g})",
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for the local work")
     p.add_argument("--log-level", default="INFO")
