@@ -64,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", default="0,0.0625,0.0833,0.125,1", help="verify values to cost, comma-separated")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per costed generation (default: 64)")
     p.add_argument("--runs", type=int, default=8, help="detection runs per cheat (default: 8; 0: costs only)")
-    p.add_argument("--repeats", type=int, default=3, help="costed generations per setting, interleaved (default 3)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="costed generations per setting, interleaved (default 3; 0: none)"
+    )
+    p.add_argument("--cheats", default=",".join(CHEATS), help="cheats whose detection to measure, comma-separated")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads here and in each server (default: 1)")
     p.add_argument("--quick", action="store_true", help="fewer tokens, settings and detection runs")
     p.add_argument("--start-timeout", type=float, default=180.0, help="seconds for servers to start serving")
@@ -240,22 +243,23 @@ def main(argv: list[str] | None = None) -> int:
             for verify in args.verify_values:
                 runs[verify].append(cost(swarm, folder, verify, prompt, config.num_hidden_layers, args))
                 print(f"  verify={verify:g}: {runs[verify][-1]}", flush=True)
-        costs = [merge_runs(rows) for rows in runs.values()]
+        costs = [merge_runs(rows) for rows in runs.values() if rows]
         if not args.runs:
             print(cost_table(costs))
             return 0
-        honest = calibrate(swarm, folder, span, args)
-        print(f"  honest bfloat16 server checked by float32 ones: {honest}", flush=True)
+        if args.repeats:
+            honest = calibrate(swarm, folder, span, args)
+            print(f"  honest bfloat16 server checked by float32 ones: {honest}", flush=True)
         detections = {}
         for name, cheat in CHEATS.items():
-            if args.quick and name not in ("noise 2%", "skip 1 block", "bf16 as f32"):
+            if name not in args.cheats.split(",") or args.quick and name not in ("noise 2%", "skip 1 block"):
                 continue
             served = other_model(folder, Path(tmp)) if name == "other model" else folder
             detections[name] = detect(swarm, folder, served, cheat, args, rng)
             print(f"  {name}: delays {detections[name]}", flush=True)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}\n")
-    print(cost_table(costs))
-    print()
+    if costs:
+        print(cost_table(costs) + "\n")
     print(detection_table(detections))
     return 0
 

@@ -12,8 +12,10 @@ relative L2 distance, tolerance of the less precise dtype of the pair).
   V catches up on the steps since its last check as one merged prefill step, and each of those steps'
   outputs is compared with what S answered (the client keeps S's outputs of the unchecked window only).
   Every step is still checked, only late: a server that cheats on every step from some step on is
-  caught at the end of that window, W steps at most plus the check's own latency. A merged catch-up of
-  W tokens costs far less server time than W decode steps, which is what keeps the extra compute low.
+  caught at the end of that window, W steps at most plus the check's own latency. A hop's first step
+  (the prompt, usually) is checked at once: the shadow has to compute it anyway to hold the same cache.
+  A merged catch-up of W tokens costs far less server time than W decode steps, which keeps the extra
+  compute low.
   Default ``verify = 1/12`` (W = 12; ``client.verdicts.DEFAULT_VERIFY``): a merged catch-up costs a
   server about as much as 3 decode steps whatever W (per-block overheads dominate on small models), so
   the verifiers' extra busy time is about 3/W (W = 8 measured 38 %, W = 16 about 19 %); W = 12 stays near
@@ -137,11 +139,11 @@ class Verifier:
         if self.full:
             return await self._check_now(hop, item, output, started)
         shadow = self.shadows.get(hop)
-        if shadow is None:  # open the shadow and feed it the hop's history now, so the first check is quick
+        first = shadow is None
+        if first:  # the first step (often the prompt) is checked at once: the shadow must compute it anyway
             shadow = self.shadows[hop] = Shadow(hop.history)
-            shadow.task = asyncio.ensure_future(_logged(self._run_shadow(hop, shadow, [], item.hidden.shape[0])))
         shadow.pending.append((item, output))
-        if len(shadow.pending) >= self.window and (shadow.task is None or shadow.task.done()):
+        if (first or len(shadow.pending) >= self.window) and (shadow.task is None or shadow.task.done()):
             shadow.task = asyncio.ensure_future(_logged(self._check_window(hop, shadow)))
         return output
 
