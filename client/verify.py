@@ -36,7 +36,7 @@ simply replaced. Without a majority (the referee disagrees with both) S is banne
 
 Work that was checked is counted as verified in the points receipts (``client.points``), both S's and V's.
 A server that fails as a verifier or referee (down, or too busy for one more session) is not banned; this
-session just asks others.
+session just asks others for a while.
 
 Concurrency: everything runs on the client's event loop; background checks are tasks owned by the
 ``Verifier`` of one session, at most one in flight per hop.
@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+AVOID_SECONDS = 30.0  # a server that failed as a verifier or referee is not asked again for this long
 SHADOW_ATTEMPTS = 4  # shadows tried per check before its steps are left unchecked (each failed one is avoided)
 
 
@@ -117,7 +119,7 @@ class Verifier:
         self._calm = asyncio.Event()  # set while no background check is settling a dispute
         self._calm.set()
         self._disputes = 0  # background checks settling a dispute now
-        self.avoided: set[str] = set()  # servers that failed as verifiers or referees: not asked again here
+        self.avoided: dict[str, float] = {}  # server that failed as a verifier or referee -> asked again after
         client = session.client
         self.routes, self.stats, self.receipts = client.routes, client.verification, client.receipts
 
@@ -277,12 +279,13 @@ class Verifier:
         """A server failed as a verifier or referee (down, or too busy for another session): this session
         asks others from now on (no ban: it may still serve well)."""
         logger.info("Server %s failed as a %s: %s", failure.peer_id, role, failure.reason)
-        self.avoided.add(failure.peer_id)
+        self.avoided[failure.peer_id] = time.monotonic() + AVOID_SECONDS
 
     async def _open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> list[HopSession]:
         """A chain over ``hop``'s span on other servers, preferring ones at least as precise as ``hop``'s
         server; empty if no other server holds the span (logged)."""
-        exclude = exclude | self.avoided
+        now = time.monotonic()
+        exclude = exclude | {peer for peer, until in self.avoided.items() if until > now}
         loop = asyncio.get_running_loop()
         span = hop.hop.span
         servers = await loop.run_in_executor(None, lambda: self.routes.candidates(exclude=exclude))
