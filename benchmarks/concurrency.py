@@ -111,6 +111,8 @@ async def user(http: aiohttp.ClientSession, url: str, model: str, index: int, ne
             if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("error"):
+                raise RuntimeError(f"user {index}: the stream ended with an error: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
@@ -258,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             asyncio.run(api_run(api.url, model, 1, 4))  # warm-up
             for users in args.user_counts:
-                rows.append(measure(users, api.url, model, local, tokenizer, prompts, args))
+                try:
+                    rows.append(measure(users, api.url, model, local, tokenizer, prompts, args))
+                except RuntimeError:
+                    for process in (api, *swarm.servers):  # what went wrong, from the processes' own logs
+                        lines = [line for line in process.output if "Waiting for servers" not in line][-15:]
+                        print(f"-- last lines of {' '.join(process.args[2:5])}:", *lines, sep="\n  ")
+                    raise
     except TimeoutError as exc:
         print(f"!! {exc}; reporting what was measured", flush=True)
     finally:

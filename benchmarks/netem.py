@@ -36,6 +36,7 @@ class LinkProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+        self._loop.close()
 
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -43,7 +44,9 @@ class LinkProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+        # close() cancels this task: end quietly (Python 3.11's start_server callback logs a cancelled task)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One direction: read, stamp each chunk with its departure time, write in order when it is due."""
@@ -77,11 +80,16 @@ class LinkProxy:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    def close(self) -> None:
-        def stop() -> None:
-            self._server.close()
-            self._loop.stop()
+    async def _shutdown(self) -> None:
+        """Stop accepting, cancel every connection's tasks (closing their sockets), then stop the loop."""
+        self._server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.stop()
 
+    def close(self) -> None:
         if self._loop.is_running():
-            self._loop.call_soon_threadsafe(stop)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
             self._thread.join(timeout=5)

@@ -1,10 +1,11 @@
 """One inference session's part on one server: its stream, counters, the inputs sent so far, and how
 one step runs there (request, answer, liveness).
 
-A late answer is not waited out blindly: once a step is later than a few times the server's usual
-step time, the client pings the server; one that does not answer the ping is given up at once (a
-server that died often leaves its connection open for seconds), one that answers is waited for up
-to the step's timeout.
+A late answer is not waited out blindly: once a step is later than 1.5 times the server's usual
+step time (and than twice the measured round trip to it), the client pings the server; one that does
+not answer the ping within 0.3 s (or 3 round trips, for far servers) is given up at once (a server that
+died often leaves its connection open for seconds), one that answers is waited for up to the step's
+timeout.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from swarm.models.adapters import LoraAdapter
 from swarm.routing import Hop
 from swarm.rpc import InferenceStream, ServerFailure, ping
 
-PROBE_AFTER = 0.05  # seconds: a step later than this (and than 3x the server's usual step) gets a liveness ping
-PROBE_TIMEOUT = 0.3  # seconds a liveness ping may take
+PROBE_AFTER = 0.05  # seconds: a step later than this (and than 1.5x the server's usual step) gets a liveness ping
+PROBE_TIMEOUT = 0.3  # seconds a liveness ping may take (at least 3x the measured round trip to the server)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,10 @@ class HopSession:
         membership: bytes,
         voucher=None,
         compression: int = pb.COMPRESSION_NONE,
+        rtt: float | None = None,
     ):
         self.hop, self.stream, self.dtype, self.p2p = hop, stream, dtype, p2p
+        self.rtt = rtt or 0.0  # measured round trip to the server: far servers get longer before a ping, and for it
         self.compression = compression  # how hidden states travel to and from this server
         self.membership = membership  # private swarms: this server's proof, sent when the session opens
         self.voucher: pb.Voucher | None = voucher  # points: the standing this client uses, sent on opening
@@ -187,22 +190,23 @@ class HopSession:
     async def _receive(self, timeout: float) -> pb.InferenceResponse:
         """The next answer within ``timeout``; a server that is late and does not answer a ping is given up."""
         answer = asyncio.ensure_future(self.stream.receive(timeout))
-        probe_after = max(PROBE_AFTER, 3 * (self.decode_seconds or 0.0))
+        probe_after = max(PROBE_AFTER, 1.5 * (self.decode_seconds or 0.0), 2 * self.rtt)
+        probe_timeout = max(PROBE_TIMEOUT, 3 * self.rtt)
         try:
             while True:
                 done, _ = await asyncio.wait({answer}, timeout=probe_after)
                 if done:
                     return answer.result()
-                probe = asyncio.ensure_future(ping(self.p2p, self.peer_id, 1, PROBE_TIMEOUT, self.membership))
+                probe = asyncio.ensure_future(ping(self.p2p, self.peer_id, 1, probe_timeout, self.membership))
                 await asyncio.wait({answer, probe}, return_when=asyncio.FIRST_COMPLETED)
                 if answer.done():
                     probe.cancel()
                     return answer.result()
                 if await probe is None:
                     raise ServerFailure(
-                        self.peer_id, f"stopped answering (no reply to a ping within {PROBE_TIMEOUT} s)"
+                        self.peer_id, f"stopped answering (no reply to a ping within {probe_timeout:.2f} s)"
                     )
-                probe_after = min(2 * probe_after, 1.0)
+                probe_after = min(2 * probe_after, max(1.0, 2 * self.rtt))
         finally:
             if not answer.done():
                 answer.cancel()

@@ -138,7 +138,15 @@ class RouteManager:
             except MissingBlocksError as exc:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(exc.blocks, f"waited {self.config.wait_for_blocks:.0f} s") from None
-                logger.info("Waiting for servers of blocks %s", exc.blocks)
+                known = self.servers()
+                logger.info(
+                    "Waiting for servers of blocks %s (the swarm lists %d servers: %s; banned here: %d; excluded: %d)",
+                    exc.blocks,
+                    len(known),
+                    ", ".join(f"{s.peer_id[-6:]}[{s.span}] {s.state.name}" for s in known[:8]),
+                    len(self.banned()),
+                    len(exclude),
+                )
             time.sleep(POLL_INTERVAL)
             refresh = True
 

@@ -239,7 +239,8 @@ class InferenceSession:
                 proof = self.client.membership.proof_for(hop.peer_id)
                 dtype, compression = self.client.server_dtype(hop.peer_id), self.client.compression_for(hop.peer_id)
                 voucher = self.client.vouchers.current()
-                hops.append(HopSession(hop, stream, dtype, self.client.p2p, proof, voucher, compression))
+                rtt = self.client.routes.pings().get(hop.peer_id)
+                hops.append(HopSession(hop, stream, dtype, self.client.p2p, proof, voucher, compression, rtt))
                 await stream.open(self.config.connect_timeout)
         except BaseException:
             for hop in hops:

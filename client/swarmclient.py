@@ -51,6 +51,7 @@ class SwarmClient:
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
         self.verification = VerifyStats()  # what the sessions' verifiers checked and found (``client.verify``)
         self.referee: LocalReferee | None = None  # the client's own computation of disputed spans, if it can
+        self.passes = PassRunner(self)  # stateless forward and backward passes
         self._receipting = self.loop.run(self._start_receipting())
 
     async def _start_receipting(self) -> asyncio.Task:
@@ -64,7 +65,6 @@ class SwarmClient:
                 await self.receipts.send_due(self.p2p, self.membership)
             except Exception:
                 logger.debug("Handing out receipts failed", exc_info=True)
-        self.passes = PassRunner(self)  # stateless forward and backward passes
 
     async def measure_pings(self, limit: int = 32) -> None:
         """Round trips to candidate servers whose ping is unknown or stale (concurrently, bounded)."""

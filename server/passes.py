@@ -43,12 +43,12 @@ class PassHandler:
                 extras.block_outputs_fit(blocks, shape, serving.limits)
             compression = validation.output_compression(request.compression)
             points = self.ledger().request_standing(peer, request)
+            logger.debug("forward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             with self._counted(peer):
                 hidden, outputs = await serving.forward(
                     blocks, step, prompts, adapter, request.output_hidden_states, points
                 )
             self.ledger().record_work(peer, work_units(shape, blocks, backward=False))
-            logger.debug("forward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             response = pb.ForwardResponse(hidden=tensors.to_proto(hidden, compression))
             if outputs is not None:
                 stacked = torch.stack(outputs) if outputs else hidden.new_empty(0, *shape)
@@ -71,10 +71,10 @@ class PassHandler:
             adapter = extras.adapter(request.adapter, limits, blocks, serving.adapters, trainable=True)
             compression = validation.output_compression(request.compression)
             points = self.ledger().request_standing(peer, request)
+            logger.debug("backward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             with self._counted(peer):
                 grad = await serving.backward(blocks, step, grad_output, grad_blocks, prompts, adapter, points)
             self.ledger().record_work(peer, work_units(shape, blocks, backward=True))
-            logger.debug("backward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             response = pb.BackwardResponse(grad_hidden=tensors.to_proto(grad, compression))
             if prompts is not None:
                 grad_prompts = prompts.grad if prompts.grad is not None else torch.zeros_like(prompts)

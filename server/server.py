@@ -137,6 +137,7 @@ class Server:
         cache_file = self.config.throughput_cache or default_cache_dir() / "throughput.json"
         key = throughput.cache_key(str(self.folder), self.dtype, self.model_config.to_json_string(use_diff=False))
         geometry = KVGeometry.from_config(self.model_config, self.dtype)
+        await loop.run_in_executor(None, throughput.warm_up, stack, geometry, self.dtype)
         self.speed = await loop.run_in_executor(
             None, throughput.cached_measure, stack, geometry, self.dtype, key, cache_file, self.config.test_step_delay
         )

@@ -69,6 +69,20 @@ def measure(
     return Throughput(inference, forward)
 
 
+def warm_up(stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, tokens: int = 16) -> None:
+    """One prompt and one decode step through the span with a KV cache, before serving: the first prefill
+    of a fresh process costs about twice a warm one (allocator and kernel set-up), and the first prefill a
+    server gets is often a failover replay that a user is waiting for."""
+    blocks, span = len(stack.span), stack.span
+    cache = geometry.allocate(blocks, 1, tokens + 1)
+    with torch.inference_mode():
+        for kind, start, count in ((Kind.PREFILL, 0, tokens), (Kind.DECODE, tokens, 1)):
+            hidden = torch.randn(1, count, stack.config.hidden_size, dtype=dtype)
+            positions = torch.arange(start, start + count).unsqueeze(0)
+            stack.run([Work(kind, span, hidden, positions, cache)], blocks)
+            cache.advance(count)
+
+
 def cached_measure(
     stack: BlockStack,
     geometry: KVGeometry,

@@ -147,6 +147,13 @@ def model_depth(model: str) -> int:
     return int(AutoConfig.from_pretrained(folder).num_hidden_layers)
 
 
+def join_as_client(args: argparse.Namespace):
+    """A client DHT node joined through --initial-peers (with --swarm-key, --nat-traversal); None if it failed."""
+    key = load_key(args.swarm_key) if args.swarm_key else None
+    nat = NAT_CHOICES[args.nat_traversal]
+    return join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key, nat_traversal=nat))
+
+
 def run_status(args: argparse.Namespace) -> int:
     """Join as a client, fetch the records, print the report; 1 if some blocks have no server."""
     prefix = args.dht_prefix or model_prefix(args.model)
@@ -158,9 +165,7 @@ def run_status(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             logger.error("Cannot read the depth of model %r (pass --num-blocks): %s", args.model, exc)
             return 2
-    key = load_key(args.swarm_key) if args.swarm_key else None
-    nat = NAT_CHOICES[args.nat_traversal]
-    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key, nat_traversal=nat))
+    dht = join_as_client(args)
     if dht is None:
         return 2
     try:
@@ -203,9 +208,7 @@ def run_monitor(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         logger.error("Cannot watch %s: %s (pass --num-blocks for models not available here)", args.model, exc)
         return 2
-    key = load_key(args.swarm_key) if args.swarm_key else None
-    nat = NAT_CHOICES[args.nat_traversal]
-    dht = join(DHTConfig(initial_peers=list(args.initial_peers), client_mode=True, swarm_key=key, nat_traversal=nat))
+    dht = join_as_client(args)
     if dht is None:
         return 2
     import uvloop

@@ -82,58 +82,37 @@ class InferenceStream:
         self._requests.put_nowait(None)
 
 
-async def call_forward(p2p: P2P, peer_id: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+async def _call_unary(p2p: P2P, peer_id: str, rpc: str, request, response_type, timeout: float):
+    """One unary call; every failure to get an answer, and every error the server answers, is a ServerFailure
+    (the server's typed error kept as the cause)."""
     try:
         response = await asyncio.wait_for(
-            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Forward"), request, pb.ForwardResponse),
-            timeout,
+            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name(rpc), request, response_type), timeout
         )
     except Exception as exc:
-        raise ServerFailure(peer_id, f"forward failed: {exc!r}", exc) from exc
-    if response.HasField("error"):
+        raise ServerFailure(peer_id, f"{rpc.lower()} failed: {exc!r}", exc) from exc
+    if response_type is not pb.ServerRecord and response.HasField("error"):
         cause = errors.from_proto(response.error, peer_id)
         raise ServerFailure(peer_id, str(cause), cause)
     return response
+
+
+async def call_forward(p2p: P2P, peer_id: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+    return await _call_unary(p2p, peer_id, "Forward", request, pb.ForwardResponse, timeout)
 
 
 async def call_backward(p2p: P2P, peer_id: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
-    try:
-        response = await asyncio.wait_for(
-            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Backward"), request, pb.BackwardResponse),
-            timeout,
-        )
-    except Exception as exc:
-        raise ServerFailure(peer_id, f"backward failed: {exc!r}", exc) from exc
-    if response.HasField("error"):
-        cause = errors.from_proto(response.error, peer_id)
-        raise ServerFailure(peer_id, str(cause), cause)
-    return response
+    return await _call_unary(p2p, peer_id, "Backward", request, pb.BackwardResponse, timeout)
 
 
 async def call_info(p2p: P2P, peer_id: str, timeout: float, membership: bytes = b"") -> pb.ServerRecord:
     """The server's current record (state, span, free cache...), straight from the server."""
-    request = pb.InfoRequest(membership=membership)
-    try:
-        return await asyncio.wait_for(
-            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Info"), request, pb.ServerRecord),
-            timeout,
-        )
-    except Exception as exc:
-        raise ServerFailure(peer_id, f"info failed: {exc!r}", exc) from exc
+    return await _call_unary(p2p, peer_id, "Info", pb.InfoRequest(membership=membership), pb.ServerRecord, timeout)
 
 
 async def call_receipt(p2p: P2P, peer_id: str, request: pb.ReceiptRequest, timeout: float) -> None:
     """Hand a server a receipt for its work; ServerFailure if it is unreachable or refuses it."""
-    try:
-        response = await asyncio.wait_for(
-            p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc_name("Receipt"), request, pb.ReceiptResponse),
-            timeout,
-        )
-    except Exception as exc:
-        raise ServerFailure(peer_id, f"receipt failed: {exc!r}", exc) from exc
-    if response.HasField("error"):
-        cause = errors.from_proto(response.error, peer_id)
-        raise ServerFailure(peer_id, str(cause), cause)
+    await _call_unary(p2p, peer_id, "Receipt", request, pb.ReceiptResponse, timeout)
 
 
 async def ping(p2p, peer_id: str, tries: int = 2, timeout: float = 2.0, membership: bytes = b"") -> float | None:
