@@ -16,6 +16,7 @@ import sys  # noqa: E402
 from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
+from client.verdicts import DEFAULT_VERIFY
 from swarm.dht import NAT_CHOICES, add_nat_arguments
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 
@@ -37,12 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--points-key", default=None, help="your server's identity file: busy servers serve you by its points"
     )
+    p.add_argument(
+        "--verify",
+        type=float,
+        default=DEFAULT_VERIFY,
+        help=f"share of steps checked on another server (1: every step before use; 0: none; default "
+        f"{DEFAULT_VERIFY:.3g}: every 12th step checks the last 12 in the background)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    if not 0 <= args.verify <= 1:
+        p.error("--verify must be within [0, 1]")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         nat_traversal=NAT_CHOICES[args.nat_traversal],
         points_key=args.points_key,
         compression=args.compression,
+        verify=args.verify,
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from client.verdicts import DEFAULT_VERIFY
+
 
 @dataclass
 class ClientConfig:
@@ -33,3 +35,9 @@ class ClientConfig:
     compression: str = "none"  # activations on the wire: none (exact), float16 or int8, with servers that support it
     receipt_period: float = 10.0  # seconds between handing servers signed receipts for their work (points)
     points_key: str | None = None  # a volunteer's server identity file: use that server's standing (points)
+    verify: float = DEFAULT_VERIFY  # share of steps that end a check on another server (1: check every step
+    # before using it; 0: never); see client.verify
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify <= 1.0:
+            raise ValueError(f"verify must be within [0, 1], got {self.verify}")

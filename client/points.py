@@ -37,6 +37,10 @@ class ReceiptBook:
         if verified:
             self.verified[server] = self.verified.get(server, 0) + units
 
+    def confirm(self, server: str, units: int) -> None:
+        """Work already added (``add``) was checked on another server afterwards: count it as verified."""
+        self.verified[server] = self.verified.get(server, 0) + units
+
     def due(self) -> list[Receipt]:
         """Signed receipts for every server that did more for us since its last receipt."""
         receipts = []

@@ -17,6 +17,7 @@ from client.config import ClientConfig
 from client.layers import BlocksState
 from client.lora import RemoteLora
 from client.ptune import PromptTuning
+from client.referee import LocalReferee
 from client.session import InferenceSession
 from client.swarmclient import SwarmClient
 from swarm.models.adapters import DEFAULT_TARGETS, linear_layers, load_adapter, save_adapter
@@ -99,6 +100,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
         if adapter is not None:
             instance.use_adapter(adapter)
         instance.client = SwarmClient(client_config, dht_prefix or model_prefix(name), config.num_hidden_layers)
+        instance.client.referee = LocalReferee(folder, config)  # loads a span's blocks only if a dispute needs it
         return instance.eval()
 
     def local_heads(self) -> dict[str, nn.Module]:
@@ -220,6 +222,11 @@ class DistributedPreTrainedModel(PreTrainedModel):
     def _active_session(self) -> InferenceSession | None:
         """The session of this thread's enclosing ``inference_session`` (threads never share one)."""
         return getattr(self._local, "session", None)
+
+    @property
+    def flagged_servers(self) -> set[str]:
+        """Peer ids of the servers caught answering wrongly (``client.verify``); never used again."""
+        return self.client.routes.flagged if self.client is not None else set()
 
     def shutdown(self) -> None:
         """Leave the swarm (also done at interpreter exit)."""

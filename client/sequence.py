@@ -34,6 +34,7 @@ class RouteManager:
         self._bans: dict[str, BanRecord] = {}  # peer id -> its ban and the failures held against it
         self._ban_policy = BanPolicy(config.ban_base, config.ban_max, config.ban_forgive_steps, config.ban_forget_after)
         self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
+        self.flagged: set[str] = set()  # servers caught computing wrong answers (``client.verify``): never used again
         self._lock = threading.Lock()  # guards the fields above; never held during a DHT look-up
         self._fetching = threading.Lock()
         self._refreshing = False
@@ -104,6 +105,11 @@ class RouteManager:
         logger.warning("Banning server %s for %.0f s: %s", peer_id, duration, reason)
         return duration
 
+    def flag(self, peer_id: str) -> None:
+        """Never route through ``peer_id`` again (it answered wrongly; see ``client.verify``)."""
+        with self._lock:
+            self.flagged.add(peer_id)
+
     def mark_ok(self, peer_id: str) -> None:
         """``peer_id`` answered a call correctly: its past failures decay (see ``client.bans``)."""
         with self._lock:
@@ -124,9 +130,9 @@ class RouteManager:
     def candidates(
         self, refresh: bool = False, exclude: frozenset[str] = frozenset(), adapter: str | None = None
     ) -> list[ServerInfo]:
-        """Servers to route through: online, not banned, blocked or ``exclude``d, allowed, and (if ``adapter``
+        """Servers to route through: online, not banned, flagged, blocked or ``exclude``d, allowed, and (if ``adapter``
         is given) announcing that preloaded adapter."""
-        excluded = self.banned() | set(self.config.blocked_peers) | exclude
+        excluded = self.banned() | set(self.config.blocked_peers) | self.flagged | exclude
         servers = usable(self.servers(refresh), excluded)
         if self.config.allowed_peers is not None:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]

@@ -29,6 +29,7 @@ import torch
 
 from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
 from client.retry import Attempts
+from client.verify import Verifier
 from swarm.models.adapters import LoraAdapter
 from swarm.receipts import work_units
 from swarm.routing import Hop
@@ -59,6 +60,7 @@ class InferenceSession:
         self.closed = False
         self.relayed = 0  # push mode: inputs the client had to relay because a server did not push them
         config = self.config
+        self.verifier = Verifier(self, config.verify) if config.verify > 0 else None  # checks on other servers
         self._timeouts = HopTimeouts(
             config.step_timeout, config.step_timeout_per_token, config.slow_step_factor, config.min_step_timeout
         )
@@ -173,13 +175,18 @@ class InferenceSession:
         if not self._hops:
             self._hops = await self._open_with_retries(batch, attempts)
         await self._finish_handovers()
+        if self.verifier is not None:
+            await self._replace_convicted(attempts, batch)
         if self.config.push and len(self._hops) > 1:
             self._send_headers(inputs)
         index, current, pushed = 0, inputs, False
         while index < len(self._hops):
             hop = self._hops[index]
+            shadow = self.verifier.start(hop, current, self._hops) if self.verifier is not None else None
             try:
                 output, pushed = await self._run(hop, current, delivered=pushed)
+                if self.verifier is not None:
+                    output = await self.verifier.check(hop, current, output, shadow)
             except ServerFailure as failure:
                 attempts.failed(failure)
                 self._cancel_handover(hop)
@@ -195,6 +202,14 @@ class InferenceSession:
             current = dataclasses.replace(current, hidden=output)
             index += 1
         return current.hidden
+
+    async def _replace_convicted(self, attempts: Attempts, batch: int) -> None:
+        """Replace the hops a background check found cheating (``client.verify``) by honest servers."""
+        await self.verifier.settled()
+        for hop in self.verifier.take_convicted(self._hops):
+            self._cancel_handover(hop)
+            index = self._hops.index(hop)
+            self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
 
     async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> list[HopSession]:
         attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
@@ -327,7 +342,11 @@ class InferenceSession:
         hops, self._hops = self._hops, []
         tasks, self._handovers = list(self._handovers.values()), {}
 
+        verifier = self.verifier
+
         def close_all() -> None:
+            if verifier is not None:
+                verifier.finish()
             for hop in hops:
                 hop.stream.close()
             for task in tasks:

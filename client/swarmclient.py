@@ -12,8 +12,10 @@ from client.config import ClientConfig
 from client.loop import LoopThread
 from client.passes import PassRunner
 from client.points import ReceiptBook, VoucherSource
+from client.referee import LocalReferee
 from client.sequence import RouteManager
 from client.session import InferenceSession
+from client.verdicts import VerifyStats
 from proto import pb
 from swarm import tensors
 from swarm.dht import DHTConfig, SwarmDHT
@@ -49,6 +51,8 @@ class SwarmClient:
         self.routes = RouteManager(self.dht, prefix, num_blocks, config)
         self.receipts = ReceiptBook(self.dht.identity)  # points: the work servers did for us, acknowledged
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
+        self.verification = VerifyStats()  # what the sessions' verifiers checked and found (``client.verify``)
+        self.referee: LocalReferee | None = None  # the client's own computation of disputed spans, if it can
         self.passes = PassRunner(self)  # stateless forward and backward passes
         self._receipting = self.loop.run(self._start_receipting())
 

@@ -96,10 +96,16 @@ def _pump(proc: subprocess.Popen, lines: queue.Queue, output: list[str]) -> None
 
 
 def spawn_server(
-    model: str | None, blocks: str | None, initial_peers: list[str] = (), *extra: str, env: dict | None = None
+    model: str | None,
+    blocks: str | None,
+    initial_peers: list[str] = (),
+    *extra: str,
+    env: dict | None = None,
+    entry: tuple[str, ...] = ("server",),
 ) -> ServerProcess:
-    """Start ``python -m server``; ``blocks`` None means the extra arguments choose (e.g. --num-blocks)."""
-    args = [sys.executable, "-m", "server", "--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
+    """Start ``python -m server``; ``blocks`` None means the extra arguments choose (e.g. --num-blocks).
+    ``entry``: the module (and its own arguments) run instead, which must take the server's arguments."""
+    args = [sys.executable, "-m", *entry, "--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
     args += (["--model", str(model)] if model else []) + list(extra)
     if initial_peers:
         args += ["--initial-peers", *initial_peers]
@@ -173,17 +179,21 @@ class LocalSwarm:
         (new,) = self.start(server.model, [(server.blocks, server.extra)])
         return new
 
-    def start(self, model, specs: list[tuple[str, tuple[str, ...]]]) -> list[ServerProcess]:
-        """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new."""
+    def start(
+        self, model, specs: list[tuple[str, tuple[str, ...]]], entry: tuple[str, ...] = ("server",)
+    ) -> list[ServerProcess]:
+        """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new. ``entry``:
+        see ``spawn_server``."""
         deadline = time.monotonic() + self.timeout
         started = []
         if not self.servers and self.bootstrap is None:
-            first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env)
+            first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env, entry=entry)
             self.servers.append(first)
             first.wait_ready(deadline)
             started.append(first)
             specs = specs[1:]
-        batch = [spawn_server(model, blocks, self.initial_peers, *extra, env=self.env) for blocks, extra in specs]
+        peers = self.initial_peers
+        batch = [spawn_server(model, blocks, peers, *extra, env=self.env, entry=entry) for blocks, extra in specs]
         self.servers.extend(batch)
         for server in batch:
             server.wait_ready(deadline)

@@ -116,8 +116,9 @@ FAMILIES = {  # name -> (config class, model class, config arguments)
 }
 
 
-def make_tiny_model(folder: Path, family: str, seed: int = 0) -> Path:
-    """A random-weight model of ``family`` saved with save_pretrained (safetensors) into ``folder``."""
+def make_tiny_model(folder: Path, family: str, seed: int = 0, std: float = 0.2) -> Path:
+    """A random-weight model of ``family`` saved with save_pretrained (safetensors) into ``folder``; its
+    matrices have weights of standard deviation ``std``."""
     config_name, model_name, arguments = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(tf, config_name)(**arguments)
@@ -125,7 +126,7 @@ def make_tiny_model(folder: Path, family: str, seed: int = 0) -> Path:
     with torch.no_grad():  # larger weights than the default init spread the logits, so greedy ties are rare
         for param in model.parameters():
             if param.ndim >= 2:
-                param.normal_(0, 0.2)
+                param.normal_(0, std)
     model.save_pretrained(folder)
     return folder
 

@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         default=d.wait_for_blocks,
         help=f"seconds to wait for servers of missing blocks before answering 503 (default: {d.wait_for_blocks})",
     )
+    p.add_argument(
+        "--verify",
+        type=float,
+        default=d.verify,
+        help=f"share of steps checked on another server (1: every step before use; 0: none; default {d.verify:.3g})",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for the local work")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -61,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.port < 65536 or args.wait_for_blocks < 0:
         p.error("--port must be 0..65535 and --wait-for-blocks at least 0")
+    if not 0 <= args.verify <= 1:
+        p.error("--verify must be within [0, 1]")
     config = APIConfig(
         initial_peers=args.initial_peers,
         model=args.model,
@@ -71,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         port=args.port,
         wait_for_blocks=args.wait_for_blocks,
         num_threads=args.num_threads,
+        verify=args.verify,
         **{name: getattr(args, name) for name in LIMITS},
     )
     return config, args.log_level

@@ -58,6 +58,7 @@ class APIServer:
             dht_prefix=config.dht_prefix,
             swarm_key=config.swarm_key,
             wait_for_blocks=config.wait_for_blocks,
+            verify=config.verify,
         )
         self.url = self.model.client.loop.run(self._listen(tokenizer))
         return self.url

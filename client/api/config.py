@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from client.verdicts import DEFAULT_VERIFY
+
 
 @dataclass
 class APIConfig:
@@ -22,3 +24,4 @@ class APIConfig:
     wait_for_blocks: float = 5.0  # seconds to wait for servers of missing blocks before answering 503
     num_threads: int | None = None  # torch threads for the local work (embeddings, head, sampling)
     served_model_name: str | None = None  # model id shown in /v1/models; None = the model's name
+    verify: float = DEFAULT_VERIFY  # share of steps checked on another server (ClientConfig.verify)

@@ -1,0 +1,182 @@
+"""The pure parts of verification (``client.verdicts``), flagged servers in the route manager, receipts of
+verified work, and the ``verify`` option's validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from client.config import ClientConfig
+from client.hop import StepInput, merge_steps
+from client.points import ReceiptBook
+from client.sequence import RouteManager
+from client.verdicts import (
+    DEFAULT_VERIFY,
+    TOLERANCES,
+    Evidence,
+    distances,
+    less_precise,
+    mismatch,
+    split_tokens,
+    tolerance,
+    verdict,
+    window,
+)
+from swarm.records import ServerInfo, ServerState
+from swarm.spans import BlockRange
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def hidden(seed: int, batch: int = 2, tokens: int = 3, size: int = 64) -> torch.Tensor:
+    return torch.randn(batch, tokens, size, generator=torch.Generator().manual_seed(seed))
+
+
+def noisy(a: torch.Tensor, rel: float, seed: int = 1) -> torch.Tensor:
+    """``a`` plus noise whose norm is ``rel`` times each token's norm."""
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(seed))
+    return a + noise * rel * a.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True)
+
+
+def test_distances_are_per_token_relative_l2():
+    a = hidden(0)
+    assert torch.allclose(distances(a, noisy(a, 0.01)), torch.full((2, 3), 0.01, dtype=torch.float64), rtol=0.05)
+    assert distances(a, a).abs().max() == 0
+
+
+def test_nan_or_inf_is_infinitely_far():
+    a, b = hidden(0), hidden(0).clone()
+    b[1, 2, 5] = math.nan
+    assert math.isinf(distances(a, b)[1, 2]) and distances(a, b)[0, 0] == 0
+    assert mismatch(a, b, torch.float32, torch.float32).token == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rounding_to_a_dtype_is_within_its_tolerance(dtype):
+    a = hidden(0, tokens=16, size=576) * 3
+    assert mismatch(a, a.to(dtype).float(), torch.float32, dtype) is None
+
+
+def test_tolerance_is_the_less_precise_dtypes():
+    assert tolerance(torch.float32, torch.float32) == TOLERANCES[torch.float32]
+    assert tolerance(torch.float32, torch.bfloat16) == TOLERANCES[torch.bfloat16]
+    assert tolerance(torch.float16, torch.float32) == TOLERANCES[torch.float16]
+    assert TOLERANCES[torch.float32] < TOLERANCES[torch.float16] < TOLERANCES[torch.bfloat16]
+
+
+def test_mismatch_gives_evidence_beyond_tolerance_only():
+    a = hidden(0)
+    assert mismatch(a, noisy(a, 1e-3), torch.float32, torch.float32) is None
+    evidence = mismatch(a, noisy(a, 0.01), torch.float32, torch.float32)
+    assert isinstance(evidence, Evidence) and evidence.distance == pytest.approx(0.01, rel=0.05)
+    assert evidence.tolerance == TOLERANCES[torch.float32] and "0.01" in str(evidence)
+    assert mismatch(a, noisy(a, 0.05), torch.bfloat16, torch.float32) is None  # bfloat16 allows more
+
+
+def test_mismatch_points_at_the_worst_token_and_skips_padding():
+    a = hidden(0)
+    b = a.clone()
+    b[1, 1] = noisy(a[1:2, 1:2], 0.5)[0, 0]
+    assert mismatch(a, b, torch.float32, torch.float32).token == 4  # row 1, token 1 of 3
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 1] = False
+    assert mismatch(a, b, torch.float32, torch.float32, mask) is None
+
+
+def test_mismatch_of_different_shapes():
+    assert math.isinf(mismatch(hidden(0), hidden(0, tokens=2), torch.float32, torch.float32).distance)
+
+
+def test_verdict_needs_a_majority():
+    evidence = Evidence(0.1, 0.002, 0)
+    assert verdict(evidence, None) == "suspect"
+    assert verdict(None, evidence) == "shadow"
+    assert verdict(None, None) is None
+    assert verdict(evidence, evidence) is None
+
+
+def test_window():
+    assert window(1.0) == 1 and window(0.0) == 0 and window(0.5) == 2 and window(DEFAULT_VERIFY) == 12
+    with pytest.raises(ValueError):
+        window(1.5)
+    with pytest.raises(ValueError):
+        ClientConfig(verify=-0.1)
+    assert ClientConfig().verify == DEFAULT_VERIFY
+
+
+def info(peer: str, start: int, end: int, dtype: str) -> ServerInfo:
+    return ServerInfo(peer, ServerState.ONLINE, BlockRange(start, end), 1.0, dtype=dtype)
+
+
+def test_less_precise_verifiers_are_avoided_only_if_others_cover_the_span():
+    servers = [info("a", 0, 4, "float32"), info("b", 0, 4, "bfloat16"), info("c", 0, 2, "float16")]
+    assert less_precise(servers, BlockRange(0, 4), "float32") == {"b", "c"}
+    assert less_precise(servers, BlockRange(0, 4), "float16") == {"b"}
+    assert less_precise(servers, BlockRange(0, 4), "bfloat16") == set()
+    assert less_precise(servers[1:], BlockRange(0, 4), "float32") == set()  # nothing else covers 2:4
+
+
+def test_split_tokens_undoes_merge_steps():
+    steps = [
+        StepInput(hidden(i, tokens=n), torch.zeros(2, n, dtype=torch.int64), None) for i, n in enumerate([3, 1, 1, 2])
+    ]
+    merged = merge_steps(steps, max_tokens=4)
+    assert len(merged) == 2
+    pieces = split_tokens([item.hidden for item in merged], [step.hidden.shape[1] for step in steps])
+    assert all(torch.equal(piece, step.hidden) for piece, step in zip(pieces, steps, strict=True))
+    with pytest.raises(ValueError):
+        split_tokens([merged[0].hidden], [3, 1, 1, 2])
+
+
+class FixedSwarm:
+    def fetch_servers(self, prefix, num_blocks):
+        return [info("a", 0, 4, "float32"), info("b", 0, 4, "float32")]
+
+
+def test_flagged_servers_are_never_routed_through():
+    routes = RouteManager(FixedSwarm(), "m", 4, ClientConfig())
+    routes.flag("a")
+    assert [s.peer_id for s in routes.candidates()] == ["b"]
+    assert [hop.peer_id for hop in routes.chain()] == ["b"]
+
+
+def test_confirmed_work_counts_as_verified():
+    book = ReceiptBook.__new__(ReceiptBook)
+    book.work, book.verified, book.sent = {}, {}, {}
+    book.add("s", 10)
+    book.confirm("s", 6)
+    book.add("v", 4, verified=True)
+    assert book.work == {"s": 10, "v": 4} and book.verified == {"s": 6, "v": 4}
+
+
+def test_api_cli_takes_verify():
+    from client.api.__main__ import parse_args
+
+    config, _ = parse_args(["--initial-peers", "/ip4/127.0.0.1/tcp/1", "--verify", "1"])
+    assert config.verify == 1.0
+    assert parse_args(["--initial-peers", "/ip4/127.0.0.1/tcp/1"])[0].verify == DEFAULT_VERIFY
+    with pytest.raises(SystemExit):
+        parse_args(["--initial-peers", "/ip4/127.0.0.1/tcp/1", "--verify", "2"])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_local_referee_computes_what_transformers_does(tiny_models, family):
+    from transformers import AutoModelForCausalLM
+
+    from client.referee import LocalReferee
+
+    folder = tiny_models[family]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states  # [i]: the input of block i
+    positions = torch.arange(9).expand(2, 9)
+    cuts = [(0, 5), (5, 6), (6, 8), (8, 9)]  # a prefill, then decode steps (one of two tokens)
+    steps = [StepInput(states[2][:, a:b], positions[:, a:b], None) for a, b in cuts]
+    referee = LocalReferee(folder, model.config)
+    assert referee.can_run(steps, None) and not referee.can_run(steps, "some-adapter")
+    output = referee.run(BlockRange(2, 5), steps)
+    assert output.shape == (2, 1, model.config.hidden_size)
+    assert torch.allclose(output, states[5][:, 8:9], atol=1e-4, rtol=1e-4)
