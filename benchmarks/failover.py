@@ -65,6 +65,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--kill-at", type=int, default=16, help="kill after this many generated tokens")
     parser.add_argument("--repeats", type=int, default=2, help="kills per (span, signal) case")
+    parser.add_argument(
+        "--verify", type=float, default=None, help="the client's verify share (default: the client's default)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -74,7 +77,9 @@ def main() -> int:
     rows = []
     with LocalSwarm(timeout=300) as swarm:
         swarm.start(None, [(span, ()) for span in SPANS for _ in range(2)])
-        model = AutoDistributedModelForCausalLM.from_pretrained(None, initial_peers=swarm.initial_peers)
+        options = {} if args.verify is None else {"verify": args.verify}
+        model = AutoDistributedModelForCausalLM.from_pretrained(None, initial_peers=swarm.initial_peers, **options)
+        verify = model.client.config.verify
         try:
             reference = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
             for hop, span in enumerate(SPANS):
@@ -91,7 +96,10 @@ def main() -> int:
         finally:
             model.shutdown()
 
-    print(f"\nFailover on SmolLM2-135M-Instruct, 2 replicas of {' and '.join(SPANS)}, kill after token {args.kill_at}")
+    print(
+        f"\nFailover on SmolLM2-135M-Instruct, 2 replicas of {' and '.join(SPANS)}, kill after token {args.kill_at}, "
+        f"verify {verify:g}"
+    )
     header = ("killed span", "signal", "per-token ms", "kill->next token ms", "stall ms", "same tokens")
     print(" ".join(f"{name:>{width}}" for name, width in zip(header, (11, 7, 13, 20, 9, 11), strict=True)))
     for span, sig, median_gap, stall_gap, same in rows:
