@@ -26,7 +26,7 @@ from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
-PING_TIMEOUT = 0.5  # seconds a routing ping may take (a replacement chain waits for these pings)
+PING_TIMEOUT = 1.0  # seconds a routing ping may take (a far server answers in its round trip)
 RECEIPT_FLUSH_SECONDS = 3.0  # at shutdown: how long to spend handing out the last receipts
 
 
