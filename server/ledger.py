@@ -49,8 +49,10 @@ class Ledger:
         return points(self.receipts.values())
 
     def update_standings(self, announced: dict[str, float]) -> None:
-        """The points every server announces (refreshed from the DHT)."""
-        self.standings = dict(announced)
+        """The points servers announce (refreshed from the DHT). A server missing from one look-up keeps its
+        last known points: a DHT look-up under load can miss records, and a volunteer's standing must not
+        flicker to zero because of it."""
+        self.standings = {**self.standings, **announced}
 
     def standing(self, sender: str, voucher: Voucher | None, now: float) -> float:
         """How much priority a request from ``sender`` gets at a busy server."""

@@ -78,3 +78,13 @@ def test_a_voucher_lends_its_issuers_standing_to_its_holder_only(identities):
     forged = dataclasses.replace(voucher, expires_at=1e12)
     assert ledger.standing(client.peer_id, forged, now=50.0) == 1.0
     assert ledger.standing(client.peer_id, None, now=50.0) == 1.0
+
+
+def test_a_look_up_that_misses_a_server_keeps_its_standing(identities):
+    client, server, other = identities
+    ledger = Ledger(other.peer_id)
+    ledger.update_standings({server.peer_id: 42.0})
+    ledger.update_standings({client.peer_id: 1.0})  # this look-up did not return the server's record
+    assert ledger.standing(server.peer_id, None, now=0.0) == 42.0
+    ledger.update_standings({server.peer_id: 50.0})
+    assert ledger.standing(server.peer_id, None, now=0.0) == 50.0
