@@ -6,14 +6,23 @@ connection to ``127.0.0.1:target_port``. Each direction of each connection is a 
 time t leaves at ``max(t, when the link is free) + size / bandwidth + delay``, so the proxy models
 serialisation at the bandwidth cap and propagation delay, in order. It runs its own event loop in a
 daemon thread; ``close()`` stops it. Nothing leaves 127.0.0.1.
+
+``Link`` and the functions after it put the servers of a ``LocalSwarm`` behind such proxies (each server
+listens on a free port and announces its proxy's) and check that no traffic goes around them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import socket
 import threading
 import time
+
+import psutil
+
+from swarm.localswarm import LocalSwarm
 
 CHUNK = 64 << 10  # bytes read at a time
 
@@ -93,3 +102,60 @@ class LinkProxy:
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
             self._thread.join(timeout=5)
+
+
+@dataclasses.dataclass
+class Link:
+    """A server's proxy: the server listens on ``port`` and announces ``proxy.port``."""
+
+    proxy: LinkProxy
+    port: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_links(links: list[Link], swarm: LocalSwarm, spans: list[str], delay: float, args) -> None:
+    """Start one server per span (in parallel), each behind a new proxy with ``delay``, added to ``links``
+    first so that the caller closes them whatever happens."""
+    specs = []
+    for span in spans:
+        links.append(Link(LinkProxy(port := free_port(), delay), port))
+        announce = ("--port", str(port), "--announce-host", "127.0.0.1", "--announce-port", str(links[-1].proxy.port))
+        specs.append((span, (*announce, "--num-threads", str(args.num_threads))))
+    swarm.start(args.model, specs)
+
+
+def set_links(links: list[Link], delay: float, mbit: float | None = None) -> None:
+    for link in links:
+        link.proxy.delay = delay
+        link.proxy.bytes_per_second = mbit * 1e6 / 8 if mbit else None
+
+
+def wire_bytes(links: list[Link]) -> int:
+    return sum(link.proxy.bytes for link in links)
+
+
+def direct_connections(links: list[Link], swarm: LocalSwarm) -> list[str]:
+    """TCP connections that descendants of this process, but the bootstrap node (which has no proxy, so
+    servers reach it straight from their listening port), hold to a real (unproxied) server port."""
+    real, found = {link.port for link in links}, []
+    bootstrap = psutil.Process(swarm.bootstrap.proc.pid)
+    skip = {bootstrap.pid, *(child.pid for child in bootstrap.children(recursive=True))}
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections("tcp") if proc.pid not in skip else ():
+                if conn.raddr and conn.raddr.port in real:
+                    found.append(f"{proc.name()}[{proc.pid}] {conn.laddr.port}->{conn.raddr.port} {conn.status}")
+    return found
+
+
+def check_records(model, links: list[Link]) -> str:
+    """The client's view of the servers: every announced address must be a proxy port."""
+    proxies = {str(link.proxy.port) for link in links}
+    servers = model.client.routes.servers(refresh=True)
+    bad = [addr for info in servers for addr in info.maddrs if addr.split("/tcp/")[1].split("/")[0] not in proxies]
+    return f"{len(servers)} server records, addresses outside the proxies: {bad or 'none'}"

@@ -39,9 +39,8 @@ the session uses for 10:20 is SIGKILLed after token ``--kill-at``. As in ``bench
 stall = (kill -> next token) - median gap; the largest gap minus the median is printed too, and the tokens
 are compared with a run without failure.
 
-Known limit (client/hop.py): a step later than about 3x a server's usual time gets a liveness ping that must
-answer within a fixed 0.3 s; from about 150 ms one-way (RTT 300 ms) healthy servers fail that probe, are
-banned, and generation stops with MissingBlocksError, so ``--delays`` above ~100 ms measure that, not WAN.
+Far servers: liveness pings (client/hop.py) wait in proportion to the measured round trip, so long
+``--delays`` measure a slow link, not a dead server (``tests/swarm/test_far_servers.py``).
 
 Other processes on the machine distort every number here: the load average is printed at start and end.
 """
@@ -49,11 +48,8 @@ Other processes on the machine distort every number here: the load average is pr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import os
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -67,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.failover import Clock  # noqa: E402
 from benchmarks.latency import BenchmarkTimeout, greedy_steps, local_run, make_prompt  # noqa: E402
-from benchmarks.netem import LinkProxy  # noqa: E402
+from benchmarks.netem import Link, check_records, direct_connections, set_links, start_links, wire_bytes  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
 from swarm.localswarm import LocalSwarm  # noqa: E402
@@ -104,63 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.new_tokens < 4 or not 1 <= args.kill_at < args.new_tokens - 1 or not args.delay_list:
         p.error("need --new-tokens >= 4, 1 <= --kill-at < new tokens - 1 and at least one delay")
     return args
-
-
-@dataclasses.dataclass
-class Link:
-    """A server's proxy: the server listens on ``port`` and announces ``proxy.port``."""
-
-    proxy: LinkProxy
-    port: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_links(links: list[Link], swarm: LocalSwarm, spans: list[str], delay: float, args) -> None:
-    """Start one server per span (in parallel), each behind a new proxy with ``delay``, added to ``links``
-    first so that the caller closes them whatever happens."""
-    specs = []
-    for span in spans:
-        links.append(Link(LinkProxy(port := free_port(), delay), port))
-        announce = ("--port", str(port), "--announce-host", "127.0.0.1", "--announce-port", str(links[-1].proxy.port))
-        specs.append((span, (*announce, "--num-threads", str(args.num_threads))))
-    swarm.start(args.model, specs)
-
-
-def set_links(links: list[Link], delay: float, mbit: float | None = None) -> None:
-    for link in links:
-        link.proxy.delay = delay
-        link.proxy.bytes_per_second = mbit * 1e6 / 8 if mbit else None
-
-
-def wire_bytes(links: list[Link]) -> int:
-    return sum(link.proxy.bytes for link in links)
-
-
-def direct_connections(links: list[Link], swarm: LocalSwarm) -> list[str]:
-    """TCP connections that descendants of this process, but the bootstrap node (which has no proxy, so
-    servers reach it straight from their listening port), hold to a real (unproxied) server port."""
-    real, found = {link.port for link in links}, []
-    bootstrap = psutil.Process(swarm.bootstrap.proc.pid)
-    skip = {bootstrap.pid, *(child.pid for child in bootstrap.children(recursive=True))}
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            for conn in proc.net_connections("tcp") if proc.pid not in skip else ():
-                if conn.raddr and conn.raddr.port in real:
-                    found.append(f"{proc.name()}[{proc.pid}] {conn.laddr.port}->{conn.raddr.port} {conn.status}")
-    return found
-
-
-def check_records(model, links: list[Link]) -> str:
-    """The client's view of the servers: every announced address must be a proxy port."""
-    proxies = {str(link.proxy.port) for link in links}
-    servers = model.client.routes.servers(refresh=True)
-    bad = [addr for info in servers for addr in info.maddrs if addr.split("/tcp/")[1].split("/")[0] not in proxies]
-    return f"{len(servers)} server records, addresses outside the proxies: {bad or 'none'}"
 
 
 def connect(model: str | None, swarm: LocalSwarm, **options):

@@ -5,24 +5,16 @@ the local model's."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.netem import LinkProxy
+from benchmarks.netem import LinkProxy, free_port
 from client import AutoDistributedModelForCausalLM
 from swarm.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(240)
 ONE_WAY = 0.25  # seconds each way: a round trip well above the 0.3 s a liveness ping got before it was measured
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_server_far_away_is_slow_not_dead(tiny_models):
