@@ -1,17 +1,37 @@
 """Helpers shared by the benchmarks: block splits and process probes (local swarms come from
 ``swarm.localswarm``, the one launcher of local servers).
 
-``tree_memory(pid)`` and ``tree_cpu_seconds(pids)`` read a process and its descendants with psutil.
+``tree_memory(pid)`` and ``tree_cpu_seconds(pids)`` read a process and its descendants with psutil;
+``load_average()`` and ``start_time_limit(seconds)`` are what every benchmark prints and obeys.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 
 import psutil
 
 MIB = float(1 << 20)
+
+
+class BenchmarkTimeout(TimeoutError):
+    """The whole run took longer than --time-limit."""
+
+
+def start_time_limit(seconds: int) -> None:
+    """Raise BenchmarkTimeout in the main thread after ``seconds`` (its handlers clean the swarm up)."""
+
+    def on_alarm(signum, frame):
+        raise BenchmarkTimeout("time limit reached; stopping (servers are cleaned up)")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in psutil.getloadavg())
 
 
 def even_spans(num_blocks: int, parts: int) -> list[tuple[int, int]]:

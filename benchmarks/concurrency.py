@@ -27,12 +27,14 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import aiohttp  # noqa: E402
-import psutil  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import load_average, start_time_limit  # noqa: E402
 from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
 
@@ -225,19 +227,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _on_alarm(signum, frame):
-    raise TimeoutError("time limit reached; stopping (servers are cleaned up)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through the swarm's cleanup
-    signal.alarm(args.time_limit)
+    start_time_limit(args.time_limit)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.num_threads)
     started = time.monotonic()
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}; cpus: {os.cpu_count()}")
+    print(f"load average at start: {load_average()}; cpus: {os.cpu_count()}")
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -271,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"!! {exc}; reporting what was measured", flush=True)
     finally:
         signal.alarm(0)
-    print(
-        f"\nload average at end: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}; "
-        f"total {time.monotonic() - started:.0f} s\n"
-    )
+    print(f"\nload average at end: {load_average()}; total {time.monotonic() - started:.0f} s\n")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as file:

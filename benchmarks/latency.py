@@ -55,7 +55,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import even_spans, format_span, tree_cpu_seconds, tree_memory  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    BenchmarkTimeout,
+    even_spans,
+    format_span,
+    load_average,
+    start_time_limit,
+    tree_cpu_seconds,
+    tree_memory,
+)
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
 from swarm.localswarm import LocalSwarm  # noqa: E402
@@ -66,10 +74,6 @@ PROMPT_TEXT = (
     "machines. Every morning the children stopped by his window to watch the gears turn, and every "
     "evening he told them a story about the people who had brought him their broken clocks. "
 )
-
-
-class BenchmarkTimeout(Exception):
-    """The whole run took longer than --time-limit."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -285,14 +289,6 @@ def table(results: list[dict], alone: Timing) -> str:
     return "\n".join(lines)
 
 
-def _on_alarm(signum, frame):
-    raise BenchmarkTimeout("time limit reached; stopping (servers are cleaned up)")
-
-
-def _load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in psutil.getloadavg())
-
-
 def measure_local(local, prompt: torch.Tensor, args) -> tuple[Timing, dict]:
     """Local transformers alone: warm-up ``generate`` (its tokens are the reference), then the timed loop."""
     generate_tokens = greedy_generate(local, prompt, args.new_tokens)
@@ -311,7 +307,7 @@ def report(args, tokenizer, local_alone: Timing | None, reference: dict, results
     """Print the table (and write the JSON); True if every configuration reproduced the local tokens."""
     if reference:
         print(f"\nlocal generated text: {tokenizer.decode(reference['generate_tokens'])!r}")
-    print(f"load average at end: {_load_average()}; total {seconds:.0f} s\n")
+    print(f"load average at end: {load_average()}; total {seconds:.0f} s\n")
     if local_alone is not None and results:
         print(table(results, local_alone))
     exact = bool(results) and all(r["generate_tokens_match"] and r["loop_tokens_match"] for r in results)
@@ -327,11 +323,10 @@ def report(args, tokenizer, local_alone: Timing | None, reference: dict, results
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(args.time_limit)
+    start_time_limit(args.time_limit)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.num_threads)
-    print(f"load average at start: {_load_average()}; cpus: {os.cpu_count()}")
+    print(f"load average at start: {load_average()}; cpus: {os.cpu_count()}")
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()

@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import tree_cpu_seconds  # noqa: E402
+from benchmarks.common import load_average, tree_cpu_seconds  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = batches(tokenizer, args.batch, args.tokens)
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
-    print(f"load average at start: {os.getloadavg()}; {len(data)} batches of {args.batch} x {args.tokens} tokens; "
+    print(f"load average at start: {load_average()}; {len(data)} batches of {args.batch} x {args.tokens} tokens; "
           f"{args.num_threads} torch threads here and in each server; servers {SPANS}", flush=True)  # fmt: skip
     server_args = ("--num-threads", str(args.num_threads), "--chunk-token-blocks", str(args.chunk_token_blocks))
     results = []
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         gap = max(abs(row["swarm_loss"] - row["local_loss"]) for row in result["steps"])
         epochs = ", ".join(f"{loss:.4f}" for loss in result["epoch_losses"])
         print(f"{result['method']}: mean swarm loss per epoch {epochs}; largest swarm/local loss gap {gap:.1e}")
-    print(f"load average at end: {os.getloadavg()}")
+    print(f"load average at end: {load_average()}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), results=results), indent=2, default=str))
     return 0

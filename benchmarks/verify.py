@@ -34,13 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import tree_cpu_seconds  # noqa: E402
+from benchmarks.common import load_average, tree_cpu_seconds  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
 from client.verdicts import DEFAULT_VERIFY  # noqa: E402
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.num_threads)
     folder = resolve_model(args.model)
     config = AutoModelForCausalLM.from_pretrained(folder).config
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}; model {folder.name}")
+    print(f"load average at start: {load_average()}; model {folder.name}")
     span = f"0:{config.num_hidden_layers}"
     rng = random.Random(0)
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             served = other_model(folder, Path(tmp)) if name == "other model" else folder
             detections[name] = detect(swarm, folder, served, cheat, args, rng)
             print(f"  {name}: delays {detections[name]}", flush=True)
-    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in psutil.getloadavg())}\n")
+    print(f"\nload average at end: {load_average()}\n")
     if costs:
         print(cost_table(costs) + "\n")
     print(detection_table(detections))

@@ -54,15 +54,15 @@ import statistics
 import sys
 import time
 
-import psutil
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import BenchmarkTimeout, load_average, start_time_limit  # noqa: E402
 from benchmarks.failover import Clock  # noqa: E402
-from benchmarks.latency import BenchmarkTimeout, greedy_steps, local_run, make_prompt  # noqa: E402
+from benchmarks.latency import greedy_steps, local_run, make_prompt  # noqa: E402
 from benchmarks.netem import Link, check_records, direct_connections, set_links, start_links, wire_bytes  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
@@ -306,14 +306,6 @@ def table(title: str, columns: list, rows: list[dict]) -> str:
     return "\n".join([title, header, "-" * len(header), *body])
 
 
-def _on_alarm(signum, frame):
-    raise BenchmarkTimeout("time limit reached; stopping (servers are cleaned up)")
-
-
-def _load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in psutil.getloadavg())
-
-
 def run_all(folder, local, tokenizer, args, results: dict) -> None:
     """Start the servers behind proxies and run the three scenarios, filling ``results`` as they finish."""
     prompt = make_prompt(tokenizer, args.prompt_tokens)
@@ -343,7 +335,7 @@ def run_all(folder, local, tokenizer, args, results: dict) -> None:
 
 
 def report(results: dict, args, seconds: float) -> None:
-    print(f"\nload average at end: {_load_average()}; total {seconds:.0f} s; {args.num_threads} torch thread(s)")
+    print(f"\nload average at end: {load_average()}; total {seconds:.0f} s; {args.num_threads} torch thread(s)")
     print(f"bytes through the proxies: {results.get('bytes', 0) / 1e6:.1f} MB")
     for when in ("direct", "direct_end"):
         found = results.get(when)
@@ -364,11 +356,10 @@ def report(results: dict, args, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(args.time_limit)
+    start_time_limit(args.time_limit)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.num_threads)
-    print(f"load average at start: {_load_average()}; cpus: {os.cpu_count()}", flush=True)
+    print(f"load average at start: {load_average()}; cpus: {os.cpu_count()}", flush=True)
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
