@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from swarm.spans import BlockRange
 if TYPE_CHECKING:
     from client.swarmclient import SwarmClient
 
+logger = logging.getLogger(__name__)
 ITEMSIZE = 4  # bytes per value on the wire (float32; smaller dtypes only shrink requests)
 
 
@@ -298,12 +300,20 @@ class PassRunner:
 
     def __init__(self, client: SwarmClient):
         self.client, self.passes = client, Passes(client)
+        self._said_unverified = False
 
     def forward(
         self, hidden: torch.Tensor, inputs: PassInputs, keep: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, PassRecord | None]:
         """(output [batch, tokens, hidden], every block's output but the last [len(span) - 1, batch, tokens,
         hidden] if asked, and with ``keep`` what the backward pass needs)."""
+        if self.client.config.verify > 0 and not self._said_unverified:
+            self._said_unverified = True
+            logger.warning(
+                "verify=%g checks inference sessions (generate) only: stateless forward and backward passes "
+                "(model(...), training) are not checked on other servers",
+                self.client.config.verify,
+            )
         batch, tokens, size = hidden.shape
         budget = self.client.config.max_pass_bytes
         blocks, rows = split(len(inputs.span), batch, tokens, size, inputs, False, budget)
