@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from client.envelope import Envelope
 from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
 from client.retry import Attempts
 from client.verify import Verifier
@@ -236,11 +237,9 @@ class InferenceSession:
         try:
             for hop in chain:
                 stream = InferenceStream(self.client.p2p, hop.peer_id)
-                proof = self.client.membership.proof_for(hop.peer_id)
-                dtype, compression = self.client.server_dtype(hop.peer_id), self.client.compression_for(hop.peer_id)
-                voucher = self.client.vouchers.current()
                 rtt = self.client.routes.pings().get(hop.peer_id)
-                hops.append(HopSession(hop, stream, dtype, self.client.p2p, proof, voucher, compression, rtt))
+                envelope = Envelope.for_server(self.client, hop.peer_id)
+                hops.append(HopSession(hop, stream, envelope, self.client.p2p, rtt))
                 await stream.open(self.config.connect_timeout)
         except BaseException:
             for hop in hops:
@@ -316,19 +315,16 @@ class InferenceSession:
     def _send_headers(self, item: StepInput) -> None:
         """Push mode: the first server gets the step, the others a header naming where to push next."""
         for index, hop in enumerate(self._hops):
-            request = hop.request(item, self.max_length, self.adapter, with_hidden=index == 0)
-            if index > 0:  # the only peer allowed to push this step's input
-                request.push_from_peer_id = self._hops[index - 1].peer_id
-            if index + 1 < len(self._hops):
-                request.push_peer_id = self._hops[index + 1].peer_id
-                request.push_session_id = self._hops[index + 1].session_id
-            hop.stream.send(request)
+            push_from = self._hops[index - 1].peer_id if index > 0 else None  # the only peer allowed to push
+            after = self._hops[index + 1] if index + 1 < len(self._hops) else None
+            push_to = (after.peer_id, after.session_id) if after is not None else None
+            hop.send_step(item, self.max_length, self.adapter, push_from=push_from, push_to=push_to)
             hop.sent = "step" if index == 0 else "header"
 
     async def _run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
         """One step on one server: (its output, whether it pushed that output to the next server)."""
         if hop.sent is None:
-            hop.stream.send(hop.request(item, self.max_length, self.adapter))
+            hop.send_step(item, self.max_length, self.adapter)
         elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
             self.relayed += 1
             hop.relay(item)

@@ -80,16 +80,13 @@ def test_non_member_rpc_gets_not_a_member(keyed_swarm):
         p2p = await stranger.replicate_p2p()
         await p2p._client.connect(PeerID.from_base58(target.peer_id), [Multiaddr(target.maddrs[0])])
         forward = pb.ForwardRequest(start_block=0, end_block=3, hidden=tensors.to_proto(torch.zeros(1, 1, 64)))
-        step = pb.InferenceRequest(
-            session_id="stranger", start_block=0, end_block=3, max_length=8, batch_size=1,
-            hidden=tensors.to_proto(torch.zeros(1, 1, 64)),
-        )  # fmt: skip
+        opening = pb.Open(session_id="stranger", start_block=0, end_block=3, max_length=8, batch_size=1)
         stream = InferenceStream(p2p, target.peer_id)
         await stream.open(timeout=10)
         failures = []
         for call in (
             call_forward(p2p, target.peer_id, forward, 10),
-            stream.step(step, 10),
+            stream.step(pb.InferenceRequest(open=opening), 10),  # refused: the answer to its first step
             call_info(p2p, target.peer_id, 10),
         ):
             with pytest.raises(ServerFailure) as caught:
