@@ -12,6 +12,7 @@
 - ``retry``: the one retry policy (what a server's failure means, how many failovers an operation gets)
 - ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks)
 - ``hop``: one server's part of a session (its stream, step history, liveness ping), steps merged for replay
+- ``envelope``: what every request to one server carries (its dtype, compression, membership proof, voucher)
 - ``verify``: verification (shadow sessions on other servers check each hop's outputs, a referee settles
   disputes, cheaters are flagged and replaced); ``verdicts``: its pure decisions (distances, tolerances by
   dtype, verdicts, check windows); ``referee``: the client's own computation of a disputed span

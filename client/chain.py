@@ -19,6 +19,7 @@ import logging
 import torch
 
 from client.config import ClientConfig
+from client.envelope import Envelope
 from client.handle import ClientHandle
 from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
 from client.verdicts import split_tokens
@@ -82,11 +83,9 @@ class Chain:
         try:
             for hop in route:
                 stream = InferenceStream(client.p2p, hop.peer_id)
-                proof = client.membership.proof_for(hop.peer_id)
-                dtype, compression = client.server_dtype(hop.peer_id), client.compression_for(hop.peer_id)
-                voucher = client.vouchers.current()
                 rtt = client.routes.pings().get(hop.peer_id)
-                chain.hops.append(HopSession(hop, stream, dtype, client.p2p, proof, voucher, compression, rtt))
+                envelope = Envelope.for_server(client, hop.peer_id)
+                chain.hops.append(HopSession(hop, stream, envelope, client.p2p, rtt))
                 await stream.open(client.config.connect_timeout)
         except BaseException:
             chain.close()
@@ -101,20 +100,17 @@ class Chain:
     def send_headers(self, item: StepInput) -> None:
         """Push mode: the first server gets the step, the others a header naming where to push next."""
         for index, hop in enumerate(self.hops):
-            request = hop.request(item, self.spec.max_length, self.spec.adapter, with_hidden=index == 0)
-            if index > 0:  # the only peer allowed to push this step's input
-                request.push_from_peer_id = self.hops[index - 1].peer_id
-            if index + 1 < len(self.hops):
-                request.push_peer_id = self.hops[index + 1].peer_id
-                request.push_session_id = self.hops[index + 1].session_id
-            hop.stream.send(request)
+            push_from = self.hops[index - 1].peer_id if index > 0 else None  # the only peer allowed to push
+            after = self.hops[index + 1] if index + 1 < len(self.hops) else None
+            push_to = (after.peer_id, after.session_id) if after is not None else None
+            hop.send_step(item, self.spec.max_length, self.spec.adapter, push_from=push_from, push_to=push_to)
             hop.sent = "step" if index == 0 else "header"
 
     async def run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
         """One step on one server of the chain: (its output, whether it pushed that output to the next server).
         ``delivered``: the previous server pushed this step's input to it (push mode)."""
         if hop.sent is None:
-            hop.stream.send(hop.request(item, self.spec.max_length, self.spec.adapter))
+            hop.send_step(item, self.spec.max_length, self.spec.adapter)
         elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
             self.relayed += 1
             hop.relay(item)

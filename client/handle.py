@@ -8,18 +8,29 @@ Concurrency: as ``SwarmClient``: coroutines run on the client's event loop (``lo
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from client.config import ClientConfig
 from client.loop import LoopThread
 from client.points import ReceiptBook, VoucherSource
-from client.referee import LocalReferee
 from client.sequence import RouteManager
 from client.verdicts import VerifyStats
 from swarm.membership import Membership
+from swarm.models.adapters import LoraAdapter
 from swarm.spans import BlockRange
+
+
+class Referee(Protocol):
+    """The client's own computation of a span (``client.referee.LocalReferee``); ``steps`` are a session's
+    ``client.hop.StepInput`` (not imported here: ``client.hop`` sits above this module)."""
+
+    def can_run(self, steps: list[Any], adapter: LoraAdapter | str | None) -> bool:
+        """Whether it can recompute these steps with this adapter."""
+
+    def run(self, span: BlockRange, steps: list[Any]) -> torch.Tensor:
+        """The span's output of the last of ``steps``, given all of them (blocking: run it off the loop)."""
 
 
 class ClientHandle(Protocol):
@@ -31,7 +42,7 @@ class ClientHandle(Protocol):
     vouchers: VoucherSource  # points: the standing this client uses
     receipts: ReceiptBook  # points: the work servers did for this client
     verification: VerifyStats  # what verification checked and found
-    referee: LocalReferee | None  # the client's own computation of disputed spans, if it can
+    referee: Referee | None  # the client's own computation of disputed spans, if it can
 
     async def measure_pings(self, span: BlockRange | None = None, limit: int = 32) -> None:
         """Measure round trips to the candidate servers of ``span`` whose ping is unknown or stale."""

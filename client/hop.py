@@ -17,6 +17,7 @@ import uuid
 
 import torch
 
+from client.envelope import Envelope
 from proto import pb
 from swarm import tensors
 from swarm.errors import StamenError
@@ -102,22 +103,9 @@ class HopTimeouts:
 class HopSession:
     """This session's state on one server. The owner runs one step at a time on it."""
 
-    def __init__(
-        self,
-        hop: Hop,
-        stream: InferenceStream,
-        dtype: torch.dtype,
-        p2p,
-        membership: bytes,
-        voucher=None,
-        compression: int = pb.COMPRESSION_NONE,
-        rtt: float | None = None,
-    ):
-        self.hop, self.stream, self.dtype, self.p2p = hop, stream, dtype, p2p
+    def __init__(self, hop: Hop, stream: InferenceStream, envelope: Envelope, p2p, rtt: float | None = None):
+        self.hop, self.stream, self.envelope, self.p2p = hop, stream, envelope, p2p
         self.rtt = rtt or 0.0  # measured round trip to the server: far servers get longer before a ping, and for it
-        self.compression = compression  # how hidden states travel to and from this server
-        self.membership = membership  # private swarms: this server's proof, sent when the session opens
-        self.voucher: pb.Voucher | None = voucher  # points: the standing this client uses, sent on opening
         self.session_id = uuid.uuid4().hex
         self.history: list[StepInput] = []
         self.next_step = 0
@@ -130,44 +118,69 @@ class HopSession:
     def peer_id(self) -> str:
         return self.hop.peer_id
 
-    def request(
-        self, item: StepInput, max_length: int, adapter: LoraAdapter | str | None = None, with_hidden: bool = True
-    ) -> pb.InferenceRequest:
-        """The message for this hop's next step (opening its session on step 0, with the session's adapter)."""
-        request = pb.InferenceRequest(
+    @property
+    def dtype(self) -> torch.dtype:
+        """The server's compute dtype (what its answers are rounded to)."""
+        return self.envelope.dtype
+
+    def send_step(
+        self,
+        item: StepInput,
+        max_length: int,
+        adapter: LoraAdapter | str | None = None,
+        *,
+        push_from: str | None = None,
+        push_to: tuple[str, str] | None = None,
+        round_id: int = 0,
+        round_size: int = 0,
+    ) -> None:
+        """Send this hop's next step, after the message that opens its session (on step 0, with the session's
+        adapter). With ``push_from``, a header: the input comes from that server (or a later ``relay``).
+        ``push_to`` (peer id, its session id) sends the output on to the next server too; ``round_id`` and
+        ``round_size`` (0: none) declare the round of steps of several sessions this step is part of."""
+        if self.next_step == 0:
+            self.stream.send(pb.InferenceRequest(open=self._open(item, max_length, adapter)))
+        spec = pb.StepSpec(
             step=self.next_step,
             position=self.position,
             position_ids=tensors.to_proto(item.position_ids),
-            compression=self.compression,
+            compression=self.envelope.compression,
+            round_id=round_id,
+            round_size=round_size,
         )
-        if with_hidden:
-            request.hidden.CopyFrom(tensors.to_proto(item.hidden.to(self.dtype), self.compression))
-        else:
-            request.expect_push = True
         if item.attention_mask is not None:
-            request.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
-        span = self.hop.span
+            spec.attention_mask.CopyFrom(tensors.to_proto(item.attention_mask))
         if item.prompts is not None:  # the session's prompts cover every block of the model
-            request.prompts.CopyFrom(tensors.to_proto(item.prompts[span.start : span.end].to(self.dtype)))
+            spec.prompts.CopyFrom(self.envelope.exact(item.prompts[self.hop.span.start : self.hop.span.end]))
         if item.reorder is not None:
-            request.reorder.CopyFrom(tensors.to_proto(item.reorder))
-        if self.next_step == 0:
-            if (message := adapter_message(adapter, span)) is not None:
-                request.adapter.CopyFrom(message)
-            request.membership = self.membership
-            if self.voucher is not None:
-                request.voucher.CopyFrom(self.voucher)
-            request.session_id = self.session_id
-            request.start_block, request.end_block = self.hop.span.start, self.hop.span.end
-            request.max_length, request.batch_size = max_length, item.hidden.shape[0]
+            spec.reorder.CopyFrom(tensors.to_proto(item.reorder))
+        if push_to is not None:
+            spec.push_to.peer_id, spec.push_to.session_id = push_to
+        if push_from is None:
+            request = pb.InferenceRequest(step=pb.Step(spec=spec, hidden=self.envelope.hidden(item.hidden)))
+        else:
+            request = pb.InferenceRequest(header=pb.Header(spec=spec, push_from=push_from))
         self.next_step += 1
-        return request
+        self.stream.send(request)
+
+    def _open(self, item: StepInput, max_length: int, adapter: LoraAdapter | str | None) -> pb.Open:
+        span = self.hop.span
+        message = pb.Open(
+            session_id=self.session_id,
+            start_block=span.start,
+            end_block=span.end,
+            max_length=max_length,
+            batch_size=item.hidden.shape[0],
+        )
+        if (chosen := adapter_message(adapter, span)) is not None:
+            message.adapter.CopyFrom(chosen)
+        self.envelope.credentials(message)
+        return message
 
     def relay(self, item: StepInput) -> None:
         """Push mode: send the input of a header's step that the previous server did not push."""
-        fallback = pb.InferenceRequest(fallback=True, position=self.position)
-        fallback.hidden.CopyFrom(tensors.to_proto(item.hidden.to(self.dtype), self.compression))
-        self.stream.send(fallback)
+        relay = pb.Relay(position=self.position, hidden=self.envelope.hidden(item.hidden))
+        self.stream.send(pb.InferenceRequest(relay=relay))
 
     async def answer(self, item: StepInput, timeouts: HopTimeouts) -> tuple[torch.Tensor, bool]:
         """The server's answer to the step just sent: (its output, whether it pushed it onwards)."""
@@ -197,7 +210,7 @@ class HopSession:
                 done, _ = await asyncio.wait({answer}, timeout=probe_after)
                 if done:
                     return answer.result()
-                probe = asyncio.ensure_future(ping(self.p2p, self.peer_id, 1, probe_timeout, self.membership))
+                probe = asyncio.ensure_future(ping(self.p2p, self.peer_id, 1, probe_timeout, self.envelope.membership))
                 await asyncio.wait({answer, probe}, return_when=asyncio.FIRST_COMPLETED)
                 if answer.done():
                     probe.cancel()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from client.envelope import Envelope
 from client.hop import adapter_message
 from client.retry import Attempts
 from proto import pb
@@ -209,20 +210,17 @@ class Passes:
     async def _chain(self, span: BlockRange, adapter: str | None):
         return await self.client.routes.chain(span, 0, True, adapter=adapter)
 
-    def _request(self, message, peer: str, span: BlockRange, hidden: torch.Tensor, inputs: PassInputs):
+    def _request(self, message, envelope: Envelope, span: BlockRange, hidden: torch.Tensor, inputs: PassInputs):
         """Fill the fields Forward and Backward requests share."""
-        dtype, compression = self.client.server_dtype(peer), self.client.compression_for(peer)
         message.start_block, message.end_block = span.start, span.end
-        message.hidden.CopyFrom(tensors.to_proto(hidden.to(dtype), compression))
+        message.hidden.CopyFrom(envelope.hidden(hidden))
         message.position_ids.CopyFrom(tensors.to_proto(inputs.position_ids))
-        message.compression = compression
-        message.membership = self.client.membership.proof_for(peer)
-        if (voucher := self.client.vouchers.current()) is not None:
-            message.voucher.CopyFrom(voucher)
+        message.compression = envelope.compression
+        envelope.credentials(message)
         if inputs.attention_mask is not None:
             message.attention_mask.CopyFrom(tensors.to_proto(inputs.attention_mask))
         if inputs.prompts is not None:
-            message.prompts.CopyFrom(tensors.to_proto(inputs.prompts.to(dtype)))
+            message.prompts.CopyFrom(envelope.exact(inputs.prompts))
         if (adapter := adapter_message(inputs.adapter, span)) is not None:
             message.adapter.CopyFrom(adapter)
         return message
@@ -234,7 +232,7 @@ class Passes:
     async def _forward_piece(
         self, peer: str, span: BlockRange, hidden: torch.Tensor, inputs: PassInputs
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        request = self._request(pb.ForwardRequest(), peer, span, hidden, inputs)
+        request = self._request(pb.ForwardRequest(), Envelope.for_server(self.client, peer), span, hidden, inputs)
         request.output_hidden_states = inputs.hidden_states and len(span) > 1
         response = await call_forward(self.client.p2p, peer, request, self._timeout(hidden, span))
         output = _answer(response.hidden, hidden.shape, peer, "hidden").to(hidden.dtype)
@@ -248,11 +246,11 @@ class Passes:
     async def _backward_call(
         self, peer: str, piece: Piece, grad: torch.Tensor, piece_grads, inputs: PassInputs, gradients: Gradients
     ) -> torch.Tensor:
-        request = self._request(pb.BackwardRequest(), peer, piece.span, piece.hidden, inputs)
-        dtype = self.client.server_dtype(peer)
-        request.grad_output.CopyFrom(tensors.to_proto(grad.to(dtype)))
+        envelope = Envelope.for_server(self.client, peer)
+        request = self._request(pb.BackwardRequest(), envelope, piece.span, piece.hidden, inputs)
+        request.grad_output.CopyFrom(envelope.exact(grad))
         if piece_grads is not None:
-            request.grad_block_outputs.CopyFrom(tensors.to_proto(piece_grads.to(dtype)))
+            request.grad_block_outputs.CopyFrom(envelope.exact(piece_grads))
         response = await call_backward(self.client.p2p, peer, request, self._timeout(piece.hidden, piece.span, 3.0))
         grad_input = _answer(response.grad_hidden, piece.hidden.shape, peer, "grad_hidden").to(grad.dtype)
         sent = inputs.adapter.within(piece.span).weights if isinstance(inputs.adapter, LoraAdapter) else {}

@@ -9,10 +9,11 @@
 - ``attention``: attention for a batch of requests, each with its own KV cache and masks
 - ``cache``: KV budget, preallocated session caches (keys, values, padding mask)
 - ``sessions``: open inference sessions
-- ``validation``: checks on every remote input
+- ``mailbox``: push mode's receiving side: inputs of headers' steps (pushed or relayed), early pushes
+- ``validation``: checks on every remote input (float inputs converted to the server's dtype on arrival)
 - ``handler``: RPC handlers (validate + delegate; errors mapped once)
 - ``streams``: streaming RPCs with bounded input (message size, streams per peer)
-- ``push``: hands a step's output to the next server of a chain
+- ``push``: hands a step's output to the next server of a chain (received by ``mailbox``)
 - ``announcer``: periodic DHT refresh; pings to the next servers
 - ``throughput``: measured speed, cached per machine
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from proto import pb
-from server.validation import FLOAT_DTYPES, Limits, declared_shape
+from server.validation import FLOAT_DTYPES, Limits, converted, declared_shape
 from swarm import tensors
 from swarm.errors import AdapterNotFoundError, InvalidRequestError
 from swarm.models.adapters import LoraAdapter
@@ -26,10 +26,7 @@ def _float_tensor(message: pb.Tensor, field: str, shape: tuple[int, ...], limits
     """A float tensor of exactly ``shape`` (checked as declared, then its bytes), finite, in the server's dtype."""
     if declared_shape(message, field, FLOAT_DTYPES, len(shape)) != shape:
         raise InvalidRequestError(f"{field}: shape {list(message.shape)} sent, expected {list(shape)}")
-    value = tensors.from_proto(message, field).to(limits.dtype)
-    if not torch.isfinite(value).all():
-        raise InvalidRequestError(f"{field}: contains NaN or infinite values")
-    return value
+    return converted(message, field, limits)
 
 
 def prompts(message: pb.Tensor, limits: Limits, blocks: BlockRange, batch: int, tokens: int) -> torch.Tensor | None:

@@ -1,15 +1,20 @@
 """RPC handler: translates protobuf requests into validated domain objects and back.
 
-It validates and delegates (to the session store and the span's Serving); it never touches nn.Modules.
-Stateless passes (Forward, Backward) are ``server.passes``; this module registers them with the rest.
-Every exception is mapped to a ``pb.Error`` in one place, so a bad request gets a clear error and
-the server keeps serving everyone else.
+It validates and delegates (to the session store, the mailbox and the span's Serving); it never touches
+nn.Modules. Stateless passes (Forward, Backward) are ``server.passes``; this module registers them with
+the rest. Every exception is mapped to a ``pb.Error`` in one place, so a bad request gets a clear error
+and the server keeps serving everyone else.
+
+An inference stream is typed messages (``pb.InferenceRequest``): an ``open`` first, then steps (with
+their input) and headers (whose input the previous server pushes, or the client relays). The stream's
+reader opens the session, queues steps and headers for the answering loop, and hands relays to the
+mailbox; pushes from other servers arrive on ``rpc_push`` and go to the mailbox too.
 
 What one peer can hold is bounded: its sessions (``max_sessions_per_peer``), its streams of each
 kind (``server.streams``), the size of each message, the steps queued on a stream
-(``max_queued_steps``), its forward passes in flight, and the inputs pushed ahead of a session's steps.
-A session is bound to the stream that opened it; a push fills a header's input only if it comes
-from the peer the header named (``push_from_peer_id``).
+(``max_queued_steps``), its forward passes in flight, and the inputs pushed ahead of a session's steps
+(``server.mailbox``). A session is bound to the stream that opened it; a push fills a header's input
+only if it comes from the peer the header named (``Header.push_from``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from server import extras, validation
 from server.config import ServerConfig
 from server.gate import Gate
 from server.ledger import Ledger
+from server.mailbox import Mailbox
 from server.passes import PassHandler, log_failure
 from server.push import Pusher
 from server.serving import Serving
@@ -41,15 +47,10 @@ PUSH_STREAMS_PER_PEER = 8  # a server pushes to us over one stream; a few more c
 class _StreamState:
     """Per-stream state of rpc_inference: its session and the queue of steps read from the client."""
 
-    def __init__(self):
+    def __init__(self, serving: Serving, peer: str):
+        self.serving, self.peer = serving, peer  # a stream stays with the span it started on
         self.session: Session | None = None
-        self.steps: asyncio.Queue = asyncio.Queue()  # requests, then None at the end, or an exception
-        self.ended: Exception | None = None  # set when the client's side of the stream is over
-
-    def end(self, reason: Exception) -> None:
-        self.ended = reason
-        if self.session is not None:
-            self.session.end_inputs(reason)
+        self.steps: asyncio.Queue = asyncio.Queue()  # steps and headers, then None at the end, or an exception
 
 
 class Handler:
@@ -60,6 +61,7 @@ class Handler:
         self.max_queued_steps = config.max_queued_steps
         self.max_per_peer = config.max_sessions_per_peer
         self.registry = SessionRegistry(config.max_sessions_per_peer)  # open sessions of every span
+        self.mailbox = Mailbox()  # inputs of headers' steps, pushed or relayed
         self.passes = PassHandler(current, config.max_sessions_per_peer, lambda: self.gate, lambda: self.ledger)
         self.pusher: Pusher | None = None
         self.gate = Gate(None, "")  # private swarms: set by the server to check membership proofs
@@ -79,10 +81,8 @@ class Handler:
     async def rpc_inference(
         self, requests: AsyncIterator[pb.InferenceRequest], context: P2PContext
     ) -> AsyncIterator[pb.InferenceResponse]:
-        peer = context.remote_id.to_base58()
-        serving = self.current()  # a stream stays with the span it started on
-        state = _StreamState()
-        reader = asyncio.create_task(self._read_client(requests, state, serving.limits))
+        state = _StreamState(self.current(), context.remote_id.to_base58())
+        reader = asyncio.create_task(self._read_client(requests, state))
         try:
             while True:
                 request = await self._next_request(state)
@@ -91,56 +91,60 @@ class Handler:
                 try:
                     if isinstance(request, Exception):
                         raise request
-                    if state.session is None:
-                        state.session = self._open(serving, request, peer)
-                        if state.ended is not None:
-                            state.session.end_inputs(state.ended)
-                    yield await self._step(serving, state.session, request)
+                    yield await self._step(state, request)
                 except Exception as exc:  # mapped for the client; the server carries on
-                    log_failure("inference", peer, exc)
-                    step = request.step if isinstance(request, pb.InferenceRequest) else 0
+                    log_failure("inference", state.peer, exc)
+                    step = request.spec.step if isinstance(request, pb.Step | pb.Header) else 0
                     yield pb.InferenceResponse(error=errors.to_proto(exc), step=step)
                     return
         finally:
             reader.cancel()
             if state.session is not None:
                 self.registry.remove(state.session)
-                serving.store.close(state.session)
-                logger.debug("Closed session %s of %s", state.session.session_id, peer)
+                self.mailbox.close(state.session.session_id)
+                state.serving.store.close(state.session)
+                logger.debug("Closed session %s of %s", state.session.session_id, state.peer)
 
-    async def _next_request(self, state: _StreamState) -> pb.InferenceRequest | Exception | None:
+    async def _next_request(self, state: _StreamState) -> pb.Step | pb.Header | Exception | None:
         """The client's next step or header; an exception if the stream failed or stayed idle too long."""
         try:
             return await asyncio.wait_for(state.steps.get(), self.idle_timeout)
         except TimeoutError:
             return errors.SessionNotFoundError(f"session closed after {self.idle_timeout:.0f} s idle")
 
-    async def _read_client(
-        self, requests: AsyncIterator[pb.InferenceRequest], state: _StreamState, limits: validation.Limits
-    ) -> None:
-        """Steps and headers go to the (bounded) step queue; fallback inputs go straight to the session."""
+    async def _read_client(self, requests: AsyncIterator[pb.InferenceRequest], state: _StreamState) -> None:
+        """The open message opens the session; steps and headers go to the (bounded) step queue; relays go
+        straight to the mailbox."""
+        ended: Exception = errors.SessionNotFoundError("the stream ended before the input of a header's step arrived")
         try:
             async for request in requests:
-                if request.fallback:
-                    self._relay(state.session, request, limits)
-                elif state.steps.qsize() >= self.max_queued_steps:
-                    raise errors.InvalidRequestError(
-                        f"more than {self.max_queued_steps} steps sent ahead of the server's answers"
-                    )
-                else:
-                    state.steps.put_nowait(request)
+                self._read_one(request, state)
             state.steps.put_nowait(None)
-            state.end(errors.SessionNotFoundError("the stream ended before the input of a header's step arrived"))
         except Exception as exc:
             state.steps.put_nowait(exc)
-            state.end(exc)
+            ended = exc
+        if state.session is not None:
+            self.mailbox.end(state.session.session_id, ended)
 
-    @staticmethod
-    def _relay(session: Session | None, request: pb.InferenceRequest, limits: validation.Limits) -> None:
-        """A fallback: the client relays the input of a header's step (its previous server did not push)."""
-        if session is None:
-            raise errors.InvalidRequestError("a fallback input must follow its step's header")
-        session.deliver(request.position, validation.pushed_input(request.hidden, limits, session.batch_size))
+    def _read_one(self, request: pb.InferenceRequest, state: _StreamState) -> None:
+        kind = request.WhichOneof("kind")
+        if kind == "open":
+            if state.session is not None:
+                raise errors.InvalidRequestError("a stream opens one session, with its first message")
+            state.session = self._open(state.serving, request.open, state.peer)
+        elif state.session is None:
+            raise errors.SessionNotFoundError("no session on this stream: its first message must open one")
+        elif kind == "relay":
+            hidden = validation.hidden_input(request.relay.hidden, state.serving.limits, state.session.batch_size)
+            self.mailbox.relay(state.session.session_id, request.relay.position, hidden)
+        elif kind not in ("step", "header"):
+            raise errors.InvalidRequestError("an inference message must be an open, a step, a header or a relay")
+        elif state.steps.qsize() >= self.max_queued_steps:
+            raise errors.InvalidRequestError(
+                f"more than {self.max_queued_steps} steps sent ahead of the server's answers"
+            )
+        else:
+            state.steps.put_nowait(getattr(request, kind))
 
     async def rpc_push(self, requests: AsyncIterator[pb.PushRequest], context: P2PContext):
         """Outputs pushed by the previous server of a chain, for our sessions (anything else is dropped)."""
@@ -151,65 +155,34 @@ class Handler:
                 if not checked:  # the stream is bound to the authenticated peer: one proof suffices
                     self.gate.check(peer, request.membership)
                     checked = True
-                self._accept_push(request, peer)
+                try:
+                    validation.check_session_id(request.session_id, "session_id")
+                    hidden = validation.hidden_input(request.hidden, self.current().limits, batch_size=None)
+                except errors.StamenError as exc:
+                    logger.info("Dropped a malformed push from %s: %s", peer, exc)
+                    continue
+                self.mailbox.push(request.session_id, request.position, hidden, peer)
         except errors.StamenError as exc:
             logger.info("Closed a push stream from %s: %s", peer, exc)
         return
         yield  # an async generator that answers nothing
 
-    def _accept_push(self, request: pb.PushRequest, peer: str) -> None:
-        session = self.registry.get(request.session_id)
-        if session is None:
-            self._hold_early_push(request, peer)
-            return
-        if not session.may_push(peer):
-            logger.info(
-                "Dropped a push from %s into session %s: its client named another previous server",
-                peer,
-                session.session_id,
-            )
-            return
-        try:
-            hidden = validation.pushed_input(request.hidden, self.current().limits, session.batch_size)
-        except errors.StamenError as exc:
-            logger.info("Dropped a malformed push from %s: %s", peer, exc)
-            return
-        if not session.deliver(request.position, hidden, peer):
-            logger.debug("Dropped a push from %s for position %d of %s", peer, request.position, session.session_id)
-
-    def _hold_early_push(self, request: pb.PushRequest, peer: str) -> None:
-        """A push for a session not open (yet): its header may be a moment behind; keep it briefly."""
-        try:
-            validation.check_session_id(request.session_id, "session_id")
-            hidden = validation.pushed_input(request.hidden, self.current().limits, batch_size=None)
-        except errors.StamenError as exc:
-            logger.info("Dropped a malformed push from %s: %s", peer, exc)
-            return
-        if not self.registry.early.hold(request.session_id, request.position, hidden, peer):
-            logger.debug("Dropped a push from %s for a session this server does not hold", peer)
-
-    def _open(self, serving: Serving, request: pb.InferenceRequest, peer: str) -> Session:
+    def _open(self, serving: Serving, request: pb.Open, peer: str) -> Session:
         self.gate.check(peer, request.membership)
         if serving.leaving or serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
-        if request.step != 0:
-            raise errors.SessionNotFoundError(
-                f"no session here to continue at step {request.step}; a stream must open its session at step 0"
-            )
         opened = validation.open_request(request, serving.limits)
-        validation.push_fields(request)
         adapter = extras.adapter(request.adapter, serving.limits, opened.blocks, serving.adapters, trainable=False)
         self.registry.check_can_open(opened.session_id, peer)  # before anything is allocated
         session = serving.store.open(opened.session_id, peer, opened.blocks, opened.batch_size, opened.max_length)
         session.points = self.ledger.request_standing(peer, request)
         session.adapter = adapter
         try:
-            if request.expect_push:  # before the pushes that came early are handed over
-                session.expect_input(request.push_from_peer_id)
             self.registry.add(session)
         except BaseException:
             serving.store.close(session)
             raise
+        self.mailbox.open(session.session_id, session.batch_size)  # with the pushes that came early
         logger.debug(
             "Opened session %s of %s: blocks %s, batch %d, max_length %d",
             session.session_id,
@@ -220,46 +193,38 @@ class Handler:
         )
         return session
 
-    async def _step(self, serving: Serving, session: Session, request: pb.InferenceRequest) -> pb.InferenceResponse:
+    async def _step(self, state: _StreamState, request: pb.Step | pb.Header) -> pb.InferenceResponse:
+        serving, session, spec = state.serving, state.session, request.spec
         if serving.draining:
             raise errors.ShuttingDownError("server is shutting down or moving to other blocks")
-        if request.step != session.next_step:
-            raise errors.InvalidRequestError(f"step {request.step} out of order, expected {session.next_step}")
-        if request.position != session.position:
-            raise errors.InvalidRequestError(
-                f"position {request.position} sent, session cache holds {session.position}"
-            )
-        if request.expect_push == request.HasField("hidden"):
-            raise errors.InvalidRequestError("a step carries its hidden states unless it is a header (expect_push)")
-        if request.step and request.HasField("adapter"):
-            raise errors.InvalidRequestError("an adapter is chosen when the session opens (step 0) and kept")
-        validation.push_fields(request)
-        reorder = extras.reorder(request.reorder, session.batch_size)
+        if spec.step != session.next_step:
+            raise errors.InvalidRequestError(f"step {spec.step} out of order, expected {session.next_step}")
+        if spec.position != session.position:
+            raise errors.InvalidRequestError(f"position {spec.position} sent, session cache holds {session.position}")
+        target, declared = validation.push_target(spec), validation.declared_round(spec)
+        reorder = extras.reorder(spec.reorder, session.batch_size)
+        compression = validation.output_compression(spec.compression)
+        header = isinstance(request, pb.Header)
+        if header:  # the legacy "any peer may push" is gone: a header names the previous server
+            validation.check_peer_id(request.push_from, "push_from")
         session.next_step += 1
-        hidden = request.hidden
-        if request.expect_push:
-            session.expect_input(request.push_from_peer_id)
-            hidden = await session.take(request.position, self.idle_timeout)
-        step = validation.step_input(
-            hidden,
-            request.position_ids,
-            request.attention_mask,
-            serving.limits,
-            batch_size=session.batch_size,
-            past=session.position,
-        )
-        compression = validation.output_compression(request.compression)
+        if header:
+            self.mailbox.expect(session.session_id, request.push_from)
+            hidden = await self.mailbox.take(session.session_id, spec.position, self.idle_timeout)
+        else:
+            hidden = validation.hidden_input(request.hidden, serving.limits, session.batch_size)
+        step = validation.step_input(hidden, spec.position_ids, spec.attention_mask, session.position, declared)
         batch, tokens, _ = step.hidden.shape
-        prompts = extras.prompts(request.prompts, serving.limits, session.blocks, batch, tokens)
+        prompts = extras.prompts(spec.prompts, serving.limits, session.blocks, batch, tokens)
         output = tensors.to_proto(await serving.inference_step(session, step, prompts, reorder), compression)
         self.ledger.record_work(session.peer, work_units((batch, tokens), session.blocks))
-        session.drop_stale_inputs()
+        self.mailbox.advance(session.session_id, session.position)
         pushed = False
-        if request.push_peer_id:
-            push = pb.PushRequest(session_id=request.push_session_id, position=request.position, hidden=output)
-            pushed = await self.pusher.push(request.push_peer_id, push)
-        logger.debug("inference %s step %d: %s", session.session_id, request.step, list(step.hidden.shape))
-        return pb.InferenceResponse(hidden=output, step=request.step, pushed=pushed, draining=serving.leaving)
+        if target is not None:
+            push = pb.PushRequest(session_id=target[1], position=spec.position, hidden=output)
+            pushed = await self.pusher.push(target[0], push)
+        logger.debug("inference %s step %d: %s", session.session_id, spec.step, list(step.hidden.shape))
+        return pb.InferenceResponse(hidden=output, step=spec.step, pushed=pushed, draining=serving.leaving)
 
     async def rpc_receipt(self, request: pb.ReceiptRequest, context: P2PContext) -> pb.ReceiptResponse:
         """A client acknowledges the work this server did for it (see ``swarm.receipts``)."""

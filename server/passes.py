@@ -95,7 +95,8 @@ class PassHandler:
         if self.in_flight.get(peer, 0) >= self.max_per_peer:
             raise errors.TooManyRequestsError(f"this peer already has {self.max_per_peer} passes running here")
         blocks = validation.requested_blocks(request.start_block, request.end_block, serving.limits)
-        step = validation.step_input(request.hidden, request.position_ids, request.attention_mask, serving.limits)
+        hidden = validation.hidden_input(request.hidden, serving.limits, batch_size=None)
+        step = validation.step_input(hidden, request.position_ids, request.attention_mask)
         return serving, blocks, step
 
     @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Pusher: hands a step's output straight to the next server of a chain (one stream per next server).
 
 Best effort: a push that cannot be written is reported as not pushed, and the client relays the
-output itself. The receiving side is ``Handler.rpc_push``.
+output itself. The receiving side is ``Handler.rpc_push``, which hands pushes to ``server.mailbox``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every check raises InvalidRequestError (or BlocksNotServedError) with a message that says what was
 wrong; nothing here touches server state. A tensor's declared dtype and shape are checked against
 what the request may carry *before* its bytes are copied, so a small message that declares a huge
-tensor costs nothing. Error messages never echo unbounded strings a peer sent.
+tensor costs nothing. Error messages never echo unbounded strings a peer sent. Float inputs may come in
+any of FLOAT_DTYPES and are converted to the server's dtype on arrival, in one place (``converted``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ MAX_POSITION = 1 << 20  # rotary positions beyond this are surely garbage
 MAX_SESSION_ID = 128
 MAX_PEER_ID = 128  # base58 libp2p peer ids have about 52 characters
 BASE58 = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what another server may push (converted on arrival)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what float inputs may come in (converted on arrival)
+FLOAT_ITEMSIZE = 4  # bytes per value of the widest of them
+MAX_ROUND_SIZE = 4096  # steps one declared round may have
 MESSAGE_OVERHEAD = 64 << 10  # bytes a message may spend on everything besides its tensors
 
 
@@ -76,7 +79,7 @@ class Limits:
         adapter on its first step, and hypothesis indices) and its small fields."""
         if self.message_bytes is not None:
             return self.message_bytes
-        hidden = self.max_request_tokens * self.hidden_size * torch.empty(0, dtype=self.dtype).element_size()
+        hidden = self.max_request_tokens * self.hidden_size * FLOAT_ITEMSIZE  # any float dtype may come in
         position_ids = self.max_request_tokens * 8  # int64 [batch, new_tokens]
         mask = self.max_request_tokens  # bool [batch, new_tokens]
         reorder = self.max_request_tokens * 8  # int64 [batch]
@@ -94,9 +97,11 @@ class OpenRequest:
 
 @dataclass(frozen=True)
 class Step:
-    hidden: torch.Tensor  # [batch, new_tokens, hidden_size]
+    hidden: torch.Tensor  # [batch, new_tokens, hidden_size] in the server's dtype
     position_ids: torch.Tensor  # [batch, new_tokens] int64
     attention_mask: torch.Tensor | None  # [batch, new_tokens] bool, False marks padding; None = no padding
+    round_id: int = 0  # the round the client declared this step part of...
+    round_size: int = 0  # ...and how many steps it has (0: not declared)
 
 
 def requested_blocks(start: int, end: int, limits: Limits) -> BlockRange:
@@ -108,23 +113,34 @@ def requested_blocks(start: int, end: int, limits: Limits) -> BlockRange:
     return blocks
 
 
-def open_request(request: pb.InferenceRequest, limits: Limits) -> OpenRequest:
-    check_session_id(request.session_id, "session_id")
-    blocks = requested_blocks(request.start_block, request.end_block, limits)
-    if not 1 <= request.max_length <= limits.max_length:
-        raise InvalidRequestError(f"max_length must be in 1..{limits.max_length}, got {request.max_length}")
-    if not 1 <= request.batch_size <= limits.max_request_tokens:
-        raise InvalidRequestError(f"batch_size must be in 1..{limits.max_request_tokens}, got {request.batch_size}")
-    return OpenRequest(request.session_id, blocks, request.batch_size, request.max_length)
+def open_request(message: pb.Open, limits: Limits) -> OpenRequest:
+    check_session_id(message.session_id, "session_id")
+    blocks = requested_blocks(message.start_block, message.end_block, limits)
+    if not 1 <= message.max_length <= limits.max_length:
+        raise InvalidRequestError(f"max_length must be in 1..{limits.max_length}, got {message.max_length}")
+    if not 1 <= message.batch_size <= limits.max_request_tokens:
+        raise InvalidRequestError(f"batch_size must be in 1..{limits.max_request_tokens}, got {message.batch_size}")
+    return OpenRequest(message.session_id, blocks, message.batch_size, message.max_length)
 
 
-def push_fields(request: pb.InferenceRequest) -> None:
-    """Where a step's output goes (push_peer_id, push_session_id) and who may push its input."""
-    if request.push_peer_id:
-        _check_peer_id(request.push_peer_id, "push_peer_id")
-        check_session_id(request.push_session_id, "push_session_id")
-    if request.push_from_peer_id:
-        _check_peer_id(request.push_from_peer_id, "push_from_peer_id")
+def push_target(message: pb.StepSpec) -> tuple[str, str] | None:
+    """Where a step's output is pushed: (the next server's peer id, its session id); None if nowhere."""
+    if not message.HasField("push_to"):
+        return None
+    check_peer_id(message.push_to.peer_id, "push_to.peer_id")
+    check_session_id(message.push_to.session_id, "push_to.session_id")
+    return message.push_to.peer_id, message.push_to.session_id
+
+
+def declared_round(message: pb.StepSpec) -> tuple[int, int]:
+    """(round id, round size) a step declares; (0, 0) when it is not part of a declared round."""
+    if message.round_size == 0:
+        if message.round_id != 0:
+            raise InvalidRequestError("round_id: set without a round_size")
+        return 0, 0
+    if message.round_size > MAX_ROUND_SIZE:
+        raise InvalidRequestError(f"round_size: at most {MAX_ROUND_SIZE} steps, got {message.round_size}")
+    return message.round_id, message.round_size
 
 
 def output_compression(value: int) -> int:
@@ -140,8 +156,9 @@ def check_session_id(value: str, field: str) -> None:
         raise InvalidRequestError(f"{field} must have 1 to {MAX_SESSION_ID} printable ASCII characters, no spaces")
 
 
-def _check_peer_id(value: str, field: str) -> None:
-    if len(value) > MAX_PEER_ID or not set(value) <= BASE58:
+def check_peer_id(value: str, field: str) -> None:
+    """A base58 libp2p peer id (not empty)."""
+    if not value or len(value) > MAX_PEER_ID or not set(value) <= BASE58:
         raise InvalidRequestError(f"{field}: not a base58 peer id")
 
 
@@ -167,42 +184,33 @@ def _check_hidden_shape(shape: tuple[int, ...], limits: Limits, batch_size: int 
         raise InvalidRequestError(f"hidden: {batch}x{tokens} tokens exceed the limit of {limits.max_request_tokens}")
 
 
-def _check_finite(hidden: torch.Tensor) -> None:
-    if not torch.isfinite(hidden).all():
-        raise InvalidRequestError("hidden: contains NaN or infinite values")
+def converted(message: pb.Tensor, field: str, limits: Limits) -> torch.Tensor:
+    """A float tensor whose declared dtype (one of FLOAT_DTYPES) and shape were checked: read, converted to the
+    server's dtype, and finite. Every float input a peer sends (steps, relays, pushes, passes, gradients, deep
+    prompts, LoRA weights) arrives through here, whatever float dtype the peer computes in."""
+    value = tensors.from_proto(message, field).to(limits.dtype)
+    if not torch.isfinite(value).all():
+        raise InvalidRequestError(f"{field}: contains NaN or infinite values")
+    return value
 
 
-def pushed_input(message: pb.Tensor, limits: Limits, batch_size: int | None) -> torch.Tensor:
-    """The input of a header's step, pushed by another server or relayed by the client: checked, and
-    converted to the server's dtype (the previous server of a chain may compute in another one)."""
+def hidden_input(message: pb.Tensor, limits: Limits, batch_size: int | None) -> torch.Tensor:
+    """Hidden states [batch, tokens, hidden_size] in any float dtype (a step's, a relay's, a push's or a pass's),
+    checked as declared and converted to the server's dtype; ``batch_size`` is the session's, if any."""
     _check_hidden_shape(declared_shape(message, "hidden", FLOAT_DTYPES, 3), limits, batch_size)
-    hidden = tensors.from_proto(message, "hidden").to(limits.dtype)
-    _check_finite(hidden)
-    return hidden
+    return converted(message, "hidden", limits)
 
 
 def step_input(
-    hidden_msg: pb.Tensor | torch.Tensor,
+    hidden: torch.Tensor,
     position_ids_msg: pb.Tensor,
     mask_msg: pb.Tensor,
-    limits: Limits,
-    batch_size: int | None = None,
     past: int = 0,
+    declared: tuple[int, int] = (0, 0),
 ) -> Step:
-    """Validate one step (or one stateless forward when ``past`` is 0 and ``batch_size`` is None).
-
-    ``hidden_msg`` is a tensor for a header's step (its input came from ``pushed_input``)."""
-    if isinstance(hidden_msg, torch.Tensor):
-        hidden = hidden_msg
-        _check_hidden_shape(tuple(hidden.shape), limits, batch_size)
-    else:
-        _check_hidden_shape(declared_shape(hidden_msg, "hidden", (limits.dtype_name,), 3), limits, batch_size)
-        hidden = tensors.from_proto(hidden_msg, "hidden")
-    if hidden.dtype != limits.dtype:
-        raise InvalidRequestError(f"hidden: dtype {hidden.dtype} sent, this server computes in {limits.dtype}")
-    _check_finite(hidden)
+    """One step (or one stateless forward when ``past`` is 0) on ``hidden`` from ``hidden_input``: positions
+    (default ``past``..) and padding mask of its new tokens, and the round it is part of (``declared_round``)."""
     batch, tokens = hidden.shape[:2]
-
     if tensors.is_empty(position_ids_msg):
         position_ids = torch.arange(past, past + tokens).expand(batch, tokens)
     else:
@@ -219,4 +227,4 @@ def step_input(
         attention_mask = tensors.from_proto(mask_msg, "attention_mask")
         if bool(attention_mask.all()):
             attention_mask = None
-    return Step(hidden, position_ids, attention_mask)
+    return Step(hidden, position_ids, attention_mask, *declared)

@@ -12,6 +12,7 @@ from contextlib import suppress
 
 import psutil
 import torch
+from google.protobuf.message import Message
 from hivemind.p2p import P2P, PeerID
 
 from proto import pb, rpc_name
@@ -78,20 +79,48 @@ async def answers(reader: asyncio.StreamReader, timeout: float) -> list[pb.Infer
     return found
 
 
-def step_request(session_id: str, step: int = 0, position: int = 0, tokens: int = 2, **fields) -> pb.InferenceRequest:
-    """A valid step of a session over blocks 0:6 (step 0 opens it); ``fields`` override anything."""
-    message = pb.InferenceRequest(
-        session_id=session_id, start_block=0, end_block=6, max_length=16, batch_size=1, step=step, position=position
-    )
-    message.hidden.CopyFrom(tensors.to_proto(torch.randn(1, tokens, HIDDEN)))
+def fill(message, fields: dict):
+    """Set ``fields`` on a protobuf message: tensors are serialized, ``push_to`` is (peer id, session id)."""
     for name, value in fields.items():
         if isinstance(value, torch.Tensor):
             getattr(message, name).CopyFrom(tensors.to_proto(value))
-        elif isinstance(value, pb.Tensor):
+        elif isinstance(value, Message):
             getattr(message, name).CopyFrom(value)
+        elif name == "push_to":
+            message.push_to.peer_id, message.push_to.session_id = value
         else:
             setattr(message, name, value)
     return message
+
+
+def open_request(session_id: str, **fields) -> pb.InferenceRequest:
+    """Opens a session over blocks 0:6 of batch 1 and max_length 16; ``fields`` override anything."""
+    message = pb.Open(session_id=session_id, start_block=0, end_block=6, max_length=16, batch_size=1)
+    return pb.InferenceRequest(open=fill(message, fields))
+
+
+def step_request(step: int = 0, position: int = 0, tokens: int = 2, hidden=None, **fields) -> pb.InferenceRequest:
+    """A step with random hidden states [1, tokens] (unless ``hidden`` is given); ``fields`` go on its spec."""
+    hidden = torch.randn(1, tokens, HIDDEN) if hidden is None else hidden
+    spec = fill(pb.StepSpec(step=step, position=position), fields)
+    hidden = hidden if isinstance(hidden, pb.Tensor) else tensors.to_proto(hidden)
+    return pb.InferenceRequest(step=pb.Step(spec=spec, hidden=hidden))
+
+
+def header_request(push_from: str, step: int = 0, position: int = 0, **fields) -> pb.InferenceRequest:
+    """A step whose input ``push_from`` pushes (or the client relays); ``fields`` go on its spec."""
+    spec = fill(pb.StepSpec(step=step, position=position), fields)
+    return pb.InferenceRequest(header=pb.Header(spec=spec, push_from=push_from))
+
+
+def relay_request(position: int, hidden) -> pb.InferenceRequest:
+    hidden = hidden if isinstance(hidden, pb.Tensor) else tensors.to_proto(hidden)
+    return pb.InferenceRequest(relay=pb.Relay(position=position, hidden=hidden))
+
+
+def session_start(session_id: str, tokens: int = 2, **open_fields) -> list[pb.InferenceRequest]:
+    """A session opened and its first step, with random hidden states [1, tokens]."""
+    return [open_request(session_id, **open_fields), step_request(tokens=tokens)]
 
 
 def rss_mb(pid: int) -> float:

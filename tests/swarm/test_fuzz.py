@@ -32,9 +32,13 @@ from tests.swarm.hostile import (
     HostilePeer,
     RawMessage,
     answers,
+    header_request,
+    open_request,
     receive,
+    relay_request,
     rss_mb,
     send,
+    session_start,
     step_request,
 )
 
@@ -117,46 +121,70 @@ def float_tensor(rng: random.Random, shape: list[int]) -> pb.Tensor:
 
 
 def random_extras(rng: random.Random, message) -> None:
-    """Deep prompts and an adapter on any request; a reorder on inference steps."""
+    """Deep prompts and an adapter on a pass; deep prompts and a reorder on a step's spec."""
     if rng.random() < 0.2:
         shape = [rng.choice([6, 3, 1, 0]), rng.choice([1, 2]), rng.choice([1, 2, 3]), rng.choice([HIDDEN, 3])]
         message.prompts.CopyFrom(float_tensor(rng, shape) if rng.random() < 0.7 else tensor_message(rng))
-    if rng.random() < 0.2:
+    if isinstance(message, pb.StepSpec):
+        if rng.random() < 0.2:
+            rows = rng.choice([1, 2, 3])
+            message.reorder.CopyFrom(int_tensor(rng, 1, rows, rng.choice([torch.int64, torch.int32])))
+            if rng.random() < 0.7:  # a 1-D reorder, as the server expects
+                message.reorder.shape[:] = [rows]
+    elif rng.random() < 0.2:
         message.adapter.CopyFrom(random_adapter(rng))
-    if isinstance(message, pb.InferenceRequest) and rng.random() < 0.2:
-        rows = rng.choice([1, 2, 3])
-        message.reorder.CopyFrom(int_tensor(rng, 1, rows, rng.choice([torch.int64, torch.int32])))
-        if rng.random() < 0.7:  # a 1-D reorder, as the server expects
-            message.reorder.shape[:] = [rows]
 
 
-def random_request(rng: random.Random, session_id: str, server: str, victims: list[str]) -> pb.InferenceRequest:
-    """An inference message with every field random (often valid, often not)."""
-    message = pb.InferenceRequest(
+def random_open(rng: random.Random, session_id: str, victims: list[str]) -> pb.Open:
+    message = pb.Open(
         session_id=rng.choice([session_id] * 4 + ["", "é" * 40, "s" * 200] + victims),
         start_block=rng.choice([0, 0, 0, 3, 5, 6, 2**32 - 1]),
         end_block=rng.choice([6, 6, 6, 3, 0, 9, 2**32 - 1]),
         max_length=rng.choice([16, 16, 64, 0, 1, 2049, 2**32 - 1]),
         batch_size=rng.choice([1, 1, 1, 2, 0, 64, 2**32 - 1]),
+    )
+    if rng.random() < 0.2:
+        message.adapter.CopyFrom(random_adapter(rng))
+    if rng.random() < 0.1:
+        message.membership = rng.randbytes(rng.randint(0, 100))
+    return message
+
+
+def random_spec(rng: random.Random, server: str, victims: list[str]) -> pb.StepSpec:
+    message = pb.StepSpec(
         step=rng.choice([0, 0, 0, 1, 2, 2**64 - 1]),
         position=rng.choice([0, 0, 0, 1, 3, 2**32 - 1]),
-        expect_push=rng.random() < 0.2,
-        fallback=rng.random() < 0.1,
+        compression=rng.choice([0, 0, 0, 1, 2, 99]),
     )
-    if rng.random() < 0.8:
-        message.hidden.CopyFrom(tensor_message(rng))
     if rng.random() < 0.4:
         rows, cols = rng.choice([(1, 2), (1, 3), (2, 2), (1, 1), (0, 0), (1, 100)])
         dtype = rng.choice([torch.int64, torch.int64, torch.int32, torch.bool])
         field = rng.choice([message.position_ids, message.attention_mask])
         field.CopyFrom(int_tensor(rng, rows, cols, dtype) if rng.random() < 0.7 else tensor_message(rng))
     if rng.random() < 0.3:
-        message.push_peer_id = rng.choice([server, PEER_ID_LIKE, "not a peer!", "1" * 500, ""])
-        message.push_session_id = rng.choice(victims + ["", "s" * 300, uuid.uuid4().hex])
+        message.push_to.peer_id = rng.choice([server, PEER_ID_LIKE, "not a peer!", "1" * 500, ""])
+        message.push_to.session_id = rng.choice(victims + ["", "s" * 300, uuid.uuid4().hex])
     if rng.random() < 0.2:
-        message.push_from_peer_id = rng.choice([server, PEER_ID_LIKE, "x" * 300, "bad id"])
+        message.round_id = rng.choice([0, 1, 2**64 - 1])
+        message.round_size = rng.choice([0, 1, 4, 2**32 - 1])
     random_extras(rng, message)
     return message
+
+
+def random_request(rng: random.Random, session_id: str, server: str, victims: list[str]) -> pb.InferenceRequest:
+    """An inference message of any kind (or none), with every field random (often valid, often not)."""
+    kind = rng.choice(["open", "step", "step", "step", "header", "relay", "none"])
+    hidden = tensor_message(rng) if rng.random() < 0.8 else pb.Tensor()
+    if kind == "open":
+        return pb.InferenceRequest(open=random_open(rng, session_id, victims))
+    if kind == "step":
+        return pb.InferenceRequest(step=pb.Step(spec=random_spec(rng, server, victims), hidden=hidden))
+    if kind == "header":
+        push_from = rng.choice([server, PEER_ID_LIKE, "x" * 300, "bad id", ""])
+        return pb.InferenceRequest(header=pb.Header(spec=random_spec(rng, server, victims), push_from=push_from))
+    if kind == "relay":
+        return pb.InferenceRequest(relay=pb.Relay(position=rng.choice([0, 2, 2**32 - 1]), hidden=hidden))
+    return pb.InferenceRequest()
 
 
 class Fuzzer:
@@ -193,6 +221,8 @@ class Fuzzer:
         messages = [
             random_request(self.rng, session_id, self.server, self.victims) for _ in range(self.rng.randint(1, 4))
         ]
+        if self.rng.random() < 0.6:  # most streams open a session first, so that their steps get further
+            messages.insert(0, pb.InferenceRequest(open=random_open(self.rng, session_id, self.victims)))
         await self.finish("random", reader, writer, messages)
 
     async def valid_then_hostile(self, peer: HostilePeer) -> None:
@@ -201,19 +231,20 @@ class Fuzzer:
         reader, writer = await peer.stream(self.server)
         follow = self.rng.choice(
             [
-                step_request(session_id, step=5, position=2),  # out of order
-                step_request(session_id, step=1, position=7),  # wrong position
-                step_request(session_id, step=1, position=2, hidden=torch.full((1, 2, HIDDEN), float("nan"))),
-                step_request(session_id, step=1, position=2, position_ids=torch.tensor([[-5, 2**50]])),
-                step_request(session_id, step=1, position=2, attention_mask=torch.ones(1, 9, dtype=torch.bool)),
-                step_request(session_id, step=1, position=2, tokens=20),  # past max_length
-                pb.InferenceRequest(session_id=session_id, step=1, position=2, expect_push=True),  # nobody pushes
-                pb.InferenceRequest(fallback=True, position=2, hidden=tensor_message(self.rng)),
-                random_request(self.rng, session_id, self.server, self.victims),
+                [step_request(step=5, position=2)],  # out of order
+                [step_request(step=1, position=7)],  # wrong position
+                [step_request(step=1, position=2, hidden=torch.full((1, 2, HIDDEN), float("nan")))],
+                [step_request(step=1, position=2, position_ids=torch.tensor([[-5, 2**50]]))],
+                [step_request(step=1, position=2, attention_mask=torch.ones(1, 9, dtype=torch.bool))],
+                [step_request(step=1, position=2, tokens=20)],  # past max_length
+                [header_request(PEER_ID_LIKE, step=1, position=2)],  # nobody pushes
+                [relay_request(2, tensor_message(self.rng)), header_request(PEER_ID_LIKE, step=1, position=2)],
+                [open_request(session_id)],  # a second open
+                [random_request(self.rng, session_id, self.server, self.victims)],
             ]
         )
-        flood = [step_request(session_id, step=i, position=2) for i in range(1, self.rng.choice([1, 1, 12]))]
-        await self.finish("valid+hostile", reader, writer, [step_request(session_id), follow, *flood])
+        flood = [step_request(step=i, position=2) for i in range(1, self.rng.choice([1, 1, 12]))]
+        await self.finish("valid+hostile", reader, writer, [*session_start(session_id), *follow, *flood])
 
     async def raw_bytes(self, peer: HostilePeer) -> None:
         """Random bytes, or frames with random markers and lengths (sometimes declaring terabytes)."""
@@ -303,7 +334,7 @@ class Fuzzer:
         """More sessions than one peer may hold, opened at once."""
         streams = [await peer.stream(self.server) for _ in range(MAX_SESSIONS_PER_PEER + 3)]
         for _, writer in streams:
-            await send(writer, step_request("f-" + uuid.uuid4().hex))
+            await send(writer, *session_start("f-" + uuid.uuid4().hex))
         for reader, writer in streams:
             self.record("many sessions", [r for r in [await receive(reader, timeout=10)] if r is not None])
             writer.write(FRAME_END)
@@ -356,7 +387,7 @@ def test_fuzzed_server_stays_up_bounded_and_correct(fuzzed_server):
     try:
         with model.inference_session(max_length=32) as session:
             model.generate(prompt[:, :4], max_new_tokens=1, do_sample=False)  # a session open during the fuzzing
-            victims = [hop.session_id for hop in session._hops]  # its ids on the server: pushes aim at them
+            victims = [hop.session_id for hop in session.hops]  # its ids on the server: pushes aim at them
             fuzzer = Fuzzer(server, peers, victims, SEED)
             loop.run(fuzzer.run(WARMUP))
             before, group_before, started = rss_mb(server.proc.pid), group_rss_mb(server.proc.pid), time.monotonic()
@@ -369,7 +400,7 @@ def test_fuzzed_server_stays_up_bounded_and_correct(fuzzed_server):
             assert server.proc.poll() is None, "".join(server.output[-50:])
             assert session.position == 4
             continued = model.generate(prompt, max_new_tokens=10, do_sample=False)
-            assert [hop.session_id for hop in session._hops] == victims  # the same server-side session, no replay
+            assert [hop.session_id for hop in session.hops] == victims  # the same server-side session, no replay
     finally:
         for peer in peers:
             loop.run(peer.shutdown())

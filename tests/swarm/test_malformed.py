@@ -18,39 +18,39 @@ from proto import pb, rpc_name
 from swarm import errors, tensors
 from swarm.localswarm import LocalSwarm
 from swarm.rpc import InferenceStream, ServerFailure, call_backward, call_forward
-from tests.swarm.hostile import HostilePeer, receive, rss_mb
+from tests.swarm.hostile import (
+    HostilePeer,
+    header_request,
+    open_request,
+    receive,
+    relay_request,
+    rss_mb,
+    step_request,
+)
 
 pytestmark = pytest.mark.timeout(240)
 HIDDEN = 64
+PEER_ID_LIKE = "12D3KooWGzBPmD6C4nj3ss1n4bYnpoc7XgpCfiEHRAzNixBBnF5u"
 
 
-def request(step=0, position=0, tokens=2, hidden=None, **fields) -> pb.InferenceRequest:
+OPEN_FIELDS = set(pb.Open.DESCRIPTOR.fields_by_name)
+
+
+def request(step=0, position=0, tokens=2, hidden=None, **fields) -> list[pb.InferenceRequest]:
+    """A session opened over blocks 0:6 and its first step; ``fields`` override those of either message."""
     hidden = hidden if hidden is not None else torch.randn(1, tokens, HIDDEN)
-    message = pb.InferenceRequest(
-        session_id=fields.pop("session_id", "s-" + str(torch.randint(0, 1 << 30, ()).item())),
-        start_block=fields.pop("start_block", 0),
-        end_block=fields.pop("end_block", 6),
-        max_length=fields.pop("max_length", 16),
-        batch_size=fields.pop("batch_size", hidden.shape[0] if hidden.ndim else 1),
-        step=step,
-        position=position,
-        hidden=tensors.to_proto(hidden),
-    )
-    for name, value in fields.items():
-        if isinstance(value, torch.Tensor):
-            getattr(message, name).CopyFrom(tensors.to_proto(value))
-        elif isinstance(value, pb.Adapter):
-            getattr(message, name).CopyFrom(value)
-        else:
-            setattr(message, name, value)
-    return message
+    opening = {name: fields.pop(name) for name in list(fields) if name in OPEN_FIELDS}
+    opening.setdefault("session_id", "s-" + str(torch.randint(0, 1 << 30, ()).item()))
+    opening.setdefault("batch_size", hidden.shape[0] if hidden.ndim else 1)
+    session_id = opening.pop("session_id")
+    return [open_request(session_id, **opening), step_request(step, position, hidden=hidden, **fields)]
 
 
 BAD_REQUESTS = {
     "wrong hidden size": (request(hidden=torch.randn(1, 2, HIDDEN - 1)), errors.InvalidRequestError),
-    "wrong dtype": (request(hidden=torch.randn(1, 2, HIDDEN, dtype=torch.bfloat16)), errors.InvalidRequestError),
+    "integer hidden": (request(hidden=torch.ones(1, 2, HIDDEN, dtype=torch.int64)), errors.InvalidRequestError),
     "too many tokens": (request(tokens=65, max_length=100), errors.InvalidRequestError),
-    "unknown session": (request(step=5, position=10), errors.SessionNotFoundError),
+    "step of no session": ([step_request(step=5, position=10)], errors.SessionNotFoundError),
     "negative position id": (request(position_ids=torch.tensor([[-1, 0]])), errors.InvalidRequestError),
     "huge position id": (request(position_ids=torch.tensor([[0, 1 << 40]])), errors.InvalidRequestError),
     "position ahead of cache": (request(position=3), errors.InvalidRequestError),
@@ -64,21 +64,39 @@ BAD_REQUESTS = {
     "session over cache budget": (request(max_length=2000, batch_size=1), errors.CacheFullError),
     "batch differs from session": (request(batch_size=2), errors.InvalidRequestError),
     "NaN hidden": (request(hidden=torch.full((1, 2, HIDDEN), float("nan"))), errors.InvalidRequestError),
+    "float16 hidden that overflows": (
+        request(hidden=torch.full((1, 2, HIDDEN), 1e5).half()),
+        errors.InvalidRequestError,
+    ),
     "empty session id": (request(session_id=""), errors.InvalidRequestError),
+    "step out of order": (request(step=1), errors.InvalidRequestError),
+    "a second open": (request()[:1] * 2, errors.InvalidRequestError),
+    "a message of no kind": (request()[:1] + [pb.InferenceRequest()], errors.InvalidRequestError),
+    "relay before any open": ([relay_request(0, torch.randn(1, 2, HIDDEN))], errors.SessionNotFoundError),
+    "relay of another batch size": (
+        request()[:1] + [relay_request(0, torch.randn(2, 2, HIDDEN)), header_request(PEER_ID_LIKE)],
+        errors.InvalidRequestError,
+    ),
+    "header naming no pusher": (request()[:1] + [header_request("")], errors.InvalidRequestError),
+    "malformed pusher": (request()[:1] + [header_request("x" * 500)], errors.InvalidRequestError),
+    "round id without a size": (request(round_id=7), errors.InvalidRequestError),
+    "round too large": (request(round_id=7, round_size=1 << 20), errors.InvalidRequestError),
 }
 
 
-def corrupt_bytes() -> pb.InferenceRequest:
-    message = request()
-    message.hidden.buffer = message.hidden.buffer[:-3]
-    return message
+def corrupt_bytes() -> list[pb.InferenceRequest]:
+    messages = request()
+    messages[1].step.hidden.buffer = messages[1].step.hidden.buffer[:-3]
+    return messages
 
 
-def declared(field: str, shape: list[int], dtype: str, buffer: bytes = b"\0" * 8) -> pb.InferenceRequest:
-    """A request whose ``field`` declares ``shape`` but carries only a few bytes (nothing may be allocated)."""
-    message = request()
-    getattr(message, field).CopyFrom(pb.Tensor(buffer=buffer, shape=shape, dtype=dtype))
-    return message
+def declared(field: str, shape: list[int], dtype: str, buffer: bytes = b"\0" * 8) -> list[pb.InferenceRequest]:
+    """A step whose ``field`` declares ``shape`` but carries only a few bytes (nothing may be allocated)."""
+    messages = request()
+    step = messages[1].step
+    target = step.hidden if field == "hidden" else getattr(step.spec, field)
+    target.CopyFrom(pb.Tensor(buffer=buffer, shape=shape, dtype=dtype))
+    return messages
 
 
 BAD_REQUESTS["bytes do not match shape"] = (corrupt_bytes(), errors.InvalidRequestError)
@@ -99,12 +117,8 @@ BAD_REQUESTS.update(
             errors.InvalidRequestError,
         ),
         "infinite hidden": (request(hidden=torch.full((1, 2, HIDDEN), float("inf"))), errors.InvalidRequestError),
-        "push to a malformed peer id": (
-            request(push_peer_id="not a peer id!", push_session_id="x"),
-            errors.InvalidRequestError,
-        ),
-        "push without a session id": (request(push_peer_id="12D3KooWAbc"), errors.InvalidRequestError),
-        "malformed pusher": (request(push_from_peer_id="x" * 500), errors.InvalidRequestError),
+        "push to a malformed peer id": (request(push_to=("not a peer id!", "x")), errors.InvalidRequestError),
+        "push without a session id": (request(push_to=(PEER_ID_LIKE, "")), errors.InvalidRequestError),
         "session id too long": (request(session_id="s" * 129), errors.InvalidRequestError),
     }
 )
@@ -146,11 +160,14 @@ def server_and_client(tiny_models):
             model.shutdown()
 
 
-async def send_one(p2p, peer_id: str, message: pb.InferenceRequest) -> BaseException | None:
+async def send_one(p2p, peer_id: str, messages: list[pb.InferenceRequest]) -> BaseException | None:
+    """Send ``messages`` on a new stream; the server's error for them (None if it answered a step)."""
     stream = InferenceStream(p2p, peer_id)
     await stream.open(timeout=5)
     try:
-        await stream.step(message, timeout=10)
+        for message in messages[:-1]:
+            stream.send(message)
+        await stream.step(messages[-1], timeout=10)
     except ServerFailure as failure:
         return failure.cause
     finally:
@@ -166,6 +183,27 @@ def test_bad_inference_request_gets_typed_error(server_and_client, case):
     assert isinstance(cause, expected), f"{case}: got {cause!r}"
     assert str(cause)  # a message the user can read
     assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_step_in_another_float_dtype_is_converted_on_arrival(server_and_client, dtype):
+    """The float32 server computes a float16 (or bfloat16) step exactly as that step converted to float32."""
+    server, model, _ = server_and_client
+    sent = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    async def output(hidden: torch.Tensor) -> torch.Tensor:
+        stream = InferenceStream(model.client.p2p, server.peer_id)
+        await stream.open(timeout=5)
+        try:
+            opening, step = request(hidden=hidden)
+            stream.send(opening)
+            return tensors.from_proto((await stream.step(step, timeout=10)).hidden)
+        finally:
+            stream.close()
+
+    converted = model.client.loop.run(output(sent))
+    assert converted.dtype == torch.float32
+    assert torch.equal(converted, model.client.loop.run(output(sent.float())))
 
 
 def test_bad_forward_requests_get_typed_errors(server_and_client):

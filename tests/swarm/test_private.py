@@ -80,16 +80,13 @@ def test_non_member_rpc_gets_not_a_member(keyed_swarm):
         p2p = await stranger.replicate_p2p()
         await p2p._client.connect(PeerID.from_base58(target.peer_id), [Multiaddr(target.maddrs[0])])
         forward = pb.ForwardRequest(start_block=0, end_block=3, hidden=tensors.to_proto(torch.zeros(1, 1, 64)))
-        step = pb.InferenceRequest(
-            session_id="stranger", start_block=0, end_block=3, max_length=8, batch_size=1,
-            hidden=tensors.to_proto(torch.zeros(1, 1, 64)),
-        )  # fmt: skip
+        opening = pb.Open(session_id="stranger", start_block=0, end_block=3, max_length=8, batch_size=1)
         stream = InferenceStream(p2p, target.peer_id)
         await stream.open(timeout=10)
         failures = []
         for call in (
             call_forward(p2p, target.peer_id, forward, 10),
-            stream.step(step, 10),
+            stream.step(pb.InferenceRequest(open=opening), 10),  # refused: the answer to its first step
             call_info(p2p, target.peer_id, 10),
         ):
             with pytest.raises(ServerFailure) as caught:
@@ -146,7 +143,9 @@ def test_forged_and_unsigned_announcements_are_ignored(keyed_swarm):
     )
     try:
         actual = model.generate(ids, max_new_tokens=6, do_sample=False)
-        assert {hop.peer_id for hop in model.client.routes.chain()} <= {s.peer_id for s in servers}
+        assert {hop.peer_id for hop in model.client.loop.run(model.client.routes.chain())} <= {
+            s.peer_id for s in servers
+        }
     finally:
         model.shutdown()
     assert actual.tolist() == local.generate(ids, max_new_tokens=6, do_sample=False).tolist()

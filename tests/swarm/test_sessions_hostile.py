@@ -15,7 +15,17 @@ from proto import pb
 from swarm import errors, tensors
 from swarm.localswarm import LocalSwarm
 from swarm.rpc import call_forward, call_info
-from tests.swarm.hostile import FRAME_END, HostilePeer, receive, send, step_request, wait_for
+from tests.swarm.hostile import (
+    FRAME_END,
+    HostilePeer,
+    header_request,
+    open_request,
+    receive,
+    send,
+    session_start,
+    step_request,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(240)
 HIDDEN = 64
@@ -38,11 +48,9 @@ def push_pair(tiny_models):
             loop.stop()
 
 
-def header(session_id: str, **fields) -> pb.InferenceRequest:
-    """Step 0 of a session over blocks 3:6 whose input comes from elsewhere (a push or a fallback)."""
-    return pb.InferenceRequest(
-        session_id=session_id, start_block=3, end_block=6, max_length=16, batch_size=1, expect_push=True, **fields
-    )
+def header(session_id: str, push_from: str) -> list[pb.InferenceRequest]:
+    """A session over blocks 3:6 opened, and its step 0, whose input comes from ``push_from`` (or a relay)."""
+    return [open_request(session_id, start_block=3, end_block=6), header_request(push_from)]
 
 
 def test_push_from_a_peer_the_client_did_not_name_is_ignored(push_pair):
@@ -59,7 +67,7 @@ def test_push_from_a_peer_the_client_did_not_name_is_ignored(push_pair):
     async def pushed_through_the_chain() -> torch.Tensor:
         ours, theirs = "s-" + uuid.uuid4().hex, "s-" + uuid.uuid4().hex
         to_second = await client.stream(second.peer_id)
-        await send(to_second[1], header(theirs, push_from_peer_id=first.peer_id))
+        await send(to_second[1], *header(theirs, first.peer_id))
         _, push = await attacker.stream(second.peer_id, "Push")
         garbage = pb.PushRequest(
             session_id=theirs, position=0, hidden=tensors.to_proto(torch.full((1, 3, HIDDEN), 7.0))
@@ -71,9 +79,8 @@ def test_push_from_a_peer_the_client_did_not_name_is_ignored(push_pair):
             await send(push, garbage)
             await asyncio.sleep(0.1)
         to_first = await client.stream(first.peer_id)
-        step = step_request(ours, tokens=3, end_block=3, hidden=hidden, push_peer_id=second.peer_id)
-        step.push_session_id = theirs
-        await send(to_first[1], step)
+        opening = open_request(ours, end_block=3)
+        await send(to_first[1], opening, step_request(hidden=hidden, push_to=(second.peer_id, theirs)))
         answer = await receive(to_first[0], timeout=10)
         assert answer is not None and answer.pushed, answer
         answer = await receive(to_second[0], timeout=10)
@@ -93,7 +100,7 @@ def test_too_many_sessions_from_one_peer_get_a_typed_error(push_pair):
 
     async def open_session(peer: HostilePeer):
         reader, writer = await peer.stream(second.peer_id)
-        await send(writer, step_request("s-" + uuid.uuid4().hex, start_block=3, end_block=6))
+        await send(writer, *session_start("s-" + uuid.uuid4().hex, start_block=3, end_block=6))
         return await receive(reader, timeout=10), writer
 
     async def scenario():
@@ -121,8 +128,8 @@ def test_flooding_steps_ahead_fails_the_stream(push_pair):
     async def flood():
         reader, writer = await attacker.stream(second.peer_id)
         session = "s-" + uuid.uuid4().hex
-        steps = [step_request(session, step=i, start_block=3, end_block=6) for i in range(1, 8)]
-        await send(writer, header(session), *steps)  # the header waits for an input that never comes
+        steps = [step_request(step=i) for i in range(1, 8)]
+        await send(writer, *header(session, attacker.peer_id), *steps)  # the header waits for an input that never comes
         answer = await receive(reader, timeout=10)
         writer.close()
         return answer
@@ -137,7 +144,7 @@ def test_ending_the_stream_releases_a_waiting_header_at_once(push_pair):
 
     async def end_early():
         reader, writer = await attacker.stream(second.peer_id)
-        await send(writer, header("s-" + uuid.uuid4().hex))
+        await send(writer, *header("s-" + uuid.uuid4().hex, attacker.peer_id))
         writer.write(FRAME_END)
         return await receive(reader, timeout=10)  # not after the idle timeout (120 s)
 

@@ -1,18 +1,21 @@
-"""Server-side checks without a network: tensor headers before allocation, push rules, per-peer limits."""
+"""Server-side checks without a network: tensor headers before allocation, float dtypes converted on arrival,
+push rules (the mailbox), per-peer limits."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 import torch
 
 from proto import pb
-from server import validation
+from server import mailbox, validation
 from server.cache import KVGeometry
 from server.config import ServerConfig
-from server.sessions import MAX_PENDING_INPUTS, Session, SessionRegistry
+from server.mailbox import MAX_PENDING_INPUTS, Mailbox
+from server.sessions import Session, SessionRegistry
 from swarm import errors, tensors
 from swarm.spans import BlockRange
 
@@ -46,7 +49,7 @@ def no_copies(monkeypatch):
 )
 def test_declared_hidden_is_checked_before_its_bytes(no_copies, shape, dtype):
     with pytest.raises(errors.InvalidRequestError):
-        validation.step_input(pb.Tensor(buffer=b"\0" * 8, shape=shape, dtype=dtype), pb.Tensor(), pb.Tensor(), LIMITS)
+        validation.hidden_input(pb.Tensor(buffer=b"\0" * 8, shape=shape, dtype=dtype), LIMITS, batch_size=None)
 
 
 @pytest.mark.parametrize(
@@ -60,61 +63,89 @@ def test_declared_hidden_is_checked_before_its_bytes(no_copies, shape, dtype):
     ],
 )
 def test_declared_ids_and_masks_are_checked_before_their_bytes(field, shape, dtype):
-    hidden = tensors.to_proto(torch.randn(1, 2, 64))
+    hidden = torch.randn(1, 2, 64)
     bad = pb.Tensor(buffer=b"\0" * 8, shape=shape, dtype=dtype)
     ids, mask = (bad, pb.Tensor()) if field == "position_ids" else (pb.Tensor(), bad)
     with pytest.raises(errors.InvalidRequestError, match=field.replace("mask", "attention_mask")):
-        validation.step_input(hidden, ids, mask, LIMITS)
+        validation.step_input(hidden, ids, mask)
 
 
 def test_a_valid_step_passes():
-    hidden = tensors.to_proto(torch.randn(2, 3, 64))
+    hidden = validation.hidden_input(tensors.to_proto(torch.randn(2, 3, 64)), LIMITS, batch_size=2)
     ids = tensors.to_proto(torch.arange(5, 8).expand(2, 3).contiguous())
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[1, 0] = False
-    step = validation.step_input(hidden, ids, tensors.to_proto(mask), LIMITS, batch_size=2, past=5)
+    step = validation.step_input(hidden, ids, tensors.to_proto(mask), past=5, declared=(7, 3))
     assert step.hidden.shape == (2, 3, 64) and step.attention_mask.tolist() == mask.tolist()
-    unpadded = validation.step_input(hidden, ids, tensors.to_proto(torch.ones(2, 3, dtype=torch.bool)), LIMITS)
-    assert unpadded.attention_mask is None  # all true: nothing to mask
+    assert (step.round_id, step.round_size) == (7, 3)
+    unpadded = validation.step_input(hidden, ids, tensors.to_proto(torch.ones(2, 3, dtype=torch.bool)))
+    assert unpadded.attention_mask is None and unpadded.round_size == 0  # all true: nothing to mask
     with pytest.raises(errors.InvalidRequestError, match="attention_mask"):  # masks cover the new tokens only
-        validation.step_input(hidden, ids, tensors.to_proto(torch.ones(2, 8, dtype=torch.bool)), LIMITS, past=5)
+        validation.step_input(hidden, ids, tensors.to_proto(torch.ones(2, 8, dtype=torch.bool)), past=5)
 
 
-def test_pushed_input_is_converted_and_checked():
-    pushed = validation.pushed_input(tensors.to_proto(torch.randn(1, 2, 64, dtype=torch.bfloat16)), LIMITS, 1)
-    assert pushed.dtype == torch.float32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hidden_of_any_float_dtype_is_converted_to_the_servers(dtype):
+    sent = torch.randn(1, 2, 64).to(dtype)
+    for limits in (LIMITS, dataclasses.replace(LIMITS, dtype=torch.bfloat16)):
+        hidden = validation.hidden_input(tensors.to_proto(sent), limits, 1)
+        assert hidden.dtype == limits.dtype and torch.equal(hidden, sent.to(limits.dtype))
     for bad in (torch.full((1, 2, 64), float("nan")), torch.randn(2, 2, 64), torch.randn(1, 2, 63)):
         with pytest.raises(errors.InvalidRequestError):
-            validation.pushed_input(tensors.to_proto(bad), LIMITS, 1)
+            validation.hidden_input(tensors.to_proto(bad.to(dtype)), LIMITS, 1)
+
+
+def test_float16_overflow_is_refused_not_converted_to_infinity():
+    with pytest.raises(errors.InvalidRequestError, match="infinite"):
+        validation.hidden_input(tensors.to_proto(torch.full((1, 1, 64), 1e5).half()), LIMITS, 1)
+
+
+def spec(**fields) -> pb.StepSpec:
+    message = pb.StepSpec()
+    for name, value in fields.items():
+        if name == "push_to":
+            message.push_to.peer_id, message.push_to.session_id = value
+        else:
+            setattr(message, name, value)
+    return message
 
 
 @pytest.mark.parametrize(
-    "fields",
-    [
-        dict(push_peer_id="not a peer id!", push_session_id="s"),
-        dict(push_peer_id=PEER_A),
-        dict(push_peer_id=PEER_A, push_session_id="s" * 129),
-        dict(push_from_peer_id="0OIl"),  # not base58
-        dict(push_from_peer_id="1" * 129),
-        dict(push_peer_id=PEER_A, push_session_id="two\nlines"),
-    ],
+    "push_to",
+    [("not a peer id!", "s"), (PEER_A, ""), (PEER_A, "s" * 129), ("", "s"), ("1" * 129, "s"), (PEER_A, "two\nlines")],
 )
-def test_push_fields_must_be_peer_ids_and_session_ids(fields):
+def test_push_targets_must_be_peer_ids_and_session_ids(push_to):
     with pytest.raises(errors.InvalidRequestError):
-        validation.push_fields(pb.InferenceRequest(**fields))
-    validation.push_fields(pb.InferenceRequest(push_peer_id=PEER_A, push_session_id="s", push_from_peer_id=PEER_B))
+        validation.push_target(spec(push_to=push_to))
+    assert validation.push_target(spec(push_to=(PEER_A, "s"))) == (PEER_A, "s")
+    assert validation.push_target(spec()) is None
+
+
+@pytest.mark.parametrize("pusher", ["", "0OIl", "1" * 129])
+def test_a_header_must_name_its_pusher(pusher):
+    with pytest.raises(errors.InvalidRequestError):
+        validation.check_peer_id(pusher, "push_from")
+    validation.check_peer_id(PEER_B, "push_from")
+
+
+def test_declared_rounds():
+    assert validation.declared_round(spec()) == (0, 0)
+    assert validation.declared_round(spec(round_id=2**64 - 1, round_size=3)) == (2**64 - 1, 3)
+    for bad in (spec(round_id=5), spec(round_size=validation.MAX_ROUND_SIZE + 1)):
+        with pytest.raises(errors.InvalidRequestError, match="round"):
+            validation.declared_round(bad)
 
 
 def test_message_cap_leaves_room_for_the_largest_valid_step():
     layers = {"self_attn.q_proj": (576, 576), "self_attn.v_proj": (576, 192)}
     limits = validation.Limits.build(BlockRange(0, 6), 576, torch.float32, ServerConfig(max_lora_rank=8), layers)
-    largest = pb.InferenceRequest(session_id="s" * 128, push_peer_id=PEER_A, push_session_id="s" * 128)
     tokens = limits.max_request_tokens
-    largest.hidden.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, 576)))
+    largest = spec(push_to=(PEER_A, "s" * 128), round_id=2**64 - 1, round_size=4096)
     largest.position_ids.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, dtype=torch.int64)))
     largest.attention_mask.CopyFrom(tensors.to_proto(torch.zeros(1, tokens, dtype=torch.bool)))
     largest.prompts.CopyFrom(tensors.to_proto(torch.zeros(6, 1, tokens // 6, 576)))  # blocks x rows x prefix
     largest.reorder.CopyFrom(tensors.to_proto(torch.zeros(1, dtype=torch.int64)))
+    step = pb.InferenceRequest(step=pb.Step(spec=largest, hidden=tensors.to_proto(torch.zeros(1, tokens, 576))))
     lora = [
         pb.LoraWeight(
             block=block, module=name, a=tensors.to_proto(torch.zeros(8, i)), b=tensors.to_proto(torch.zeros(o, 8))
@@ -122,8 +153,13 @@ def test_message_cap_leaves_room_for_the_largest_valid_step():
         for block in range(6)
         for name, (i, o) in layers.items()
     ]
-    largest.adapter.lora.CopyFrom(pb.LoraWeights(rank=8, alpha=16, weights=lora))
-    assert largest.ByteSize() <= limits.max_message_bytes < 2 * largest.ByteSize()
+    opening = pb.Open(session_id="s" * 128, start_block=0, end_block=6, max_length=2048, batch_size=1)
+    opening.adapter.lora.CopyFrom(pb.LoraWeights(rank=8, alpha=16, weights=lora))
+    largest_bytes = step.ByteSize() + pb.InferenceRequest(open=opening).ByteSize()
+    assert largest_bytes <= limits.max_message_bytes < 2 * largest_bytes
+    # a float32 step fits a bfloat16 server too: it converts on arrival
+    half = validation.Limits.build(BlockRange(0, 6), 576, torch.bfloat16, ServerConfig(max_lora_rank=8), layers)
+    assert step.ByteSize() <= half.max_message_bytes
     assert (
         validation.Limits.build(
             BlockRange(0, 6), 576, torch.float32, ServerConfig(max_message_bytes=10)
@@ -138,37 +174,75 @@ def make_session(session_id: str = "s", peer: str = PEER_B) -> Session:
 
 
 def test_only_the_named_pusher_fills_a_header():
-    session, hidden = make_session(), torch.zeros(1, 1, 64)
-    assert session.may_push("anyone")  # legacy: no pusher named yet
-    session.deliver(0, hidden, "stranger")
-    session.expect_input(PEER_A)
-    assert 0 not in session.inputs  # pushed ahead by a peer the header did not name: dropped
-    assert not session.deliver(0, hidden, "stranger")
-    assert session.deliver(0, hidden, PEER_A)
-    assert session.deliver(1, hidden, None)  # the client's own fallback is always welcome
-    assert asyncio.run(session.take(0, timeout=1)) is hidden
+    box, hidden = Mailbox(), torch.zeros(1, 1, 64)
+    box.open("s", batch_size=1)
+    assert box.push("s", 0, hidden, "stranger")  # kept until a header names the previous server...
+    box.expect("s", PEER_A)
+    assert not box.push("s", 1, hidden, "stranger")  # ...which drops it, and refuses others from now on
+    assert not box.push("s", 0, torch.zeros(2, 1, 64), PEER_A)  # not the session's batch size
+    assert box.push("s", 0, hidden, PEER_A)
+    assert box.relay("s", 1, hidden)  # the client's own relay is always welcome
+    assert asyncio.run(box.take("s", 0, timeout=1)) is hidden
+    with pytest.raises(errors.SessionNotFoundError, match="no input"):
+        asyncio.run(box.take("s", 2, timeout=0.05))
 
 
 def test_pending_inputs_are_bounded_and_stale_ones_dropped():
-    session = make_session()
-    accepted = [session.deliver(position, torch.zeros(1, 1, 64)) for position in range(10)]
+    box = Mailbox()
+    box.open("s", batch_size=1)
+    accepted = [box.relay("s", position, torch.zeros(1, 1, 64)) for position in range(10)]
     assert sum(accepted) == MAX_PENDING_INPUTS
-    session.cache.advance(2)  # the cache moved past positions 0 and 1
-    session.drop_stale_inputs()
-    assert sorted(session.inputs) == [2, 3]
+    box.advance("s", 2)  # the cache moved past positions 0 and 1
+    assert sorted(box.boxes["s"].inputs) == [2, 3]
+    assert not box.relay("s", 1, torch.zeros(1, 1, 64))
 
 
 def test_a_waiting_header_stops_when_the_stream_ends():
-    session = make_session()
+    box = Mailbox()
+    box.open("s", batch_size=1)
 
     async def wait_then_end():
-        waiting = asyncio.create_task(session.take(0, timeout=30))
-        await asyncio.sleep(0.01)
-        session.end_inputs(errors.SessionNotFoundError("stream ended"))
+        waiting = asyncio.create_task(box.take("s", 0, timeout=30))
+        await asyncio.sleep(0)  # the header starts waiting
+        box.end("s", errors.SessionNotFoundError("stream ended"))
         return await waiting
 
     with pytest.raises(errors.SessionNotFoundError, match="stream ended"):
         asyncio.run(wait_then_end())
+
+
+@pytest.mark.parametrize("session_id", ["", "s" * 129, "with space", "new\nline", "é"])
+def test_session_ids_are_short_printable_ascii(session_id):
+    request = pb.Open(session_id=session_id, start_block=0, end_block=6, max_length=16, batch_size=1)
+    with pytest.raises(errors.InvalidRequestError):
+        validation.open_request(request, LIMITS)
+
+
+def test_pushes_that_beat_their_session_wait_for_it():
+    box, hidden = Mailbox(), torch.zeros(1, 1, 64)
+    assert box.push("early", 0, hidden, PEER_A)
+    assert box.push("early", 0, torch.ones(1, 1, 64), PEER_B)  # a stranger's, for the same step
+    assert box.push("other-batch", 0, torch.zeros(2, 1, 64), PEER_A)
+    box.open("early", batch_size=1)
+    box.expect("early", PEER_A)  # what the first header names
+    assert box.boxes["early"].inputs == {0: (hidden, PEER_A)}
+    box.open("other-batch", batch_size=1)  # a push of the wrong batch size is not handed over
+    assert box.boxes["other-batch"].inputs == {}
+    assert box.early == []
+
+
+def test_early_pushes_are_bounded_and_expire():
+    box = Mailbox()
+    small = torch.zeros(1, 1, 64)
+    share = mailbox.EARLY_PUSH_COUNT // mailbox.EARLY_PUSH_SHARE
+    assert all(box.push(f"s{i}", 0, small, PEER_A) for i in range(share))
+    assert not box.push("one-more", 0, small, PEER_A)  # this peer's share is used up...
+    assert box.push("theirs", 0, small, PEER_B)  # ...not another peer's
+    big = torch.zeros(1, mailbox.EARLY_PUSH_BYTES // 256 + 1, 64)  # more than a peer's share of bytes
+    assert not box.push("big", 0, big, "QmOther")
+    now = time.monotonic()
+    box.clock = lambda: now + mailbox.EARLY_PUSH_SECONDS + 1
+    assert box.push("later", 0, small, PEER_A) and len(box.early) == 1  # the old ones expired
 
 
 def test_registry_limits_sessions_per_peer_and_hides_other_sessions():
@@ -185,40 +259,3 @@ def test_registry_limits_sessions_per_peer_and_hides_other_sessions():
     registry.remove(first)
     registry.check_can_open("c", PEER_A)
     assert registry.get("b") is second and len(registry) == 1
-
-
-@pytest.mark.parametrize("session_id", ["", "s" * 129, "with space", "new\nline", "é"])
-def test_session_ids_are_short_printable_ascii(session_id):
-    request = pb.InferenceRequest(session_id=session_id, start_block=0, end_block=6, max_length=16, batch_size=1)
-    with pytest.raises(errors.InvalidRequestError):
-        validation.open_request(request, LIMITS)
-
-
-def test_pushes_that_beat_their_header_wait_for_the_session():
-    registry, hidden = SessionRegistry(max_per_peer=4), torch.zeros(1, 1, 64)
-    assert registry.early.hold("early", 0, hidden, PEER_A)
-    assert registry.early.hold("early", 0, torch.ones(1, 1, 64), PEER_B)  # a stranger's, for the same step
-    assert registry.early.hold("other-batch", 0, torch.zeros(2, 1, 64), PEER_A)
-    session = make_session("early")
-    session.expect_input(PEER_A)  # what the opening header names, before the session is registered
-    registry.add(session)
-    assert session.inputs[0][0] is hidden and session.inputs[0][1] == PEER_A
-    registry.add(make_session("other-batch"))  # a push of the wrong batch size is not handed over
-    assert registry.get("other-batch").inputs == {}
-    assert registry.early.held == []
-
-
-def test_early_pushes_are_bounded_and_expire():
-    from server import sessions
-
-    early = sessions.EarlyPushes()
-    small = torch.zeros(1, 1, 64)
-    share = sessions.EARLY_PUSH_COUNT // sessions.EARLY_PUSH_SHARE
-    assert all(early.hold(f"s{i}", 0, small, PEER_A) for i in range(share))
-    assert not early.hold("one-more", 0, small, PEER_A)  # this peer's share is used up...
-    assert early.hold("theirs", 0, small, PEER_B)  # ...not another peer's
-    big = torch.zeros(1, sessions.EARLY_PUSH_BYTES // 256 + 1, 64)  # more than a peer's share of bytes
-    assert not early.hold("big", 0, big, "QmOther")
-    now = time.monotonic()
-    early.clock = lambda: now + sessions.EARLY_PUSH_SECONDS + 1
-    assert early.hold("later", 0, small, PEER_A) and len(early.held) == 1  # the old ones expired
