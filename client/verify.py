@@ -38,6 +38,9 @@ Work that was checked is counted as verified in the points receipts (``client.po
 A server that fails as a verifier or referee (down, or too busy for one more session) is not banned; this
 session just asks others for a while.
 
+Shadows and third-server referees are chains of their own (``client.chain``), fed with ``Chain.replay``; the
+verifier gets the client (``client.handle``) and the session's ``ChainSpec``, not the session.
+
 Concurrency: everything runs on the client's event loop; background checks are tasks owned by the
 ``Verifier`` of one session, at most one in flight per hop.
 """
