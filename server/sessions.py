@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.cache import CacheBudget, KVGeometry, SessionCache
+from swarm.core.cache import CacheBudget, KVGeometry, SessionCache
 from swarm.errors import InvalidRequestError, SessionNotFoundError, TooManyRequestsError
 from swarm.models.adapters import LoraAdapter
 from swarm.spans import BlockRange

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from server.blocks import load_block_stack
-from server.cache import KVGeometry
 from server.scheduler import Scheduler, SchedulerConfig
-from server.work import Kind, Work
+from swarm.core.blocks import load_block_stack
+from swarm.core.cache import KVGeometry
+from swarm.core.work import ForwardPass, InferenceStep, Kind
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,14 +26,14 @@ def stack(tiny_models):
     return load_block_stack(folder, config, SPAN, torch.float32), KVGeometry.from_config(config, torch.float32)
 
 
-def step_work(cache, hidden, position, mask=None) -> Work:
+def step_work(cache, hidden, position, mask=None) -> InferenceStep:
     batch, tokens, _ = hidden.shape
     cache.set_padding(cache.length, mask, tokens)
     positions = torch.arange(position, position + tokens).expand(batch, tokens)
-    return Work(Kind.DECODE if batch * tokens <= 16 else Kind.PREFILL, SPAN, hidden, positions, cache)
+    return InferenceStep(SPAN, hidden, positions, cache, kind=Kind.DECODE if batch * tokens <= 16 else Kind.PREFILL)
 
 
-def run_alone(stack, work: Work) -> torch.Tensor:
+def run_alone(stack, work: InferenceStep) -> torch.Tensor:
     with torch.inference_mode():
         output = stack.run([work], len(SPAN))[0]
     work.cache.advance(work.hidden.shape[1])
@@ -74,9 +74,9 @@ def test_decode_steps_keep_their_pace_while_a_large_forward_runs(stack):
     stack, geometry = stack
     scheduler = Scheduler(stack, SchedulerConfig(chunk_token_blocks=4096))  # 4096-token forward: 1 block a slice
     cache = geometry.allocate(len(SPAN), 1, 64)
-    big = Work(Kind.FORWARD, SPAN, torch.randn(16, 256, 64), torch.arange(256).expand(16, 256))
+    big = ForwardPass(SPAN, torch.randn(16, 256, 64), torch.arange(256).expand(16, 256))
     with torch.inference_mode():
-        expected = stack.run([Work(Kind.FORWARD, SPAN, big.hidden, big.position_ids)], len(SPAN))[0]
+        expected = stack.run([ForwardPass(SPAN, big.hidden, big.position_ids)], len(SPAN))[0]
 
     async def race():
         forward = asyncio.ensure_future(scheduler.submit(big))
@@ -100,7 +100,7 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch(stack):
     broken.advance(1)  # full: writing one more token fails inside the computation
     hidden = torch.randn(1, 1, 64)
     with torch.inference_mode():
-        expected = stack.run([Work(Kind.DECODE, SPAN, hidden, torch.zeros(1, 1, dtype=torch.long))], len(SPAN))[0]
+        expected = stack.run([InferenceStep(SPAN, hidden, torch.zeros(1, 1, dtype=torch.long))], len(SPAN))[0]
     scheduler = Scheduler(stack)
 
     async def together():
@@ -119,7 +119,7 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch(stack):
 def test_work_of_a_peer_that_went_away_is_dropped(stack):
     stack, _ = stack
     scheduler = Scheduler(stack, SchedulerConfig(chunk_token_blocks=1))
-    big = Work(Kind.FORWARD, SPAN, torch.randn(8, 128, 64), torch.arange(128).expand(8, 128))
+    big = ForwardPass(SPAN, torch.randn(8, 128, 64), torch.arange(128).expand(8, 128))
 
     async def abandon():
         task = asyncio.ensure_future(scheduler.submit(big))
@@ -127,7 +127,7 @@ def test_work_of_a_peer_that_went_away_is_dropped(stack):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        small = Work(Kind.FORWARD, SPAN, torch.randn(1, 2, 64), torch.arange(2).expand(1, 2))
+        small = ForwardPass(SPAN, torch.randn(1, 2, 64), torch.arange(2).expand(1, 2))
         await scheduler.submit(small)  # the worker is free again; the abandoned pass never finished
         return big.cursor
 

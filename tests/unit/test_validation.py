@@ -10,10 +10,10 @@ import torch
 
 from proto import pb
 from server import validation
-from server.cache import KVGeometry
 from server.config import ServerConfig
 from server.sessions import MAX_PENDING_INPUTS, Session, SessionRegistry
 from swarm import errors, tensors
+from swarm.core.cache import KVGeometry
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)
