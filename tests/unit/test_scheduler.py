@@ -1,9 +1,10 @@
-"""The compute core without a network: continuous batching is exact, long work yields to decode steps,
-one failing request does not fail the others, and abandoned work is dropped."""
+"""The compute core without a network: continuous batching is exact, declared rounds run as one batch,
+long work yields to decode steps, one failing request does not fail the others, and abandoned work is dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import AutoConfig
 from server.scheduler import Scheduler, SchedulerConfig
 from swarm.core.blocks import load_block_stack
 from swarm.core.cache import KVGeometry
-from swarm.core.work import ForwardPass, InferenceStep, Kind
+from swarm.core.work import ForwardPass, InferenceStep, Kind, Round
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,3 +137,35 @@ def test_work_of_a_peer_that_went_away_is_dropped(stack):
     finally:
         scheduler.shutdown()
     assert cursor < SPAN.end
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["all steps come", "one never comes"])
+def test_a_declared_round_runs_as_one_batch_when_its_steps_are_in(stack, complete):
+    stack, geometry = stack
+    declared = Round("client", 1, 3)
+    caches = [geometry.allocate(len(SPAN), 1, 8) for _ in range(3)]
+    scheduler = Scheduler(stack, SchedulerConfig(batch_wait=2.0))
+
+    def step(cache):
+        work = step_work(cache, torch.randn(1, 1, 64), 0)
+        work.round = declared
+        return work
+
+    async def round_of_steps():
+        early = [asyncio.ensure_future(scheduler.submit(step(cache))) for cache in caches[:2]]
+        await asyncio.sleep(0.2)  # the round's last step is late (a slow client)
+        ran_early = scheduler.slices
+        started = time.monotonic()
+        if complete:
+            await scheduler.submit(step(caches[2]))
+        await asyncio.gather(*early)
+        return ran_early, time.monotonic() - started
+
+    try:
+        ran_early, waited = asyncio.run(round_of_steps())
+    finally:
+        scheduler.shutdown()
+    assert ran_early == 0  # the two steps in waited for the third
+    assert scheduler.slices == 1 and scheduler.batched_items == (3 if complete else 2)
+    if complete:
+        assert waited < 1.0  # ran once the round was in, not at the timer's bound
