@@ -70,13 +70,11 @@ class Serving:
         step: validation.Step,
         prompts: torch.Tensor | None = None,
         reorder: torch.Tensor | None = None,
-        round_id: int = 0,
-        round_size: int = 0,
     ) -> torch.Tensor:
         """Run a validated step of ``session`` through its blocks (its cache grows by the new tokens);
         ``reorder`` picks the session's rows first (beam search), ``prompts`` are the step's deep prompts.
-        ``round_size`` > 0 declares the step part of the client's round ``round_id``: that many steps of
-        the round come to these blocks together, and run as one batch as soon as they are all in."""
+        A step with ``round_size`` > 0 is part of the client's declared round ``round_id``: that many steps
+        of the round come to these blocks together, and run as one batch as soon as they are all in."""
         batch, tokens, _ = step.hidden.shape
         session.cache.check_room(tokens)
         session.cache.set_padding(session.position, step.attention_mask, tokens)
@@ -91,7 +89,7 @@ class Serving:
             prompts=prompts,
             adapter=session.adapter,
             reorder=reorder,
-            round=Round(session.peer, round_id, round_size) if round_size > 0 else None,
+            round=Round(session.peer, step.round_id, step.round_size) if step.round_size > 0 else None,
         )
         return await self.scheduler.submit(work)
 
