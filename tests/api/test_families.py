@@ -15,12 +15,16 @@ import pytest
 
 from client.api.protocol import Sampling
 from swarm.localswarm import LocalSwarm
+from tests.conftest import make_tiny_model
 
 from .conftest import Reference, make_chat_model, openai_client
 
 pytestmark = pytest.mark.timeout(300)
 
 SPLITS = {"bloom": ("0:2", "2:4"), "gemma2": ("0:2", "2:4")}  # 4 blocks each; Llama's swarm is the package's
+# BLOOM with smaller weights than the shared tiny models': at their std of 0.2 its greedy continuation is the same
+# with or without the embedding norm, so greedy decoding would not show whether the norm is applied
+WEIGHTS = {"bloom": {"seed": 1, "std": 0.1}}
 SOFTCAP = 2.0  # Gemma 2's final-logit soft-cap in this test's model: small enough to change what is sampled
 CHANGES = {"gemma2": {"final_logit_softcapping": SOFTCAP}}
 PROMPT = "The swarm says"
@@ -40,8 +44,9 @@ def served(request, tiny_models, tmp_path_factory):
     if family == "llama":  # the package's swarm of the tiny chat model
         yield Served(request.getfixturevalue("api").client, request.getfixturevalue("reference"), "tiny-chat")
         return
-    name = f"tiny-{family}-chat"
-    folder = make_chat_model(tiny_models[family], tmp_path_factory.mktemp(family) / name, **CHANGES.get(family, {}))
+    name, root = f"tiny-{family}-chat", tmp_path_factory.mktemp(family)
+    source = make_tiny_model(root / "source", family, **WEIGHTS[family]) if family in WEIGHTS else tiny_models[family]
+    folder = make_chat_model(source, root / name, **CHANGES.get(family, {}))
     with LocalSwarm() as swarm:
         swarm.start(folder, [(blocks, ()) for blocks in SPLITS[family]])
         process = swarm.start_api(folder, "--wait-for-blocks", "1")
