@@ -116,6 +116,23 @@ class DistributedModel(nn.Module):
     def final_norm(self) -> nn.Module:
         return getattr(self, self.layout.norm)
 
+    def embed(
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, prefix: bool = False
+    ) -> torch.Tensor:
+        """The first block's input [batch, tokens, hidden]: the token embeddings of ``input_ids`` [batch, tokens]
+        (with the family's scale, e.g. Gemma's sqrt(hidden_size)) or the caller's ``inputs_embeds``, then the
+        family's embedding norm (BLOOM's ``word_embeddings_layernorm``), as the family's transformers model
+        does. With ``prefix`` and prompt tuning on, the trainable prompt prefix goes in front: [batch,
+        pre_seq_len + tokens, hidden]. The one place the client computes its input to the blocks."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        hidden = inputs_embeds if inputs_embeds is not None else self.embeddings(input_ids)
+        if self.layout.embed_norm is not None:
+            hidden = getattr(self, self.layout.embed_norm)(hidden)
+        if prefix and self.prompt_tuning is not None:
+            hidden = torch.cat([self.prompt_tuning.prefix_for(hidden.shape[0], hidden.dtype), hidden], dim=1)
+        return hidden
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -130,21 +147,16 @@ class DistributedModel(nn.Module):
     ) -> BaseModelOutputWithPast:
         """Like the family's transformers base model: the final-normed hidden states, and with
         ``output_hidden_states`` the embeddings, every block's output and the final-normed output."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if output_attentions:
             raise NotImplementedError("output_attentions: servers do not return attention weights")
         if output_hidden_states not in (None, False, True):
             raise NotImplementedError("output_hidden_states takes True or False (not a selection of layers)")
-        hidden = inputs_embeds if inputs_embeds is not None else self.embeddings(input_ids)
-        if self.layout.embed_norm is not None:
-            hidden = getattr(self, self.layout.embed_norm)(hidden)
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         tuning = self.prompt_tuning
-        prefix = tuning.pre_seq_len if tuning is not None and (session is None or session.position == 0) else 0
+        with_prefix = tuning is not None and (session is None or session.position == 0)
+        hidden = self.embed(input_ids, inputs_embeds, prefix=with_prefix)
+        prefix = tuning.pre_seq_len if with_prefix else 0
         deep = tuning.deep_prompts(hidden.dtype) if tuning is not None else None
-        if prefix:
-            hidden = torch.cat([tuning.prefix_for(hidden.shape[0], hidden.dtype), hidden], dim=1)
         if session is not None:
             output = self._session_step(session, hidden, attention_mask, position_ids, prefix, deep)
             if output_hidden_states:

@@ -8,6 +8,12 @@ and gradients flow through the servers (``client.layers``). During ``generate`` 
 ``RemoteCache`` that stands for an inference session: its length is the number of tokens the servers
 already hold, which is how transformers knows to send only new tokens, and beam search's reorders go
 to the servers with the next step.
+
+What the client computes of the model itself is two steps, each in one place and used by ``forward``
+(hence ``generate``), the sequence classifier and the HTTP API alike: ``embed`` (token embeddings with the
+family's scale, its embedding norm, the trainable prompt prefix; ``client.base``) and ``next_token_logits``
+(final norm, LM head, final-logit soft-capping; ``head_logits`` is the part after the norm, for the base
+model's already-normed output).
 """
 
 from __future__ import annotations
@@ -48,6 +54,16 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.head
+
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last block's output [..., hidden] -> next-token logits [..., vocab] (the model's dtype): the
+        final norm, then ``head_logits``. With ``embed``, all the client computes of the model itself."""
+        return self.head_logits(self.base.final_norm(hidden))
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [..., hidden] (the base model's output) -> logits [..., vocab]: the LM head,
+        then the family's final-logit soft-capping (Gemma 2/3), as transformers computes them."""
+        return soft_cap(self.head(normed), self.logit_softcap)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
@@ -100,7 +116,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = soft_cap(self.head(hidden[:, keep, :]), self.logit_softcap)
+        logits = self.head_logits(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

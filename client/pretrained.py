@@ -62,6 +62,13 @@ class DistributedPreTrainedModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.base.embeddings
 
+    def embed(
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, prefix: bool = False
+    ) -> torch.Tensor:
+        """The input of the first remote block (``DistributedModel.embed``): token embeddings with the family's
+        scale, its embedding norm, and with ``prefix`` the trainable prompt prefix where prompt tuning is on."""
+        return self.base.embed(input_ids, inputs_embeds, prefix)
+
     # -- loading --
 
     @classmethod

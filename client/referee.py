@@ -1,95 +1,99 @@
 """The client's own computation of a span, as the referee of a disputed step (``client.verify``).
 
-A client that has the model's folder (it loaded its embeddings and head from it) can recompute any span
-itself: it loads those blocks' weights on first use (only the disputed span's, in float32), and runs the
-span's whole input history as one stateless causal pass with transformers' eager attention. Used for
-families whose blocks take rotary embeddings and a 4D additive mask (Llama, Mistral, Qwen2) and for
-sessions without padding, deep prompts, beam reorders or adapters; otherwise a third server referees.
+A client that has the model's folder (it loaded its embeddings and head from it) recomputes a disputed
+span with the servers' own compute core (``swarm.core``): the same block stack, loading code, attention
+plan, LoRA and KV cache, in float32. It replays the session's steps on that span through a fresh cache
+exactly as a server would (each step's padding, deep prompts and beam reorder, the session's adapter),
+so every family a server can serve has a local referee.
 
-Concurrency: ``run`` is blocking torch work; the verifier calls it in the loop's executor.
+Memory: the referee keeps the weights of one span only, the last disputed one (a dispute on a span
+inside it reuses them; any other span replaces them). The cache of a replay lives for that replay.
+
+Concurrency: ``run`` is blocking torch work; the verifier calls it in the loop's executor. A lock keeps
+two replays from sharing the block stack at once.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import PretrainedConfig
 
 from client.hop import StepInput
-from swarm.models.base import attention_kind, eager_config
-from swarm.models.families import family_for
-from swarm.models.weights import load_tensors, tensor_index
+from swarm.core.blocks import BlockStack, load_block_stack
+from swarm.core.cache import KVGeometry
+from swarm.core.work import InferenceStep, run_to_end
+from swarm.models.adapters import LoraAdapter
+from swarm.models.families import FAMILIES
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("llama", "mistral", "qwen2")  # blocks called as (hidden, attention_mask, position_ids, position_embeddings)
-
 
 class LocalReferee:
     def __init__(self, folder: Path, config: PretrainedConfig):
-        self.folder, self.config = Path(folder), eager_config(config)
-        self.config._attn_implementation = "eager"
-        self._blocks: dict[int, nn.Module] = {}  # absolute index -> block, loaded on first use
+        self.folder = Path(folder)
+        self.config = copy.deepcopy(config)  # loading sets the attention implementation on its config
+        self._stack: BlockStack | None = None  # the last disputed span's blocks, float32
         self._lock = threading.Lock()
-        self._family = self._rotary = None
 
-    def can_run(self, steps: list[StepInput], adapter) -> bool:
-        """Whether this referee computes what the servers did for ``steps``."""
-        return (
-            self.config.model_type in FAMILIES
-            and adapter is None
-            and all(s.prompts is None and s.reorder is None for s in steps)
-            and all(s.attention_mask is None or bool(s.attention_mask.all()) for s in steps)
-        )
+    @property
+    def loaded(self) -> BlockRange | None:
+        """The span whose blocks are kept (None before the first dispute)."""
+        return self._stack.span if self._stack is not None else None
 
-    def run(self, span: BlockRange, steps: list[StepInput]) -> torch.Tensor:
-        """The span's output for the last of ``steps`` (the span's inputs from the session's start):
-        [batch, its tokens, hidden_size], in float32."""
-        hidden = torch.cat([step.hidden for step in steps], dim=1).float()  # [batch, total, hidden]
-        position_ids = torch.cat([step.position_ids for step in steps], dim=1)  # [batch, total]
-        with self._lock, torch.inference_mode():
-            blocks = [self._block(index) for index in range(span.start, span.end)]
-            rows = [self._row(span, blocks, hidden[r : r + 1], position_ids[r : r + 1]) for r in range(len(hidden))]
-        return torch.cat(rows)[:, -steps[-1].hidden.shape[1] :]
+    def can_run(self, steps: list[StepInput], adapter: LoraAdapter | str | None) -> bool:
+        """Whether this referee computes what the servers did for ``steps``: any family the servers serve,
+        with the session's own LoRA weights or none (an adapter preloaded on servers, named, is not here)."""
+        return bool(steps) and self.config.model_type in FAMILIES and not isinstance(adapter, str)
 
-    def _row(self, span: BlockRange, blocks: list[nn.Module], hidden: torch.Tensor, position_ids: torch.Tensor):
-        """One sequence [1, total, hidden] through the span, causally."""
-        embeddings = self._family.position_embeddings(self._rotary, hidden, position_ids)
-        for index, block in zip(range(span.start, span.end), blocks, strict=True):
-            kind = attention_kind(self.config, index)
-            output = block(
-                hidden,
-                attention_mask=self._mask(kind, hidden.shape[1]),
-                position_ids=position_ids,
-                position_embeddings=embeddings[kind],
-                use_cache=False,
+    def run(self, span: BlockRange, steps: list[StepInput], adapter: LoraAdapter | None = None) -> torch.Tensor:
+        """The span's output for the last of ``steps`` (the span's inputs from the session's start, as sent
+        to its server): [batch, its tokens, hidden_size], in float32. ``adapter``: the session's LoRA."""
+        with self._lock:
+            stack = self._stack_for(span)
+            return self._replay(stack, span, steps, _float32(adapter.within(span)) if adapter is not None else None)
+
+    def _replay(
+        self, stack: BlockStack, span: BlockRange, steps: list[StepInput], adapter: LoraAdapter | None
+    ) -> torch.Tensor:
+        """Every step of the session through a fresh cache of ``span``, as a server runs them."""
+        batch = steps[0].hidden.shape[0]
+        total = sum(step.hidden.shape[1] for step in steps)
+        cache = KVGeometry.from_config(self.config, torch.float32).allocate(len(span), batch, total)
+        offset = span.start - stack.span.start
+        output = steps[0].hidden
+        for step in steps:
+            tokens = step.hidden.shape[1]
+            cache.set_padding(cache.length, step.attention_mask, tokens)
+            prompts = step.prompts[span.start : span.end].float() if step.prompts is not None else None
+            work = InferenceStep(
+                span,
+                step.hidden.float(),
+                step.position_ids,
+                cache,
+                offset,
+                prompts=prompts,
+                adapter=adapter,
+                reorder=step.reorder,
             )
-            hidden = output[0] if isinstance(output, tuple) else output
-        return hidden
+            output = run_to_end(stack, work)
+        return output
 
-    def _mask(self, kind: str, tokens: int) -> torch.Tensor:
-        """Additive causal mask [1, 1, tokens, tokens] (sliding layers also hide keys beyond the window)."""
-        query, key = torch.arange(tokens)[:, None], torch.arange(tokens)[None, :]
-        hidden = key > query
-        window = getattr(self.config, "sliding_window", None)
-        if kind == "sliding_attention" and window:
-            hidden |= key <= query - window
-        return torch.zeros(tokens, tokens).masked_fill(hidden, torch.finfo(torch.float32).min)[None, None]
+    def _stack_for(self, span: BlockRange) -> BlockStack:
+        """Blocks holding ``span``: the ones kept if they do, else ``span``'s alone (the others are dropped)."""
+        kept = self._stack
+        if kept is None or not (kept.span.start <= span.start and span.end <= kept.span.end):
+            self._stack = None  # free the old blocks before loading the new ones
+            self._stack = load_block_stack(self.folder, self.config, span, torch.float32)
+            logger.info("Loaded blocks %s to referee disputed steps", span)
+        return self._stack
 
-    def _block(self, index: int) -> nn.Module:
-        if self._family is None:
-            self._family = family_for(self.config)
-            self._rotary = self._family.build_rotary(self.config)
-        if index not in self._blocks:
-            names = tensor_index(self.folder)
-            prefix = self._family.checkpoint_prefix(self._family.block_prefix(index), names)
-            state = load_tensors(self.folder, lambda name: name.startswith(prefix), torch.float32, names)
-            state = {name[len(prefix) :]: value for name, value in state.items()}
-            self._blocks[index] = self._family.load_block(self.config, index, state, cache_index=index)
-            logger.info("Loaded block %d to referee disputed steps", index)
-        return self._blocks[index]
+
+def _float32(adapter: LoraAdapter) -> LoraAdapter:
+    weights = {key: (a.detach().float(), b.detach().float()) for key, (a, b) in adapter.weights.items()}
+    return LoraAdapter(adapter.rank, adapter.alpha, weights)

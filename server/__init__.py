@@ -3,11 +3,8 @@
 - ``config``: ServerConfig (one dataclass, built by ``__main__`` from the CLI)
 - ``server``: Server lifecycle (load, join, serve, announce, graceful shutdown)
 - ``serving``: everything that serves one span (blocks, scheduler, sessions, limits)
-- ``work``: typed work items (decode, prefill, forward, backward) and the pure choice of the next slice
-- ``scheduler``: the compute core: a priority queue of work and the one thread that runs it in slices
-- ``blocks``: BlockStack, loading only the span's weights, and its batched computation
-- ``attention``: attention for a batch of requests, each with its own KV cache and masks
-- ``cache``: KV budget, preallocated session caches (keys, values, padding mask)
+- ``scheduler``: a priority queue of work and the one thread that runs it in slices (the computation itself,
+  work items and the pure batching decisions live in ``swarm.core``)
 - ``sessions``: open inference sessions
 - ``mailbox``: push mode's receiving side: inputs of headers' steps (pushed or relayed), early pushes
 - ``validation``: checks on every remote input (float inputs converted to the server's dtype on arrival)
@@ -23,8 +20,9 @@ Concurrency model:
 - All torch work of a span goes through its ``Scheduler``: one queue of typed work items and one worker
   thread. Decode steps come first, then prefill steps, then forward passes, then backward passes. Decode
   steps of many sessions that are ready together run as one batch (continuous batching: sessions join
-  and leave between slices); long work runs in bounded slices of blocks, so it delays decode steps by at
-  most one slice. Results return to the loop with ``call_soon_threadsafe``.
+  and leave between slices); a round a client declared runs as one batch as soon as its steps are in;
+  long work runs in bounded slices of blocks, so it delays decode steps by at most one slice. Results
+  return to the loop with ``call_soon_threadsafe``.
 - Only the worker thread touches modules and KV caches; a session has at most one step in flight.
 - Blocking DHT calls run in the default executor (hivemind runs the DHT node in a child process).
 

@@ -1,8 +1,12 @@
-"""The compute core of one span: a queue of typed work and one worker thread that runs it in slices.
+"""A span's compute: a queue of typed work (``swarm.core.work``) and one worker thread that runs it in slices.
+
+The scheduler only orders, batches and runs slices: what runs next and how long a decode batch waits
+for more steps are pure decisions (``swarm.core.batching``); what a slice does to an item is the
+item's own (``swarm.core.work.run_slice``), so no kind of work is special here.
 
 Concurrency: handlers on the event loop ``submit`` work and await its result; a single worker thread
-takes slices (``work.next_batch``) from the queue, runs them on the block stack, and hands results
-back to the loop with ``call_soon_threadsafe``. Only the worker touches modules and KV caches while
+takes slices from the queue, runs them on the block stack, and hands results back to the loop with
+``call_soon_threadsafe``. Only the worker touches modules and KV caches while
 work is queued, so no locks guard them. A slice that fails with several items in it is not blamed on
 all of them: each item runs again alone (a cache is written in place but only advances once a step
 has gone through all its blocks, so running a slice again is harmless); only an item that fails
@@ -20,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server import backward
-from server.blocks import BlockStack
-from server.work import ActiveSessions, Kind, Work, next_batch
+from swarm.core.batching import ActiveSessions, hold_seconds, next_batch
+from swarm.core.blocks import BlockStack
+from swarm.core.work import Kind, Work, run_slice
 from swarm.errors import ShuttingDownError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +37,9 @@ class SchedulerConfig:
     max_batch_tokens: int = 256  # rows x tokens of decode steps run as one batch
     chunk_token_blocks: int = 4096  # a slice of other work runs at most about this many tokens x blocks
     decode_tokens: int = 16  # inference steps of at most this many rows x tokens count as decode steps
-    batch_wait: float = 0.1  # at most this many seconds (and half a decode slice) a decode batch waits for...
-    active_window: float = 0.5  # ...sessions that stepped within this many seconds (or 4 slices) and are not queued
+    batch_wait: float = 0.1  # at most this many seconds a decode batch waits for the rest of a declared round...
+    active_window: float = 0.5  # ...or (half a decode slice at most) for undeclared sessions that stepped within
+    # this many seconds (or 4 slices) and are not queued
     step_delay: float = 0.0  # test only: extra seconds per slice with inference work (a slow server)
 
 
@@ -105,21 +110,25 @@ class Scheduler:
                 self._run_slice(pendings, blocks)
 
     def _next_batch(self) -> tuple[list[Work], int]:
-        """The next slice; a decode batch first waits briefly for active sessions not queued yet."""
-        batch, blocks = next_batch(list(self._ready), self.config.max_batch_tokens, self.config.chunk_token_blocks)
+        """The next slice; a decode batch first waits briefly for steps not queued yet (``hold_seconds``)."""
+        config = self.config
+        batch, blocks = next_batch(list(self._ready), config.max_batch_tokens, config.chunk_token_blocks)
         if batch[0].kind != Kind.DECODE:
             return batch, blocks
-        deadline = time.monotonic() + min(self.config.batch_wait, self._decode_seconds / 2)
-        while not self._stopped and sum(work.size for work in batch) < self.config.max_batch_tokens:
+        chosen = time.monotonic()
+        while not self._stopped:
             now = time.monotonic()
-            window = max(self.config.active_window, 4 * self._decode_seconds)
-            if now >= deadline or len(batch) >= self._active.expected(batch[0].blocks, now, window):
+            window = max(config.active_window, 4 * self._decode_seconds)
+            expected = self._active.expected(batch[0].blocks, now, window)
+            ready = list(self._ready)
+            hold = hold_seconds(
+                batch, ready, expected, config.max_batch_tokens, config.batch_wait, self._decode_seconds
+            )
+            if now >= chosen + hold:
                 break
-            self._cond.wait(deadline - now)
+            self._cond.wait(chosen + hold - now)
             if self._ready:
-                batch, blocks = next_batch(
-                    list(self._ready), self.config.max_batch_tokens, self.config.chunk_token_blocks
-                )
+                batch, blocks = next_batch(list(self._ready), config.max_batch_tokens, config.chunk_token_blocks)
         return batch, blocks
 
     def _run_slice(self, pendings: list[_Pending], blocks: int) -> None:
@@ -128,15 +137,7 @@ class Scheduler:
             time.sleep(self.config.step_delay)  # test only, on the compute thread
         started = time.perf_counter()
         try:
-            if works[0].kind == Kind.BACKWARD:  # always alone (next_batch batches only decode steps)
-                self._run_backward(pendings[0], blocks)
-                return
-            for work in works:
-                if work.reorder is not None and work.cursor == work.blocks.start:  # before the step's first slice
-                    work.cache.reorder(work.reorder)
-                    work.reorder = None
-            with torch.inference_mode():
-                outputs = self.stack.run(works, blocks)
+            results = run_slice(self.stack, works, blocks)
         except Exception as exc:
             if len(pendings) == 1:
                 if not isinstance(exc, ShuttingDownError):
@@ -153,37 +154,19 @@ class Scheduler:
             self._decode_seconds = elapsed if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * elapsed
         self._log_slice(works, blocks, started)
         unfinished = []
-        for pending, output in zip(pendings, outputs, strict=True):
-            work = pending.work
-            work.hidden, work.cursor = output, work.cursor + blocks
-            if work.remaining:
+        for pending, result in zip(pendings, results, strict=True):
+            if result is None:
                 unfinished.append(pending)
-                continue
-            if work.cache is not None:
-                work.cache.advance(work.hidden.shape[1])
-            pending.settle(output)
+            else:
+                pending.settle(result)
         self._requeue(unfinished)
 
-    def _run_backward(self, pending: _Pending, blocks: int) -> None:
-        """One slice of a backward item (``server.backward``): forward without grad, or one step back."""
-        started = time.perf_counter()
-        walking = pending.work.backward.walking
-        grad = backward.run_slice(self.stack, pending.work, blocks)
-        self.slices += 1
-        self.batched_items += 1
-        self._log_slice([pending.work], blocks, started, "back" if walking else "")
-        if grad is not None:
-            pending.settle(grad)
-        else:
-            self._requeue([pending])
-
     @staticmethod
-    def _log_slice(works: list[Work], blocks: int, started: float, phase: str = "") -> None:
+    def _log_slice(works: list[Work], blocks: int, started: float) -> None:
         logger.debug(
-            "slice: %d x %s%s, %d rows x tokens, %d blocks, standing %.1f, %.1f ms",
+            "slice: %d x %s, %d rows x tokens, %d blocks, standing %.1f, %.1f ms",
             len(works),
             works[0].kind.name,
-            f" ({phase})" if phase else "",
             sum(work.size for work in works),
             blocks,
             works[0].points,

@@ -18,8 +18,6 @@ from transformers import AutoConfig
 
 from server import throughput
 from server.announcer import Announcer, Pinger
-from server.blocks import load_block_stack
-from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.gate import Gate
 from server.handler import Handler
@@ -27,6 +25,8 @@ from server.ledger import Ledger
 from server.push import Pusher
 from server.serving import Serving
 from swarm import __version__, tensors
+from swarm.core.blocks import load_block_stack
+from swarm.core.cache import CacheBudget, KVGeometry
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.membership import Membership, load_key
 from swarm.models.families import family_for

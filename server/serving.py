@@ -16,13 +16,13 @@ import torch
 from transformers import PretrainedConfig
 
 from server import validation
-from server.backward import BackwardState
-from server.blocks import BlockStack
-from server.cache import CacheBudget, KVGeometry
 from server.config import ServerConfig
 from server.scheduler import Scheduler, SchedulerConfig
 from server.sessions import Session, SessionStore
-from server.work import Kind, Work, step_kind
+from swarm.core.backward import BackwardPass
+from swarm.core.blocks import BlockStack
+from swarm.core.cache import CacheBudget, KVGeometry
+from swarm.core.work import ForwardPass, InferenceStep, Round, step_kind
 from swarm.models.adapters import LoraAdapter, load_adapter
 from swarm.spans import BlockRange
 
@@ -72,13 +72,25 @@ class Serving:
         reorder: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run a validated step of ``session`` through its blocks (its cache grows by the new tokens);
-        ``reorder`` picks the session's rows first (beam search), ``prompts`` are the step's deep prompts."""
+        ``reorder`` picks the session's rows first (beam search), ``prompts`` are the step's deep prompts.
+        A step with ``round_size`` > 0 is part of the client's declared round ``round_id``: that many steps
+        of the round come to these blocks together, and run as one batch as soon as they are all in."""
         batch, tokens, _ = step.hidden.shape
         session.cache.check_room(tokens)
         session.cache.set_padding(session.position, step.attention_mask, tokens)
-        kind = step_kind(batch * tokens, self.scheduler.config.decode_tokens)
-        work = Work(kind, session.blocks, step.hidden, step.position_ids, session.cache, session.block_offset)
-        work.prompts, work.adapter, work.reorder, work.points = prompts, session.adapter, reorder, session.points
+        work = InferenceStep(
+            session.blocks,
+            step.hidden,
+            step.position_ids,
+            session.cache,
+            session.block_offset,
+            points=session.points,
+            kind=step_kind(batch * tokens, self.scheduler.config.decode_tokens),
+            prompts=prompts,
+            adapter=session.adapter,
+            reorder=reorder,
+            round=Round(session.peer, step.round_id, step.round_size) if step.round_size > 0 else None,
+        )
         return await self.scheduler.submit(work)
 
     async def forward(
@@ -92,8 +104,10 @@ class Serving:
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """A stateless pass of a validated batch through ``blocks``: the output, and with ``hidden_states``
         the outputs of every block but the last (``points``: the requester's standing)."""
-        work = self._stateless(Kind.FORWARD, blocks, step, prompts, adapter, points)
-        work.block_outputs = [] if hidden_states else None
+        fields = self._stateless(blocks, step, prompts, adapter, points)
+        work = ForwardPass(
+            blocks, step.hidden, step.position_ids, **fields, block_outputs=[] if hidden_states else None
+        )
         output = await self.scheduler.submit(work)
         return output, (work.block_outputs[:-1] if hidden_states else None)
 
@@ -109,15 +123,20 @@ class Serving:
     ) -> torch.Tensor:
         """The gradient w.r.t. the batch's input through ``blocks`` (activations recomputed). Gradients of
         ``prompts`` and of the adapter's weights that require grad accumulate in their ``.grad``."""
-        work = self._stateless(Kind.BACKWARD, blocks, step, prompts, adapter, points)
-        work.backward = BackwardState(grad_output, grad_block_outputs)
+        work = BackwardPass(
+            blocks,
+            step.hidden,
+            step.position_ids,
+            **self._stateless(blocks, step, prompts, adapter, points),
+            grad_output=grad_output,
+            grad_block_outputs=grad_block_outputs,
+        )
         return await self.scheduler.submit(work)
 
-    def _stateless(self, kind: Kind, blocks: BlockRange, step: validation.Step, prompts, adapter, points) -> Work:
+    def _stateless(self, blocks: BlockRange, step: validation.Step, prompts, adapter, points) -> dict:
+        """The fields of a stateless pass through ``blocks`` (no cache; padding from the request)."""
         offset = blocks.start - self.span.start
-        work = Work(kind, blocks, step.hidden, step.position_ids, None, offset, step.attention_mask, points)
-        work.prompts, work.adapter = prompts, adapter
-        return work
+        return dict(block_offset=offset, padding=step.attention_mask, points=points, prompts=prompts, adapter=adapter)
 
     async def wind_down(self, grace: float) -> None:
         """Tell clients to move (in every answer) while serving their sessions for up to ``grace`` seconds or

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.cache import CacheBudget, KVGeometry, SessionCache
+from swarm.core.cache import CacheBudget, KVGeometry, SessionCache
 from swarm.errors import InvalidRequestError, TooManyRequestsError
 from swarm.models.adapters import LoraAdapter
 from swarm.spans import BlockRange

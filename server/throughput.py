@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from server.blocks import BlockStack
-from server.cache import KVGeometry
-from server.work import Kind, Work
+from swarm.core.blocks import BlockStack
+from swarm.core.cache import KVGeometry
+from swarm.core.work import ForwardPass, InferenceStep, Kind
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def measure(
     cache = geometry.allocate(blocks, 1, repeats + 2)
 
     def step(position: int) -> None:
-        stack.run([Work(Kind.DECODE, span, hidden, torch.full((1, 1), position), cache)], blocks)
+        stack.run([InferenceStep(span, hidden, torch.full((1, 1), position), cache)], blocks)
         cache.advance(1)
 
     with torch.inference_mode():
@@ -64,7 +64,7 @@ def measure(
         batch = torch.randn(1, FORWARD_TOKENS, stack.config.hidden_size, dtype=dtype)
         positions = torch.arange(FORWARD_TOKENS).unsqueeze(0)
         started = time.perf_counter()
-        stack.run([Work(Kind.FORWARD, span, batch, positions)], blocks)
+        stack.run([ForwardPass(span, batch, positions)], blocks)
         forward = FORWARD_TOKENS * blocks / max(time.perf_counter() - started, 1e-9)
     return Throughput(inference, forward)
 
@@ -79,7 +79,7 @@ def warm_up(stack: BlockStack, geometry: KVGeometry, dtype: torch.dtype, tokens:
         for kind, start, count in ((Kind.PREFILL, 0, tokens), (Kind.DECODE, tokens, 1)):
             hidden = torch.randn(1, count, stack.config.hidden_size, dtype=dtype)
             positions = torch.arange(start, start + count).unsqueeze(0)
-            stack.run([Work(kind, span, hidden, positions, cache)], blocks)
+            stack.run([InferenceStep(span, hidden, positions, cache, kind=kind)], blocks)
             cache.advance(count)
 
 

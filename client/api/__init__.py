@@ -8,16 +8,16 @@ A client application: it imports ``client`` (never ``server``).
   errors become OpenAI's error body in one middleware
 - ``protocol``: request validation and translation (body -> token ids, limits, sampling settings)
 - ``responses``: response bodies and server-sent events as OpenAI sends them
-- ``engine``: the generation engine (one session per request; all requests stepped together)
-- ``decoding``: per-request sampling, detokenization and stop strings (pure)
-- ``local``: the model's local modules (embeddings, final norm + LM head), behind small functions
+- ``engine``: the generation engine (one session per request; all requests stepped together in numbered
+  rounds), computing the model's own layers through the model's ``embed`` and ``next_token_logits``
+- ``decoding``: per-request sampling, detokenization, stop strings and eos (pure)
 - ``static/``: the chat page (HTML, CSS, a little JavaScript; no build step)
 
 Concurrency model: everything runs on the client's one event loop (``client.loop``, a background
 thread): libp2p, the aiohttp server and the engine. The engine is one task that steps every open
 request in lockstep rounds (``asyncio.gather`` of ``InferenceSession.step_async``), so servers batch
-their decode steps; each round's torch work (head, sampling, embeddings) runs as one batch on one
-worker thread, so the loop keeps serving HTTP and libp2p meanwhile. Per-request state (session,
-generator, text) lives in its ``Generation`` and is touched by the loop, except the generator, which
-only the worker uses. The main thread only starts the server and waits for SIGINT/SIGTERM.
+their decode steps; the engine's torch work (each round's logits, sampling and embeddings as one batch, a
+prompt's embeddings) runs on one worker thread, so the loop keeps serving HTTP and libp2p meanwhile.
+Per-request state (session, generator, text) lives in its ``Generation`` and is touched by the loop,
+except the generator, which only the worker uses. The main thread only starts the server and waits for SIGINT/SIGTERM.
 """

@@ -1,4 +1,4 @@
-"""Per-request decoding: sampling a token from logits, and turning tokens into text with stop strings.
+"""Per-request decoding: sampling a token from logits, and turning tokens into text with stop strings and eos.
 
 Pure functions and one small state class per request (``TextTracker``); no I/O, no shared state.
 """
@@ -24,6 +24,15 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         probs = probs.masked_fill(before >= sampling.top_p, 0.0)  # keeps at least the first token
         return int(order[torch.multinomial(probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def eos_ids(generation_config, tokenizer) -> frozenset[int]:
+    """The tokens that end a completion: the model's generation config's eos (as transformers' ``generate``
+    uses), else the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else eos or [])
 
 
 def new_generator(seed: int | None) -> torch.Generator:

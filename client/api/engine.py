@@ -5,11 +5,13 @@ leave between rounds. A request first opens its session and runs its prompt thro
 own (prefill: a long prompt never holds up the others' rounds); then it joins the rounds. Each round:
 
 1. the local work of all requests in the round as one batch, on one worker thread (off the event loop):
-   final norm + LM head over their last hidden states, then per request sampling with its own settings
-   and generator, then the embeddings of the new tokens;
+   the model's ``next_token_logits`` over their last hidden states (final norm, LM head, soft-cap), then
+   per request sampling with its own settings and generator, then the model's ``embed`` of the new tokens
+   (the same two steps ``forward`` and ``generate`` use, so the API computes the model as they do);
 2. each request takes its token (text, stop strings, eos, max_tokens) and its handler gets the new text;
 3. the requests still going step their sessions at once (``asyncio.gather`` of ``step_async``), so every
-   server receives their decode steps together and runs them as one batch.
+   server receives their decode steps together and runs them as one batch. The round's number and size
+   (requests stepped) are fixed before its first step is sent.
 
 A request whose HTTP client went away is marked cancelled; it leaves at the end of the round (its step
 in flight is not interrupted, which would look like a server failure) and its session is closed on
@@ -28,9 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from client.api.config import APIConfig
-from client.api.decoding import TextTracker, new_generator, sample
+from client.api.decoding import TextTracker, eos_ids, new_generator, sample
 from client.api.errors import APIError
-from client.api.local import embed, eos_ids, final_logits
 from client.api.protocol import CompletionRequest
 from client.model import DistributedModelForCausalLM
 from client.session import InferenceSession
@@ -73,7 +74,7 @@ class Engine:
 
     def __init__(self, model: DistributedModelForCausalLM, tokenizer, config: APIConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.eos_ids = eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model.generation_config, tokenizer)
         self._slots = asyncio.Semaphore(config.max_concurrent_requests)
         self._waiting = 0
         self._open: set[Generation] = set()
@@ -82,7 +83,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="stamen-api-local")
         self._task: asyncio.Task | None = None
-        self.rounds = 0  # rounds run so far, and requests stepped in them (a batch size of rounds / items)
+        self.rounds = 0  # rounds stepped so far (the next round's number), and the steps sent in them
         self.round_items = 0
 
     def start(self) -> None:
@@ -140,7 +141,8 @@ class Engine:
             generation.opened.set_result(None)
             ids = torch.tensor([prompt], dtype=torch.int64)  # [1, prompt]
             positions = torch.arange(len(prompt), dtype=torch.int64)[None]  # [1, prompt]
-            hidden = await session.step_async(embed(self.model, ids), positions)  # [1, prompt, hidden_size]
+            embeddings = await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, ids)
+            hidden = await session.step_async(embeddings, positions)  # [1, prompt, hidden_size]
             generation.hidden = hidden[:, -1]  # [1, hidden_size]
         except Exception as exc:
             self._fail(generation, exc)
@@ -184,6 +186,10 @@ class Engine:
                 self._finish(generation)
             else:
                 stepping.append((generation, embedding[None]))  # [1, 1, hidden_size]
+        # a round is numbered and sized before any of its steps is sent, so servers can batch it once complete
+        round_id, round_size = self.rounds, len(stepping)
+        self.rounds += 1
+        self.round_items += round_size
         results = await asyncio.gather(
             *(g.session.step_async(e, torch.tensor([[g.session.position]])) for g, e in stepping),
             return_exceptions=True,
@@ -194,20 +200,27 @@ class Engine:
             else:
                 generation.hidden = result[:, -1]  # [1, hidden_size]
         self._drop_cancelled()
-        self.rounds += 1
-        self.round_items += len(generations)
         logger.debug(
-            "Round of %d requests: local %.1f ms, swarm step %.1f ms",
+            "Round %d of %d requests (%d stepped): local %.1f ms, swarm step %.1f ms",
+            round_id,
             len(generations),
+            round_size,
             1000 * local_seconds,
             1000 * (time.perf_counter() - started - local_seconds),
         )
 
+    @torch.no_grad()
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """On the worker thread: the model's embedding step, [batch, tokens] -> [batch, tokens, hidden_size]."""
+        return self.model.embed(ids)
+
+    @torch.no_grad()
     def _local_work(self, hidden: torch.Tensor, generations: list[Generation]) -> tuple[list[int], torch.Tensor]:
-        """On the worker thread: head over the batch, per-request sampling, embeddings of the new tokens."""
-        logits = final_logits(self.model, hidden)  # [n, vocab]
+        """On the worker thread: the model's next-token logits over the batch (in float32, as ``generate``
+        samples them), per-request sampling, the model's embedding step for the new tokens."""
+        logits = self.model.next_token_logits(hidden).float()  # [n, vocab]
         tokens = [sample(logits[i], g.request.sampling, g.generator) for i, g in enumerate(generations)]
-        return tokens, embed(self.model, torch.tensor(tokens, dtype=torch.int64)[:, None])  # [n, 1, hidden_size]
+        return tokens, self._embed(torch.tensor(tokens, dtype=torch.int64)[:, None])  # [n, 1, hidden_size]
 
     def _finish(self, generation: Generation) -> None:
         hops = generation.session.route

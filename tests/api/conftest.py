@@ -1,8 +1,10 @@
-"""Fixtures of the API tests: a tiny chat model (the tiny Llama with a character tokenizer and a chat
-template), a module's swarm of it with ``python -m client.api`` in front, and local greedy references."""
+"""Fixtures of the API tests: tiny chat models (a tiny model of a family with a character tokenizer and a
+chat template; the Llama one for most tests), a swarm of one with ``python -m client.api`` in front, and
+local references: transformers' greedy continuation, and the API's own sampler on transformers' logits."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import unicodedata
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from client.api.decoding import eos_ids, new_generator, sample
+from client.api.protocol import Sampling
 from swarm.localswarm import LocalSwarm
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos (as in the tiny config), unknown
@@ -48,12 +52,19 @@ def add_char_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
+def make_chat_model(source: Path, folder: Path, **config_changes) -> Path:
+    """A copy of the tiny model in ``source`` with the character tokenizer, and ``config_changes`` applied."""
+    shutil.copytree(source, folder)
+    add_char_tokenizer(folder, vocab_size=256)
+    if config_changes:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def chat_model(tiny_models, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
-    shutil.copytree(tiny_models["llama"], folder)
-    add_char_tokenizer(folder, vocab_size=256)
-    return folder
+    return make_chat_model(tiny_models["llama"], tmp_path_factory.mktemp("chat") / "tiny-chat")
 
 
 class Reference:
@@ -72,6 +83,16 @@ class Reference:
         output = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
                                      do_sample=False)  # fmt: skip
         tokens = output[0, len(ids) :].tolist()
+        return self.tokenizer.decode(tokens, skip_special_tokens=True), tokens
+
+    def sampled(self, ids: list[int], max_tokens: int, sampling: Sampling) -> tuple[str, list[int]]:
+        """What the API's sampler, seeded as the request, picks from transformers' next-token logits of the
+        same ids, token by token until eos or ``max_tokens``."""
+        generator, eos, tokens = new_generator(sampling.seed), eos_ids(self.model.generation_config, self.tokenizer), []
+        with torch.no_grad():
+            while len(tokens) < max_tokens and not (tokens and tokens[-1] in eos):
+                logits = self.model(torch.tensor([ids + tokens])).logits[0, -1].float()  # [vocab]
+                tokens.append(sample(logits, sampling, generator))
         return self.tokenizer.decode(tokens, skip_special_tokens=True), tokens
 
 

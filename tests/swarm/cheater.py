@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-import server.blocks
+import swarm.core.blocks
 from server.__main__ import main as server_main
 
 
@@ -33,7 +33,7 @@ class _Family:
 
 
 def _noise(rel: float, start: int) -> None:
-    original = server.blocks.BlockStack.run
+    original = swarm.core.blocks.BlockStack.run
 
     def run(self, items, num_blocks):
         first = items[0].cursor
@@ -48,17 +48,17 @@ def _noise(rel: float, start: int) -> None:
             tampered.append(output)
         return tampered
 
-    server.blocks.BlockStack.run = run
+    swarm.core.blocks.BlockStack.run = run
 
 
 def _tamper_blocks(make_call) -> None:
-    original = server.blocks.BlockStack.__init__
+    original = swarm.core.blocks.BlockStack.__init__
 
     def init(self, config, family, span, blocks):
         original(self, config, family, span, blocks)
         self.family = _Family(family, make_call(self, family))
 
-    server.blocks.BlockStack.__init__ = init
+    swarm.core.blocks.BlockStack.__init__ = init
 
 
 def _skip(block_index: int) -> None:

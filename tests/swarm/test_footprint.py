@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from client import AutoDistributedModelForCausalLM
-from server.cache import KVGeometry
+from swarm.core.cache import KVGeometry
 from swarm.localswarm import LocalSwarm
 from swarm.models.families import get_family
 from swarm.models.modelpath import resolve_model

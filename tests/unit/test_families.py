@@ -14,9 +14,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from client.model import DistributedModelForCausalLM
-from server.blocks import load_block_stack
-from server.cache import KVGeometry
-from server.work import Kind, Work
+from swarm.core.blocks import load_block_stack
+from swarm.core.cache import KVGeometry
+from swarm.core.work import ForwardPass, InferenceStep, Kind
 from swarm.models.families import FAMILIES, UnsupportedModelError, family_for, get_family
 from swarm.spans import BlockRange
 from tests.conftest import FAMILIES as TINY_FAMILIES
@@ -41,7 +41,7 @@ class InProcessSession:
         with torch.inference_mode():
             for stack, cache in zip(self.stacks, self.caches, strict=True):
                 cache.set_padding(cache.length, mask, tokens)
-                work = Work(Kind.PREFILL, stack.span, hidden, position_ids, cache)
+                work = InferenceStep(stack.span, hidden, position_ids, cache, kind=Kind.PREFILL)
                 hidden = stack.run([work], len(stack.span))[0]
                 cache.advance(tokens)
         self.position += tokens
@@ -59,7 +59,7 @@ class InProcessPasses:
         positions = inputs.position_ids.expand(hidden.shape[0], -1)
         with torch.inference_mode():
             for stack in self.stacks:
-                work = Work(Kind.FORWARD, stack.span, hidden, positions, padding=inputs.attention_mask)
+                work = ForwardPass(stack.span, hidden, positions, padding=inputs.attention_mask)
                 hidden = stack.run([work], len(stack.span))[0]
         return hidden.clone(), None, None
 
@@ -155,7 +155,7 @@ def test_requests_batched_together_keep_their_own_length_dependent_rotary(tiny_m
     long, short = torch.randn(1, 24, 64, generator=generator), torch.randn(1, 5, 64, generator=generator)
 
     def work(hidden):
-        return Work(Kind.FORWARD, BlockRange(0, 4), hidden, torch.arange(hidden.shape[1]).unsqueeze(0))
+        return ForwardPass(BlockRange(0, 4), hidden, torch.arange(hidden.shape[1]).unsqueeze(0))
 
     with torch.inference_mode():
         alone = [stack.run([work(long)], 4)[0], stack.run([work(short)], 4)[0]]

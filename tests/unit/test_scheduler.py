@@ -1,18 +1,19 @@
-"""The compute core without a network: continuous batching is exact, long work yields to decode steps,
-one failing request does not fail the others, and abandoned work is dropped."""
+"""The compute core without a network: continuous batching is exact, declared rounds run as one batch,
+long work yields to decode steps, one failing request does not fail the others, and abandoned work is dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
 from transformers import AutoConfig
 
-from server.blocks import load_block_stack
-from server.cache import KVGeometry
 from server.scheduler import Scheduler, SchedulerConfig
-from server.work import Kind, Work
+from swarm.core.blocks import load_block_stack
+from swarm.core.cache import KVGeometry
+from swarm.core.work import ForwardPass, InferenceStep, Kind, Round
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,14 +27,14 @@ def stack(tiny_models):
     return load_block_stack(folder, config, SPAN, torch.float32), KVGeometry.from_config(config, torch.float32)
 
 
-def step_work(cache, hidden, position, mask=None) -> Work:
+def step_work(cache, hidden, position, mask=None) -> InferenceStep:
     batch, tokens, _ = hidden.shape
     cache.set_padding(cache.length, mask, tokens)
     positions = torch.arange(position, position + tokens).expand(batch, tokens)
-    return Work(Kind.DECODE if batch * tokens <= 16 else Kind.PREFILL, SPAN, hidden, positions, cache)
+    return InferenceStep(SPAN, hidden, positions, cache, kind=Kind.DECODE if batch * tokens <= 16 else Kind.PREFILL)
 
 
-def run_alone(stack, work: Work) -> torch.Tensor:
+def run_alone(stack, work: InferenceStep) -> torch.Tensor:
     with torch.inference_mode():
         output = stack.run([work], len(SPAN))[0]
     work.cache.advance(work.hidden.shape[1])
@@ -74,9 +75,9 @@ def test_decode_steps_keep_their_pace_while_a_large_forward_runs(stack):
     stack, geometry = stack
     scheduler = Scheduler(stack, SchedulerConfig(chunk_token_blocks=4096))  # 4096-token forward: 1 block a slice
     cache = geometry.allocate(len(SPAN), 1, 64)
-    big = Work(Kind.FORWARD, SPAN, torch.randn(16, 256, 64), torch.arange(256).expand(16, 256))
+    big = ForwardPass(SPAN, torch.randn(16, 256, 64), torch.arange(256).expand(16, 256))
     with torch.inference_mode():
-        expected = stack.run([Work(Kind.FORWARD, SPAN, big.hidden, big.position_ids)], len(SPAN))[0]
+        expected = stack.run([ForwardPass(SPAN, big.hidden, big.position_ids)], len(SPAN))[0]
 
     async def race():
         forward = asyncio.ensure_future(scheduler.submit(big))
@@ -100,7 +101,7 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch(stack):
     broken.advance(1)  # full: writing one more token fails inside the computation
     hidden = torch.randn(1, 1, 64)
     with torch.inference_mode():
-        expected = stack.run([Work(Kind.DECODE, SPAN, hidden, torch.zeros(1, 1, dtype=torch.long))], len(SPAN))[0]
+        expected = stack.run([InferenceStep(SPAN, hidden, torch.zeros(1, 1, dtype=torch.long))], len(SPAN))[0]
     scheduler = Scheduler(stack)
 
     async def together():
@@ -119,7 +120,7 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch(stack):
 def test_work_of_a_peer_that_went_away_is_dropped(stack):
     stack, _ = stack
     scheduler = Scheduler(stack, SchedulerConfig(chunk_token_blocks=1))
-    big = Work(Kind.FORWARD, SPAN, torch.randn(8, 128, 64), torch.arange(128).expand(8, 128))
+    big = ForwardPass(SPAN, torch.randn(8, 128, 64), torch.arange(128).expand(8, 128))
 
     async def abandon():
         task = asyncio.ensure_future(scheduler.submit(big))
@@ -127,7 +128,7 @@ def test_work_of_a_peer_that_went_away_is_dropped(stack):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        small = Work(Kind.FORWARD, SPAN, torch.randn(1, 2, 64), torch.arange(2).expand(1, 2))
+        small = ForwardPass(SPAN, torch.randn(1, 2, 64), torch.arange(2).expand(1, 2))
         await scheduler.submit(small)  # the worker is free again; the abandoned pass never finished
         return big.cursor
 
@@ -136,3 +137,35 @@ def test_work_of_a_peer_that_went_away_is_dropped(stack):
     finally:
         scheduler.shutdown()
     assert cursor < SPAN.end
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["all steps come", "one never comes"])
+def test_a_declared_round_runs_as_one_batch_when_its_steps_are_in(stack, complete):
+    stack, geometry = stack
+    declared = Round("client", 1, 3)
+    caches = [geometry.allocate(len(SPAN), 1, 8) for _ in range(3)]
+    scheduler = Scheduler(stack, SchedulerConfig(batch_wait=2.0))
+
+    def step(cache):
+        work = step_work(cache, torch.randn(1, 1, 64), 0)
+        work.round = declared
+        return work
+
+    async def round_of_steps():
+        early = [asyncio.ensure_future(scheduler.submit(step(cache))) for cache in caches[:2]]
+        await asyncio.sleep(0.2)  # the round's last step is late (a slow client)
+        ran_early = scheduler.slices
+        started = time.monotonic()
+        if complete:
+            await scheduler.submit(step(caches[2]))
+        await asyncio.gather(*early)
+        return ran_early, time.monotonic() - started
+
+    try:
+        ran_early, waited = asyncio.run(round_of_steps())
+    finally:
+        scheduler.shutdown()
+    assert ran_early == 0  # the two steps in waited for the third
+    assert scheduler.slices == 1 and scheduler.batched_items == (3 if complete else 2)
+    if complete:
+        assert waited < 1.0  # ran once the round was in, not at the timer's bound

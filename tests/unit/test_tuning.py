@@ -17,11 +17,11 @@ from client.passes import PassInputs, even_pieces, split
 from client.session import InferenceSession
 from proto import pb
 from server import extras, validation
-from server.backward import BackwardState
-from server.blocks import load_block_stack
 from server.scheduler import Scheduler, SchedulerConfig
-from server.work import Kind, Work
 from swarm import errors, tensors
+from swarm.core.backward import BackwardPass
+from swarm.core.blocks import load_block_stack
+from swarm.core.work import ForwardPass, Work
 from swarm.models.adapters import LoraAdapter, linear_layers, load_adapter, resolve_targets, save_adapter
 from swarm.models.families import get_family
 from swarm.spans import BlockRange
@@ -196,18 +196,17 @@ def test_each_request_of_a_batch_gets_its_own_lora(stack):
     hidden = [torch.randn(1, 1, 64, generator=generator) for _ in adapters]
     alone = []
     for adapter, x in zip(adapters, hidden, strict=True):
-        work = Work(Kind.DECODE, SPAN, x, torch.zeros(1, 1, dtype=torch.int64))
-        work.adapter = adapter
+        work = ForwardPass(SPAN, x, torch.zeros(1, 1, dtype=torch.int64), adapter=adapter)
         alone.append(run(stack, [work])[0])
     with torch.inference_mode():  # one batched computation: the base linear once, each delta on its own rows
-        works = [Work(Kind.DECODE, SPAN, x, torch.zeros(1, 1, dtype=torch.int64)) for x in hidden]
+        works = [ForwardPass(SPAN, x, torch.zeros(1, 1, dtype=torch.int64)) for x in hidden]
         for work, adapter in zip(works, adapters, strict=True):
             work.adapter = adapter
         together = stack.run(works, 6)
     for got, want in zip(together, alone, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # batched matmuls round differently
     assert not torch.allclose(
-        alone[0], run(stack, [Work(Kind.DECODE, SPAN, hidden[0], torch.zeros(1, 1, dtype=torch.int64))])[0]
+        alone[0], run(stack, [ForwardPass(SPAN, hidden[0], torch.zeros(1, 1, dtype=torch.int64))])[0]
     )
 
 
@@ -221,14 +220,13 @@ def test_backward_work_equals_autograd_through_the_blocks(stack, chunk):
     positions = torch.arange(5).expand(2, 5)
 
     leaf, prompt_leaf = x.clone().requires_grad_(), prompts.clone().requires_grad_()
-    reference = Work(Kind.FORWARD, SPAN, leaf, positions)
+    reference = ForwardPass(SPAN, leaf, positions)
     reference.prompts, reference.block_outputs = prompt_leaf, []
     output = stack.run([reference], 6)[0]
     torch.autograd.backward([output, *reference.block_outputs[:-1]], [grad_output, *grad_blocks.unbind(0)])
 
-    work = Work(Kind.BACKWARD, SPAN, x.clone(), positions)
-    work.prompts = prompts.clone().requires_grad_()
-    work.backward = BackwardState(grad_output, grad_blocks)
+    work = BackwardPass(SPAN, x.clone(), positions, prompts=prompts.clone().requires_grad_())
+    work.grad_output, work.grad_block_outputs = grad_output, grad_blocks
     (grad,) = run(stack, [work], chunk)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(work.prompts.grad, prompt_leaf.grad, rtol=1e-5, atol=1e-5)

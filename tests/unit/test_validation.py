@@ -12,11 +12,11 @@ import torch
 
 from proto import pb
 from server import mailbox, validation
-from server.cache import KVGeometry
 from server.config import ServerConfig
 from server.mailbox import MAX_PENDING_INPUTS, Mailbox
 from server.sessions import Session, SessionRegistry
 from swarm import errors, tensors
+from swarm.core.cache import KVGeometry
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,18 +1,24 @@
-"""The pure choice of the next slice of work: urgency order, decode batching, bounded slices."""
+"""The pure choice of the next slice of work (urgency order, decode batching, bounded slices), how long a
+decode batch waits (declared rounds, active sessions), and the work kinds' hooks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.work import ActiveSessions, Kind, Work, next_batch, step_kind
+from swarm.core.batching import ActiveSessions, hold_seconds, next_batch
+from swarm.core.work import ForwardPass, InferenceStep, Kind, Round, Work, step_kind
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def work(kind: Kind, rows: int = 1, tokens: int = 1, blocks=(0, 6), seq: int = 0, points: float = 0.0) -> Work:
-    item = Work(kind, BlockRange(*blocks), torch.zeros(rows, tokens, 4), torch.zeros(rows, tokens), points=points)
+def work(
+    kind: Kind, rows: int = 1, tokens: int = 1, blocks=(0, 6), seq: int = 0, points: float = 0.0, round=None
+) -> Work:
+    cls = InferenceStep if kind <= Kind.PREFILL else ForwardPass
+    hidden, positions = torch.zeros(rows, tokens, 4), torch.zeros(rows, tokens)
+    item = cls(BlockRange(*blocks), hidden, positions, points=points, kind=kind, round=round)
     item.seq = seq
     return item
 
@@ -80,3 +86,74 @@ def test_active_sessions_are_those_that_stepped_lately_on_the_same_blocks():
     assert active.expected(BlockRange(0, 6), now=10.2) == 2
     active.saw(first, now=10.4)
     assert active.expected(BlockRange(0, 6), now=10.8) == 1  # the second one went quiet
+
+
+WAIT = dict(max_batch_tokens=64, batch_wait=0.1, decode_seconds=0.01)
+
+
+def test_a_declared_round_runs_as_soon_as_all_its_steps_are_in():
+    declared = Round("client", 7, 3)
+    steps = [work(Kind.DECODE, seq=i, round=declared) for i in range(3)]
+    assert hold_seconds(steps[:2], steps[:2], expected=0, **WAIT) == 0.1  # one missing: wait for it (bounded)
+    assert hold_seconds(steps, steps, expected=5, **WAIT) == 0.0  # all in: no timer, whoever else stepped lately
+
+
+def test_rounds_of_different_clients_or_blocks_do_not_mix():
+    mine = [work(Kind.DECODE, seq=i, round=Round("a", 1, 2)) for i in range(2)]
+    theirs = work(Kind.DECODE, seq=2, round=Round("b", 1, 2))
+    elsewhere = work(Kind.DECODE, blocks=(2, 6), seq=3, round=Round("b", 1, 2))
+    ready = [*mine, theirs, elsewhere]
+    batch, _ = next_batch(ready, 64, 100)
+    assert batch == [*mine, theirs]
+    assert hold_seconds(batch, ready, expected=0, **WAIT) == 0.1  # b's second step is on other blocks
+    assert hold_seconds(mine, mine, expected=0, **WAIT) == 0.0
+
+
+def test_undeclared_steps_keep_the_timer_and_a_full_batch_never_waits():
+    lone = [work(Kind.DECODE)]
+    assert hold_seconds(lone, lone, expected=1, **WAIT) == 0.0  # a lone session never waits
+    assert hold_seconds(lone, lone, expected=3, **WAIT) == 0.005  # half a decode slice for sessions due any moment
+    full = [work(Kind.DECODE, rows=64, round=Round("a", 1, 2))]
+    assert hold_seconds(full, full, expected=3, **WAIT) == 0.0
+
+
+def test_declared_steps_are_not_counted_as_active_sessions():
+    active = ActiveSessions(window=0.5)
+    declared = work(Kind.DECODE, round=Round("a", 1, 1))
+    declared.cache = object()
+    active.saw(declared, now=1.0)
+    assert active.expected(BlockRange(0, 6), now=1.1) == 0
+
+
+class FakeStack:
+    """Adds 1 per block and records what ran together."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, items, num_blocks):
+        self.calls.append((len(items), num_blocks))
+        return [item.hidden + num_blocks for item in items]
+
+
+class FakeCache:
+    def __init__(self):
+        self.length, self.reordered = 0, []
+
+    def reorder(self, rows):
+        self.reordered.append(rows.tolist())
+
+    def advance(self, tokens):
+        self.length += tokens
+
+
+def test_an_inference_step_reorders_once_and_advances_its_cache_once_done():
+    from swarm.core.work import run_slice, run_to_end
+
+    cache, stack = FakeCache(), FakeStack()
+    step = InferenceStep(BlockRange(0, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3), cache, reorder=torch.tensor([1, 0]))
+    assert run_slice(stack, [step], 1) == [None] and cache.length == 0  # more blocks to run: nothing held yet
+    output = run_to_end(stack, step)
+    assert torch.equal(output, torch.full((2, 3, 4), 4.0)) and cache.reordered == [[1, 0]] and cache.length == 3
+    forward = ForwardPass(BlockRange(0, 2), torch.zeros(1, 1, 4), torch.zeros(1, 1))
+    assert torch.equal(run_to_end(stack, forward), torch.full((1, 1, 4), 2.0))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from server.cache import SessionCache
+from swarm.core.cache import SessionCache
 from swarm.models.adapters import LoraAdapter
 from swarm.models.base import PLAN_KWARG
 
@@ -37,7 +37,7 @@ class Segment:
     cache: SessionCache | None = None  # None: a stateless pass (no past, nothing kept)
     block_offset: int = 0  # index of the request's first block in the server's span (cache block 0)
     padding: torch.Tensor | None = None  # [batch, past + tokens] bool for a stateless pass; sessions: cache's
-    adapter: LoraAdapter | None = None  # the request's LoRA weights (``server.lora`` adds them to its rows)
+    adapter: LoraAdapter | None = None  # the request's LoRA weights (``swarm.core.lora`` adds them to its rows)
     _masks: dict = field(default_factory=dict)  # sliding window -> (mask or None, is_causal)
 
     @property

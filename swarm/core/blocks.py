@@ -2,8 +2,8 @@
 
 ``BlockStack.run`` takes several requests at once (work items: sessions' steps with their caches, or
 stateless passes), lays their tokens end to end on one token axis, and runs the family's blocks on
-them; attention keeps each request to its own cache and masks (``server.attention``), LoRA hooks add
-each request's adapter to its own rows (``server.lora``), and a request's deep prompts are added to
+them; attention keeps each request to its own cache and masks (``swarm.core.attention``), LoRA hooks add
+each request's adapter to its own rows (``swarm.core.lora``), and a request's deep prompts are added to
 its first tokens before each block.
 """
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from server.attention import ATTENTION_NAME, Plan, Segment
-from server.lora import LoraHooks
-from server.work import Work
+from swarm.core.attention import ATTENTION_NAME, Plan, Segment
+from swarm.core.lora import LoraHooks
+from swarm.core.work import Work
 from swarm.models.families import PLAN_KWARG, Family, attention_kind, family_for
 from swarm.models.weights import load_tensors, tensor_index
 from swarm.spans import BlockRange

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.attention import Plan
+from swarm.core.attention import Plan
 from swarm.models.adapters import LoraAdapter
 
 
