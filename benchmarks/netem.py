@@ -156,6 +156,6 @@ def direct_connections(links: list[Link], swarm: LocalSwarm) -> list[str]:
 def check_records(model, links: list[Link]) -> str:
     """The client's view of the servers: every announced address must be a proxy port."""
     proxies = {str(link.proxy.port) for link in links}
-    servers = model.client.routes.servers(refresh=True)
+    servers = model.client.loop.run(model.client.routes.servers(refresh=True))
     bad = [addr for info in servers for addr in info.maddrs if addr.split("/tcp/")[1].split("/")[0] not in proxies]
     return f"{len(servers)} server records, addresses outside the proxies: {bad or 'none'}"

@@ -93,12 +93,12 @@ def steer(model, swarm: LocalSwarm, peer_id: str) -> None:
     """Make ``peer_id`` the client's first choice (every other server looks far away)."""
     routes = model.client.routes
     deadline = time.monotonic() + 60
-    while {s.peer_id for s in swarm.live()} - {s.peer_id for s in routes.servers(refresh=True)}:
+    while {s.peer_id for s in swarm.live()} - {s.peer_id for s in model.client.loop.run(routes.servers(refresh=True))}:
         if time.monotonic() > deadline:
             raise TimeoutError("servers not announced in time")
         time.sleep(0.1)
     live = {server.peer_id for server in swarm.live()}
-    for server in routes.servers():  # stopped servers' records (until they expire) look farthest
+    for server in routes.view():  # stopped servers' records (until they expire) look farthest
         far = 1.0 if server.peer_id in live else 9.0
         routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else far)
 

@@ -201,7 +201,7 @@ def measure_compression(folder, swarm, local, prompt: torch.Tensor, links: list[
 
 def wait_for_servers(model, count: int, deadline: float) -> None:
     """Poll the client's view of the swarm until it lists ``count`` servers."""
-    while len(model.client.routes.servers(refresh=True)) < count:
+    while len(model.client.loop.run(model.client.routes.servers(refresh=True))) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the client did not see {count} servers in time")
         time.sleep(0.5)

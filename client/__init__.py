@@ -8,9 +8,14 @@
 - ``passes``: stateless forward and backward passes, split into bounded requests, with failover
 - ``lora``, ``ptune``: LoRA weights and trainable prompts kept on the client
 - ``swarmclient``: SwarmClient (DHT, libp2p, routes, sessions, passes)
-- ``session``: InferenceSession (streams through a chain, history for replay, failover, beam reorders)
+- ``handle``: ClientHandle, what sessions, chains, verification and passes need of SwarmClient (a protocol, so
+  none of them imports ``swarmclient``)
+- ``session``: InferenceSession (steps through a chain hop by hop, failover, moves off leaving servers, beam
+  reorders)
+- ``chain``: Chain, the one chain runner (open sessions on servers covering a span, run a step, replay a
+  history, close), used by sessions, verification shadows and referees
 - ``retry``: the one retry policy (what a server's failure means, how many failovers an operation gets)
-- ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks)
+- ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks; async look-ups)
 - ``hop``: one server's part of a session (its stream, step history, liveness ping), steps merged for replay
 - ``envelope``: what every request to one server carries (its dtype, compression, membership proof, voucher)
 - ``verify``: verification (shadow sessions on other servers check each hop's outputs, a referee settles
@@ -25,7 +30,7 @@
   application of this package: its own docstring maps its modules and its concurrency model)
 
 Concurrency: the public API is synchronous; network work runs on one background asyncio loop
-(uvloop); blocking DHT look-ups run in that loop's default executor. Code already on that loop (the API's
+(uvloop); DHT look-ups are awaited there (``RouteManager``). Code already on that loop (the API's
 engine) uses the async forms (``InferenceSession.open_async``, ``step_async``). Autograd's backward calls the
 servers from the thread that runs it, through the same loop. Imports only ``proto`` and ``swarm``.
 """

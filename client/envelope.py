@@ -18,7 +18,7 @@ from proto import pb
 from swarm import tensors
 
 if TYPE_CHECKING:
-    from client.swarmclient import SwarmClient
+    from client.handle import ClientHandle
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Envelope:
     voucher: pb.Voucher | None = None  # points: the standing this client may use
 
     @classmethod
-    def for_server(cls, client: SwarmClient, peer_id: str) -> Envelope:
+    def for_server(cls, client: ClientHandle, peer_id: str) -> Envelope:
         return cls(
             client.server_dtype(peer_id),
             client.compression_for(peer_id),

@@ -32,7 +32,7 @@ from swarm.rpc import ServerFailure, call_backward, call_forward
 from swarm.spans import BlockRange
 
 if TYPE_CHECKING:
-    from client.swarmclient import SwarmClient
+    from client.handle import ClientHandle
 
 logger = logging.getLogger(__name__)
 ITEMSIZE = 4  # bytes per value on the wire (float32; smaller dtypes only shrink requests)
@@ -143,7 +143,7 @@ def even_pieces(span: BlockRange, blocks: int) -> list[BlockRange]:
 class Passes:
     """Stateless forward and backward passes of one client; the async methods run on its loop."""
 
-    def __init__(self, client: SwarmClient):
+    def __init__(self, client: ClientHandle):
         self.client, self.config = client, client.config
 
     async def forward(
@@ -208,8 +208,7 @@ class Passes:
                 peer = None
 
     async def _chain(self, span: BlockRange, adapter: str | None):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: self.client.routes.chain(span, 0, True, adapter=adapter))
+        return await self.client.routes.chain(span, 0, True, adapter=adapter)
 
     def _request(self, message, envelope: Envelope, span: BlockRange, hidden: torch.Tensor, inputs: PassInputs):
         """Fill the fields Forward and Backward requests share."""
@@ -296,7 +295,7 @@ class PassRunner:
     ``pass_concurrency`` > 1, chunks go through the chain concurrently (a server works on one chunk while
     the next server works on another)."""
 
-    def __init__(self, client: SwarmClient):
+    def __init__(self, client: ClientHandle):
         self.client, self.passes = client, Passes(client)
         self._said_unverified = False
 

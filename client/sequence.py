@@ -2,10 +2,17 @@
 
 The decisions themselves are ``swarm.routing.fastest_chain`` and ``spread_forward`` (pure); this class
 gathers their inputs (DHT records, pings, bans, allow/block lists) and waits a bounded time for missing blocks.
+
+Concurrency: look-ups (``servers``, ``candidates``, ``chain``) are coroutines for the client's event loop: DHT
+look-ups are awaited (``SwarmDHT.fetch_servers_async``), a stale view is refreshed by a background task, and
+waiting for missing blocks is a deadline loop of look-ups. Code on another thread runs them through the client's
+loop (``client.loop``). The plain methods (bans, pings, flags, ``view``, ``server``) never wait for the DHT and
+are safe from any thread: a lock guards the fields, never held across an ``await``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -25,7 +32,7 @@ POLL_INTERVAL = 0.25  # seconds between DHT look-ups while waiting for missing b
 
 
 class RouteManager:
-    """Thread-safe; its methods block on the DHT, so async callers run them in an executor."""
+    """The swarm as this client sees it; its look-ups run on the client's event loop."""
 
     def __init__(self, dht: SwarmDHT, prefix: str, num_blocks: int, config: ClientConfig):
         self.dht, self.prefix, self.num_blocks, self.config = dht, prefix, num_blocks, config
@@ -35,46 +42,43 @@ class RouteManager:
         self._ban_policy = BanPolicy(config.ban_base, config.ban_max, config.ban_forgive_steps, config.ban_forget_after)
         self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         self.flagged: set[str] = set()  # servers caught computing wrong answers (``client.verify``): never used again
-        self._lock = threading.Lock()  # guards the fields above; never held during a DHT look-up
-        self._fetching = threading.Lock()
-        self._refreshing = False
+        self._lock = threading.Lock()  # guards the fields above; never held across an await
+        self._fetching: asyncio.Lock | None = None  # one DHT look-up at a time (made on the loop, when first needed)
+        self._refresh: asyncio.Task | None = None  # the background look-up in flight, if any
         self._rng = random.Random()
 
-    def servers(self, refresh: bool = False) -> list[ServerInfo]:
+    async def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """The swarm's servers as last fetched from the DHT. A view older than ``update_period`` is returned
         as is while a fresh one is fetched in the background (a DHT look-up can take long when some DHT
         peers have died, and a failover must not wait for it); ``refresh`` (or no view yet) fetches now."""
         with self._lock:
             fetched_at, cached = self._fetched_at, list(self._servers)
         if refresh or fetched_at == -float("inf"):
-            return self._fetch()
-        if time.monotonic() - fetched_at > self.config.update_period:
-            self._refresh_in_background()
+            return await self._fetch()
+        stale = time.monotonic() - fetched_at > self.config.update_period
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.ensure_future(self._refresh_quietly())
         return cached
 
-    def _fetch(self) -> list[ServerInfo]:
-        with self._fetching:  # one look-up at a time; readers of the current view never wait for it
-            servers = self.dht.fetch_servers(self.prefix, self.num_blocks)
+    def view(self) -> list[ServerInfo]:
+        """The last fetched view of the swarm, without looking anything up (empty before the first look-up)."""
+        with self._lock:
+            return list(self._servers)
+
+    async def _fetch(self) -> list[ServerInfo]:
+        if self._fetching is None:
+            self._fetching = asyncio.Lock()
+        async with self._fetching:  # one look-up at a time; readers of the current view never wait for it
+            servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
         with self._lock:
             self._servers, self._fetched_at = servers, time.monotonic()
         return list(servers)
 
-    def _refresh_in_background(self) -> None:
-        with self._lock:
-            if self._refreshing:
-                return
-            self._refreshing = True
-
-        def refresh() -> None:
-            try:
-                self._fetch()
-            except Exception:
-                logger.debug("Refreshing the view of the swarm failed", exc_info=True)
-            finally:
-                with self._lock:
-                    self._refreshing = False
-
-        threading.Thread(target=refresh, name="stamen-routes", daemon=True).start()
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._fetch()
+        except Exception:
+            logger.debug("Refreshing the view of the swarm failed", exc_info=True)
 
     def invalidate(self) -> None:
         """Forget the fetched view of the swarm (e.g. a server no longer serves what it announced)."""
@@ -127,20 +131,21 @@ class RouteManager:
         with self._lock:
             return {peer for peer, record in self._bans.items() if record.until > now}
 
-    def candidates(
+    async def candidates(
         self, refresh: bool = False, exclude: frozenset[str] = frozenset(), adapter: str | None = None
     ) -> list[ServerInfo]:
         """Servers to route through: online, not banned, flagged, blocked or ``exclude``d, allowed, and (if ``adapter``
         is given) announcing that preloaded adapter."""
+        servers = await self.servers(refresh)
         excluded = self.banned() | set(self.config.blocked_peers) | self.flagged | exclude
-        servers = usable(self.servers(refresh), excluded)
+        servers = usable(servers, excluded)
         if self.config.allowed_peers is not None:
             servers = [s for s in servers if s.peer_id in self.config.allowed_peers]
         if adapter is not None:
             servers = [s for s in servers if adapter in s.adapters]
         return servers
 
-    def chain(
+    async def chain(
         self,
         span: BlockRange | None = None,
         min_cache_tokens: int = 0,
@@ -159,27 +164,32 @@ class RouteManager:
         deadline = time.monotonic() + self.config.wait_for_blocks
         refresh = False
         while True:
+            servers = await self.candidates(refresh, exclude, adapter)
             try:
-                servers = self.candidates(refresh, exclude, adapter)
                 if forward:
                     return spread_forward(servers, span, self._rng, client_pings=self.pings())
                 return fastest_chain(
                     servers, span, self.pings(), min_cache_tokens=min_cache_tokens, push=self.config.push
                 )
             except MissingBlocksError as exc:
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise MissingBlocksError(exc.blocks, f"waited {self.config.wait_for_blocks:.0f} s") from None
-                known = self.servers()
-                logger.info(
-                    "Waiting for servers of blocks %s (the swarm lists %d servers: %s; banned here: %d; excluded: %d)",
-                    exc.blocks,
-                    len(known),
-                    ", ".join(f"{s.peer_id[-6:]}[{s.span}] {s.state.name}" for s in known[:8]),
-                    len(self.banned()),
-                    len(exclude),
-                )
-            time.sleep(POLL_INTERVAL)
+                self._log_waiting(exc.blocks, len(exclude))
+            await asyncio.sleep(min(POLL_INTERVAL, left))  # then look again
             refresh = True
 
+    def _log_waiting(self, blocks: list[int], excluded: int) -> None:
+        known = self.view()
+        logger.info(
+            "Waiting for servers of blocks %s (the swarm lists %d servers: %s; banned here: %d; excluded: %d)",
+            blocks,
+            len(known),
+            ", ".join(f"{s.peer_id[-6:]}[{s.span}] {s.state.name}" for s in known[:8]),
+            len(self.banned()),
+            excluded,
+        )
+
     def server(self, peer_id: str) -> ServerInfo | None:
-        return next((s for s in self.servers() if s.peer_id == peer_id), None)
+        """``peer_id``'s record in the last fetched view (no look-up)."""
+        return next((s for s in self.view() if s.peer_id == peer_id), None)

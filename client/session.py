@@ -1,7 +1,7 @@
 """Inference session: streams hidden states through a chain of servers, one step at a time.
 
-Each server of the chain holds its own session (KV cache) for its span. The client keeps, per
-server, the inputs it sent in this session (``client.hop``). When a server fails (an error, a broken
+Each server of the chain (``client.chain``) holds its own session (KV cache) for its span. The client
+keeps, per server, the inputs it sent in this session (``client.hop``). When a server fails (an error, a broken
 stream, or no answer and no reply to a liveness ping), the client bans it, finds a replacement chain
 for that span only, replays those inputs into it (merged into a few prefill steps), and carries on;
 other servers keep their sessions. A server that is leaving (shutdown or a move) says so in its
@@ -23,31 +23,33 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import torch
 
-from client.envelope import Envelope
-from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
+from client.chain import Chain, ChainSpec
+from client.handle import ClientHandle
+from client.hop import HopSession, StepInput
 from client.retry import Attempts
 from client.verify import Verifier
 from swarm.models.adapters import LoraAdapter
 from swarm.receipts import work_units
 from swarm.routing import Hop
-from swarm.rpc import InferenceStream, ServerFailure
-
-if TYPE_CHECKING:
-    from client.swarmclient import SwarmClient
+from swarm.rpc import ServerFailure
+from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["InferenceSession", "StepInput"]
 
+T = TypeVar("T")
+
 
 class InferenceSession:
     """Use as a context manager. One caller at a time: a session is one conversation's state."""
 
-    def __init__(self, client: SwarmClient, max_length: int, adapter: LoraAdapter | str | None = None):
+    def __init__(self, client: ClientHandle, max_length: int, adapter: LoraAdapter | str | None = None):
         self.client, self.max_length = client, max_length
         self.config = client.config
         self.adapter = adapter  # LoRA weights (detached) or a preloaded adapter's name, for every step
@@ -56,20 +58,28 @@ class InferenceSession:
         self.padding: torch.Tensor | None = None  # [batch, position] bool: the padding mask the servers hold
         self._reorder: torch.Tensor | None = None  # hypothesis indices for the next step (beam search)
         self.batch_size: int | None = None
-        self._hops: list[HopSession] = []
+        self._spec = ChainSpec.of(self.config, max_length, adapter)
+        self._chain: Chain | None = None  # opened by ``open`` or the first step
         self._handovers: dict[HopSession, asyncio.Task] = {}  # leaving server -> its replacement being built
         self.closed = False
-        self.relayed = 0  # push mode: inputs the client had to relay because a server did not push them
-        config = self.config
-        self.verifier = Verifier(self, config.verify) if config.verify > 0 else None  # checks on other servers
-        self._timeouts = HopTimeouts(
-            config.step_timeout, config.step_timeout_per_token, config.slow_step_factor, config.min_step_timeout
-        )
+        verify = self.config.verify
+        # checks on other servers
+        self.verifier = Verifier(client, self._spec, verify, lambda: self.position) if verify > 0 else None
 
     @property
     def route(self) -> list[Hop]:
         """The servers this session currently goes through, with the blocks each one runs."""
-        return [hop.hop for hop in self._hops]
+        return [hop.hop for hop in self.hops]
+
+    @property
+    def hops(self) -> list[HopSession]:
+        """This session's part on each server of its chain (empty before it opens and once it is closed)."""
+        return list(self._chain.hops) if self._chain is not None and not self.closed else []
+
+    @property
+    def relayed(self) -> int:
+        """Push mode: inputs the client had to relay because a server did not push them."""
+        return self._chain.relayed if self._chain is not None else 0
 
     @property
     def moving(self) -> int:
@@ -94,13 +104,12 @@ class InferenceSession:
         if self.closed:
             raise RuntimeError("this inference session is closed")
         self.batch_size = batch_size
-        if not self._hops:
-            hops = await self._open_with_retries(batch_size)
+        if self._chain is None:
+            chain = await self._open_with_retries(batch_size)
             if self.closed:  # closed while opening: nobody will close these streams later
-                for hop in hops:
-                    hop.stream.close()
+                chain.close()
                 raise RuntimeError("this inference session was closed while it opened")
-            self._hops = hops
+            self._chain = chain
         return self
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -150,7 +159,7 @@ class InferenceSession:
         self.padding = new_padding if self.padding is None else torch.cat([self.padding, new_padding], dim=1)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        chunk = self._chunk_tokens(batch, hidden_size, prompts is not None)
+        chunk = self._spec.chunk_tokens(batch, hidden_size, prompts is not None)
         outputs = []
         for start in range(0, tokens, chunk):
             end = min(tokens, start + chunk)
@@ -165,33 +174,29 @@ class InferenceSession:
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    def _chunk_tokens(self, batch: int, hidden_size: int, prompts: bool = False) -> int:
-        """Most new tokens per step that keep one message under the size limit (with deep prompts, which ride
-        along with the first tokens, half as many)."""
-        return max(1, self.config.max_message_bytes // ((2 if prompts else 1) * batch * hidden_size * 4))
-
     async def _step(self, inputs: StepInput) -> torch.Tensor:
         attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
         batch = inputs.hidden.shape[0]
-        if not self._hops:
-            self._hops = await self._open_with_retries(batch, attempts)
+        if self._chain is None:
+            self._chain = await self._open_with_retries(batch, attempts)
+        chain = self._chain
         await self._finish_handovers()
         if self.verifier is not None:
             await self._replace_convicted(attempts, batch)
-        if self.config.push and len(self._hops) > 1:
-            self._send_headers(inputs)
+        if self.config.push and len(chain.hops) > 1:
+            chain.send_headers(inputs)
         index, current, pushed = 0, inputs, False
-        while index < len(self._hops):
-            hop = self._hops[index]
-            shadow = self.verifier.start(hop, current, self._hops) if self.verifier is not None else None
+        while index < len(chain.hops):
+            hop = chain.hops[index]
+            shadow = self.verifier.start(hop, current, chain.hops) if self.verifier is not None else None
             try:
-                output, pushed = await self._run(hop, current, delivered=pushed)
+                output, pushed = await chain.run(hop, current, delivered=pushed)
                 if self.verifier is not None:
                     output = await self.verifier.check(hop, current, output, shadow)
             except ServerFailure as failure:
                 attempts.failed(failure)
                 self._cancel_handover(hop)
-                self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
+                await self._replace(hop, batch, attempts)
                 pushed = False
                 continue  # the replacement replayed the history; now run this step through it
             hop.history.append(current)
@@ -207,80 +212,35 @@ class InferenceSession:
     async def _replace_convicted(self, attempts: Attempts, batch: int) -> None:
         """Replace the hops a background check found cheating (``client.verify``) by honest servers."""
         await self.verifier.settled()
-        for hop in self.verifier.take_convicted(self._hops):
+        for hop in self.verifier.take_convicted(self._chain.hops):
             self._cancel_handover(hop)
-            index = self._hops.index(hop)
-            self._hops[index : index + 1] = await self._retrying(attempts, lambda h=hop: self._replace(h, batch))
+            await self._replace(hop, batch, attempts)
 
-    async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> list[HopSession]:
+    async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> Chain:
         attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
-        return await self._retrying(attempts, lambda: self._open_chain(None, batch))
+        return await _retrying(attempts, lambda: Chain.open(self.client, self._spec, None, batch))
 
-    @staticmethod
-    async def _retrying(attempts: Attempts, action):
-        """Run ``action`` (open or replace part of the chain) until it succeeds or attempts run out."""
-        while True:
-            try:
-                return await action()
-            except ServerFailure as failure:
-                attempts.failed(failure)
-
-    async def _open_chain(self, span, batch: int, exclude: frozenset[str] = frozenset()) -> list[HopSession]:
-        loop = asyncio.get_running_loop()
-        needed = batch * self.max_length
-        await self.client.measure_pings(span)
-        adapter = self.adapter if isinstance(self.adapter, str) else None
-        chain = await loop.run_in_executor(
-            None, lambda: self.client.routes.chain(span, needed, False, exclude, adapter=adapter)
-        )
-        hops = []
-        try:
-            for hop in chain:
-                stream = InferenceStream(self.client.p2p, hop.peer_id)
-                rtt = self.client.routes.pings().get(hop.peer_id)
-                envelope = Envelope.for_server(self.client, hop.peer_id)
-                hops.append(HopSession(hop, stream, envelope, self.client.p2p, rtt))
-                await stream.open(self.config.connect_timeout)
-        except BaseException:
-            for hop in hops:
-                hop.stream.close()
-            raise
-        logger.debug("Session chain: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.hop.span}]" for h in hops))
-        return hops
-
-    async def _replace(self, failed: HopSession, batch: int) -> list[HopSession]:
-        """New servers for ``failed``'s span, with its inputs so far replayed into them."""
+    async def _replace(self, failed: HopSession, batch: int, attempts: Attempts) -> None:
+        """Put new servers in place of ``failed``, with its inputs so far replayed into them."""
         failed.stream.close()
-        replacement = await self._open_chain(failed.hop.span, batch)
-        await self._replay(replacement, failed.history)
-        logger.info("Replayed %d steps into %d replacement server(s)", len(failed.history), len(replacement))
+        replacement = await _retrying(attempts, lambda: self._replayed(failed.hop.span, batch, failed.history))
+        self._chain.replace(failed, replacement)
+
+    async def _replayed(self, span: BlockRange, batch: int, steps: list[StepInput]) -> Chain:
+        """A new chain for ``span`` that holds ``steps``."""
+        replacement = await Chain.open(self.client, self._spec, span, batch)
+        await replacement.replay(steps)
+        logger.info("Replayed %d steps into %d replacement server(s)", len(steps), len(replacement.hops))
         return replacement
 
-    async def _replay(self, hops: list[HopSession], steps: list[StepInput]) -> None:
-        """Send ``steps`` (the inputs of the span ``hops`` cover) through ``hops``, merged into few steps."""
-        if not steps:
-            return
-        try:
-            for hop in hops:
-                outputs = []
-                prompted = any(step.prompts is not None for step in steps)
-                for item in merge_steps(steps, self._chunk_tokens(*item_shape(steps), prompted)):
-                    hidden, _ = await self._run(hop, item)
-                    hop.history.append(item)
-                    outputs.append(dataclasses.replace(item, hidden=hidden))
-                steps = outputs
-        except BaseException:
-            for hop in hops:
-                hop.stream.close()
-            raise
-
-    async def _prepare_handover(self, leaving: HopSession, batch: int) -> tuple[list[HopSession], int]:
+    async def _prepare_handover(self, leaving: HopSession, batch: int) -> tuple[Chain, int]:
         """Build a replacement for a server that is leaving, replaying its history so far."""
         attempts = Attempts(self.client.routes, self.config.max_retries, "moving off a leaving server")
         exclude = frozenset({leaving.peer_id})
-        replacement = await self._retrying(attempts, lambda: self._open_chain(leaving.hop.span, batch, exclude))
+        span = leaving.hop.span
+        replacement = await _retrying(attempts, lambda: Chain.open(self.client, self._spec, span, batch, exclude))
         done = len(leaving.history)
-        await self._replay(replacement, leaving.history[:done])
+        await replacement.replay(leaving.history[:done])
         return replacement, done
 
     async def _finish_handovers(self) -> None:
@@ -292,17 +252,16 @@ class InferenceSession:
             if task.cancelled() or task.exception() is not None:
                 logger.info("Could not move away from leaving server %s yet: %r", leaving.peer_id, task)
                 continue
-            if leaving not in self._hops:  # it failed meanwhile and was replaced the usual way
+            if leaving not in self._chain.hops:  # it failed meanwhile and was replaced the usual way
                 _close_replacement(task)
                 continue
             replacement, done = task.result()
             try:
-                await self._replay(replacement, leaving.history[done:])
+                await replacement.replay(leaving.history[done:])
             except ServerFailure as failure:
                 logger.info("Replacement for leaving server %s failed: %s", leaving.peer_id, failure)
                 continue
-            index = self._hops.index(leaving)
-            self._hops[index : index + 1] = replacement
+            self._chain.replace(leaving, replacement)
             leaving.stream.close()
             logger.info("Moved blocks %s off leaving server %s", leaving.hop.span, leaving.peer_id)
 
@@ -312,39 +271,18 @@ class InferenceSession:
             task.cancel()
             task.add_done_callback(_close_replacement)
 
-    def _send_headers(self, item: StepInput) -> None:
-        """Push mode: the first server gets the step, the others a header naming where to push next."""
-        for index, hop in enumerate(self._hops):
-            push_from = self._hops[index - 1].peer_id if index > 0 else None  # the only peer allowed to push
-            after = self._hops[index + 1] if index + 1 < len(self._hops) else None
-            push_to = (after.peer_id, after.session_id) if after is not None else None
-            hop.send_step(item, self.max_length, self.adapter, push_from=push_from, push_to=push_to)
-            hop.sent = "step" if index == 0 else "header"
-
-    async def _run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
-        """One step on one server: (its output, whether it pushed that output to the next server)."""
-        if hop.sent is None:
-            hop.send_step(item, self.max_length, self.adapter)
-        elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
-            self.relayed += 1
-            hop.relay(item)
-        hop.sent = None
-        return await hop.answer(item, self._timeouts)
-
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        hops, self._hops = self._hops, []
+        chain, verifier = self._chain, self.verifier
         tasks, self._handovers = list(self._handovers.values()), {}
-
-        verifier = self.verifier
 
         def close_all() -> None:
             if verifier is not None:
                 verifier.finish()
-            for hop in hops:
-                hop.stream.close()
+            if chain is not None:
+                chain.close()
             for task in tasks:
                 task.cancel()
                 task.add_done_callback(_close_replacement)
@@ -352,10 +290,13 @@ class InferenceSession:
         self.client.loop.loop.call_soon_threadsafe(close_all)
 
 
-def item_shape(steps: list[StepInput]) -> tuple[int, int]:
-    """(batch, hidden_size) of a session's steps."""
-    batch, _, hidden_size = steps[0].hidden.shape
-    return batch, hidden_size
+async def _retrying(attempts: Attempts, action: Callable[[], Awaitable[T]]) -> T:
+    """Run ``action`` (open or replace part of the chain) until it succeeds or attempts run out."""
+    while True:
+        try:
+            return await action()
+        except ServerFailure as failure:
+            attempts.failed(failure)
 
 
 def _close_replacement(task: asyncio.Task) -> None:
@@ -363,5 +304,4 @@ def _close_replacement(task: asyncio.Task) -> None:
     if task.cancelled() or task.exception() is not None:
         return
     replacement, _ = task.result()
-    for hop in replacement:
-        hop.stream.close()
+    replacement.close()

@@ -71,8 +71,7 @@ class SwarmClient:
     async def measure_pings(self, span: BlockRange | None = None, limit: int = 32) -> None:
         """Round trips to candidate servers (of ``span``'s blocks, if given) whose ping is unknown or stale,
         concurrently and bounded: a server that does not answer within PING_TIMEOUT is left unmeasured."""
-        loop = asyncio.get_running_loop()
-        servers = await loop.run_in_executor(None, self.routes.candidates)
+        servers = await self.routes.candidates()
         if span is not None:
             servers = [s for s in servers if s.span.start < span.end and span.start < s.span.end]
         stale = self.routes.stale_pings([s.peer_id for s in servers])[:limit]

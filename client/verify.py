@@ -38,6 +38,9 @@ Work that was checked is counted as verified in the points receipts (``client.po
 A server that fails as a verifier or referee (down, or too busy for one more session) is not banned; this
 session just asks others for a while.
 
+Shadows and third-server referees are chains of their own (``client.chain``), fed with ``Chain.replay``; the
+verifier gets the client (``client.handle``) and the session's ``ChainSpec``, not the session.
+
 Concurrency: everything runs on the client's event loop; background checks are tasks owned by the
 ``Verifier`` of one session, at most one in flight per hop.
 """
@@ -45,21 +48,21 @@ Concurrency: everything runs on the client's event loop; background checks are t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
-from client.hop import HopSession, StepInput, merge_steps
+from client.chain import Chain, ChainSpec
+from client.handle import ClientHandle
+from client.hop import HopSession, StepInput
 from client.verdicts import (
     Detection,
     Evidence,
     least_precise,
     less_precise,
     mismatch,
-    split_tokens,
     tolerance,
     verdict,
     window,
@@ -71,9 +74,6 @@ from swarm.receipts import work_units
 from swarm.routing import uncovered_blocks
 from swarm.rpc import ServerFailure
 from swarm.spans import BlockRange
-
-if TYPE_CHECKING:
-    from client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +89,16 @@ class Shadow:
     """A hop's shadow: sessions on other servers of the span, and the span's inputs they must hold."""
 
     def __init__(self, known: list[StepInput]):
-        self.hops: list[HopSession] = []  # the shadow chain (empty: open one before the next check)
+        self.chain: Chain | None = None  # the shadow chain (None: open one before the next check)
         self.known = list(known)  # every input of the span so far that a shadow has been or must be fed
         self.fed = 0  # how many of ``known`` the current shadow chain holds
         self.pending: list[tuple[StepInput, torch.Tensor]] = []  # lazy: (input, S's output), unchecked
         self.task: asyncio.Task | None = None  # lazy: the check in flight
+
+    @property
+    def hops(self) -> list[HopSession]:
+        """The shadow chain's servers (none while it has no chain)."""
+        return self.chain.hops if self.chain is not None else []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,16 +106,18 @@ class Shadow:
         return least_precise([hop.dtype for hop in self.hops])
 
     def close(self) -> None:
-        for hop in self.hops:
-            hop.stream.close()
-        self.hops, self.fed = [], 0
+        if self.chain is not None:
+            self.chain.close()
+        self.chain, self.fed = None, 0
 
 
 class Verifier:
     """Checks one inference session's hops (see the module docstring)."""
 
-    def __init__(self, session: InferenceSession, verify: float):
-        self.session, self.window = session, window(verify)
+    def __init__(self, client: ClientHandle, spec: ChainSpec, verify: float, position: Callable[[], int]):
+        """Checks for the session whose chains share ``spec``; ``position()`` is its processed tokens (for
+        the reports of detections)."""
+        self.client, self.spec, self.position, self.window = client, spec, position, window(verify)
         self.full = verify >= 1.0
         self.shadows: dict[HopSession, Shadow] = {}
         self.convicted: set[HopSession] = set()  # lazy: hops found cheating, to replace at the next step
@@ -120,7 +127,6 @@ class Verifier:
         self._calm.set()
         self._disputes = 0  # background checks settling a dispute now
         self.avoided: dict[str, float] = {}  # server that failed as a verifier or referee -> asked again after
-        client = session.client
         self.routes, self.stats, self.receipts = client.routes, client.verification, client.receipts
 
     # -- the session's entry points --
@@ -257,14 +263,13 @@ class Verifier:
         outputs, or None if no shadow could do it (the steps stay unchecked; a later check feeds them)."""
         for _ in range(SHADOW_ATTEMPTS):
             try:
-                if not shadow.hops:
-                    exclude = frozenset({hop.peer_id})
-                    shadow.hops = await self._open(hop, exclude, batch)
-                    if not shadow.hops:
+                if shadow.chain is None:
+                    shadow.chain = await self._open(hop, frozenset({hop.peer_id}), batch)
+                    if shadow.chain is None:
                         break
-                await self._feed(shadow.hops, shadow.known[shadow.fed :])
+                await self._feed(shadow.chain, shadow.known[shadow.fed :])
                 shadow.fed = len(shadow.known)
-                answers = await self._feed(shadow.hops, steps)
+                answers = await self._feed(shadow.chain, steps)
             except ServerFailure as failure:
                 self._avoid(failure, "verifier")
                 shadow.close()
@@ -281,38 +286,29 @@ class Verifier:
         logger.info("Server %s failed as a %s: %s", failure.peer_id, role, failure.reason)
         self.avoided[failure.peer_id] = time.monotonic() + AVOID_SECONDS
 
-    async def _open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> list[HopSession]:
+    async def _open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> Chain | None:
         """A chain over ``hop``'s span on other servers, preferring ones at least as precise as ``hop``'s
-        server; empty if no other server holds the span (logged)."""
+        server; None if no other server holds the span (logged)."""
         now = time.monotonic()
         exclude = exclude | {peer for peer, until in self.avoided.items() if until > now}
-        loop = asyncio.get_running_loop()
         span = hop.hop.span
-        servers = await loop.run_in_executor(None, lambda: self.routes.candidates(exclude=exclude))
+        servers = await self.routes.candidates(exclude=exclude)
         if uncovered_blocks(servers, span):
             if hop.peer_id not in self.unchecked:  # once per server and session
                 logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)
                 self.unchecked.add(hop.peer_id)
-            return []
+            return None
         avoid = less_precise(servers, span, tensors.DTYPE_NAMES.get(hop.dtype, "float32"))
-        return await self.session._open_chain(span, batch, exclude | avoid)
+        return await Chain.open(self.client, self.spec, span, batch, exclude | avoid)
 
-    async def _feed(self, hops: list[HopSession], steps: list[StepInput]) -> list[torch.Tensor]:
-        """Run ``steps`` through ``hops`` merged into few steps; each step's output (in order)."""
-        if not steps:
-            return []
-        batch, _, hidden_size = steps[0].hidden.shape
-        prompted = any(step.prompts is not None for step in steps)
-        merged = merge_steps(steps, self.session._chunk_tokens(batch, hidden_size, prompted))
-        for hop in hops:
-            outputs = []
-            for item in merged:
-                hidden, _ = await self.session._run(hop, item)
-                hop.history.append(item)
-                self.stats.shadow_units += work_units(tuple(item.hidden.shape), hop.hop.span)
-                outputs.append(dataclasses.replace(item, hidden=hidden))
-            merged = outputs
-        return split_tokens([item.hidden for item in merged], [step.hidden.shape[1] for step in steps])
+    async def _feed(self, chain: Chain, steps: list[StepInput]) -> list[torch.Tensor]:
+        """Run ``steps`` through a shadow or referee chain; each step's output (in order). Its work counts
+        as the verifiers' (``VerifyStats.shadow_units``)."""
+        before = chain.units
+        try:
+            return await chain.replay(steps)
+        finally:
+            self.stats.shadow_units += chain.units - before
 
     async def _settle(
         self, hop: HopSession, shadow: Shadow, index: int, output: torch.Tensor, answer: torch.Tensor, evidence
@@ -345,8 +341,8 @@ class Verifier:
         """(the referee's output of step ``index``, its dtype, who it is): the client's own computation if it
         can, else a third server of the span fed the span's inputs up to that step; None if there is none."""
         steps = shadow.known[: index + 1]
-        local = self.session.client.referee
-        if local is not None and local.can_run(steps, self.session.adapter):
+        local = self.client.referee
+        if local is not None and local.can_run(steps, self.spec.adapter):
             loop = asyncio.get_running_loop()
             try:
                 truth = await loop.run_in_executor(None, local.run, hop.hop.span, steps)
@@ -355,23 +351,23 @@ class Verifier:
                 logger.exception("The client could not recompute blocks %s; asking a server", hop.hop.span)
         suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
         referee = await self._open(hop, suspects, steps[0].hidden.shape[0])
-        if not referee:
+        if referee is None:
             logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
             return None
+        hops = list(referee.hops)
         try:
             truth = (await self._feed(referee, steps))[-1]
         except ServerFailure as failure:
             self._avoid(failure, "referee")
             return None
         finally:
-            for referee_hop in referee:
-                referee_hop.stream.close()
-        names = ", ".join(h.peer_id for h in referee)
-        return truth, least_precise([h.dtype for h in referee]), f"server {names}"
+            referee.close()
+        names = ", ".join(h.peer_id for h in hops)
+        return truth, least_precise([h.dtype for h in hops]), f"server {names}"
 
     def _flag(self, peer_id: str, span: BlockRange, item: StepInput, evidence: Evidence, role: str) -> None:
         step_position = int(item.position_ids.min()) if item.position_ids.numel() else 0
-        position = self.session.position
+        position = self.position()
         self.routes.flag(peer_id)
         self.stats.detections.append(Detection(peer_id, span, position, step_position, evidence, role))
         logger.warning(

@@ -71,7 +71,7 @@ def test_inference_routes_avoid_a_slow_replica(tiny_models):
                 with model.inference_session(max_length=16) as session:
                     session.open(batch_size=1)
                     assert [hop.peer_id for hop in session.route] == [fast.peer_id]
-            info = {s.peer_id: s for s in model.client.routes.servers(refresh=True)}
+            info = {s.peer_id: s for s in model.client.loop.run(model.client.routes.servers(refresh=True))}
             assert info[slow.peer_id].throughput < info[fast.peer_id].throughput
         finally:
             model.shutdown()

@@ -37,7 +37,7 @@ def test_compressed_steps_stay_close_to_the_local_model(swarm_and_local, compres
             logits = model(ids[:, :5], past_key_values=None).logits  # stateless forward
             prefix = torch.cat([model.generate(ids[:, :5], max_new_tokens=1, do_sample=False)], dim=1)
             wanted = {"none": pb.COMPRESSION_NONE, "float16": pb.COMPRESSION_FLOAT16, "int8": pb.COMPRESSION_INT8}
-            assert {hop.envelope.compression for hop in session._hops} == {wanted[compression]}
+            assert {hop.envelope.compression for hop in session.hops} == {wanted[compression]}
     finally:
         model.shutdown()
     with torch.no_grad():

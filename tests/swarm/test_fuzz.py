@@ -387,7 +387,7 @@ def test_fuzzed_server_stays_up_bounded_and_correct(fuzzed_server):
     try:
         with model.inference_session(max_length=32) as session:
             model.generate(prompt[:, :4], max_new_tokens=1, do_sample=False)  # a session open during the fuzzing
-            victims = [hop.session_id for hop in session._hops]  # its ids on the server: pushes aim at them
+            victims = [hop.session_id for hop in session.hops]  # its ids on the server: pushes aim at them
             fuzzer = Fuzzer(server, peers, victims, SEED)
             loop.run(fuzzer.run(WARMUP))
             before, group_before, started = rss_mb(server.proc.pid), group_rss_mb(server.proc.pid), time.monotonic()
@@ -400,7 +400,7 @@ def test_fuzzed_server_stays_up_bounded_and_correct(fuzzed_server):
             assert server.proc.poll() is None, "".join(server.output[-50:])
             assert session.position == 4
             continued = model.generate(prompt, max_new_tokens=10, do_sample=False)
-            assert [hop.session_id for hop in session._hops] == victims  # the same server-side session, no replay
+            assert [hop.session_id for hop in session.hops] == victims  # the same server-side session, no replay
     finally:
         for peer in peers:
             loop.run(peer.shutdown())

@@ -46,7 +46,7 @@ def test_receipts_become_points_that_order_a_busy_servers_queue(tiny_models, tmp
             assert work == (6 + 4) * 6  # tokens x blocks: the prompt and four fed-back tokens, six blocks
 
             def announced() -> bool:  # receipts go out every 0.2 s, so an early one may cover part of the work
-                servers = {s.peer_id: s for s in user.client.routes.servers(refresh=True)}
+                servers = {s.peer_id: s for s in user.client.loop.run(user.client.routes.servers(refresh=True))}
                 return servers[volunteer.peer_id].points == pytest.approx(work * POINTS_PER_UNIT)
 
             wait_for(announced, "the volunteer's points for all its work")

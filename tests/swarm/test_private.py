@@ -143,7 +143,9 @@ def test_forged_and_unsigned_announcements_are_ignored(keyed_swarm):
     )
     try:
         actual = model.generate(ids, max_new_tokens=6, do_sample=False)
-        assert {hop.peer_id for hop in model.client.routes.chain()} <= {s.peer_id for s in servers}
+        assert {hop.peer_id for hop in model.client.loop.run(model.client.routes.chain())} <= {
+            s.peer_id for s in servers
+        }
     finally:
         model.shutdown()
     assert actual.tolist() == local.generate(ids, max_new_tokens=6, do_sample=False).tolist()

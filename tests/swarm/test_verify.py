@@ -51,11 +51,11 @@ def steer(model, swarm: LocalSwarm, peer_id: str) -> None:
     stopped servers, until they expire, farther still)."""
     routes = model.client.routes
     deadline = time.monotonic() + 30
-    while {s.peer_id for s in swarm.live()} - {s.peer_id for s in routes.servers(refresh=True)}:
+    while {s.peer_id for s in swarm.live()} - {s.peer_id for s in model.client.loop.run(routes.servers(refresh=True))}:
         assert time.monotonic() < deadline, "servers not announced in time"
         time.sleep(0.1)
     live = {server.peer_id for server in swarm.live()}
-    for server in routes.servers():
+    for server in routes.view():
         far = 1.0 if server.peer_id in live else 9.0
         routes.record_ping(server.peer_id, 1e-4 if server.peer_id == peer_id else far)
 

@@ -1,7 +1,9 @@
-"""RouteManager without a network: bans with exponential backoff, allow/block lists, bounded waiting."""
+"""RouteManager without a network: bans with exponential backoff, allow/block lists, bounded waiting, a stale
+view refreshed in the background while look-ups go on."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -16,12 +18,12 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class FixedSwarm:
-    """Stands in for SwarmDHT.fetch_servers: returns a fixed list of records."""
+    """Stands in for SwarmDHT.fetch_servers_async: returns a fixed list of records."""
 
     def __init__(self, servers):
         self.servers = servers
 
-    def fetch_servers(self, prefix, num_blocks):
+    async def fetch_servers_async(self, prefix, num_blocks):
         return list(self.servers)
 
 
@@ -31,6 +33,11 @@ def server(peer, start, end, throughput=1.0):
 
 def manager(servers, **options):
     return RouteManager(FixedSwarm(servers), "m", 4, ClientConfig(**options))
+
+
+def first(routes: RouteManager) -> str:
+    """The first server of a chain over the whole model (the look-up runs on an event loop of its own)."""
+    return asyncio.run(routes.chain())[0].peer_id
 
 
 def test_ban_doubles_with_each_failure_and_is_capped():
@@ -59,27 +66,27 @@ def test_successes_of_servers_never_banned_change_nothing():
 
 def test_banned_server_is_avoided_until_its_ban_expires():
     routes = manager([server("fast", 0, 4, 10.0), server("slow", 0, 4, 1.0)], ban_base=0.3)
-    assert routes.chain()[0].peer_id == "fast"
+    assert first(routes) == "fast"
     routes.ban("fast")
-    assert routes.chain()[0].peer_id == "slow"
+    assert first(routes) == "slow"
     deadline = time.monotonic() + 5
     while "fast" in routes.banned():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert routes.chain()[0].peer_id == "fast"
+    assert first(routes) == "fast"
 
 
 def test_allow_and_block_lists():
     servers = [server("a", 0, 4, 3.0), server("b", 0, 4, 2.0), server("c", 0, 4, 1.0)]
-    assert manager(servers, blocked_peers=["a"]).chain()[0].peer_id == "b"
-    assert manager(servers, allowed_peers=["c"]).chain()[0].peer_id == "c"
+    assert first(manager(servers, blocked_peers=["a"])) == "b"
+    assert first(manager(servers, allowed_peers=["c"])) == "c"
 
 
 def test_missing_blocks_raise_after_the_bounded_wait():
     routes = manager([server("a", 0, 2)], wait_for_blocks=0.5)
     started = time.monotonic()
     with pytest.raises(MissingBlocksError) as caught:
-        routes.chain()
+        first(routes)
     assert caught.value.blocks == [2, 3]
     assert 0.5 <= time.monotonic() - started < 3
 
@@ -87,7 +94,7 @@ def test_missing_blocks_raise_after_the_bounded_wait():
 def test_banned_only_server_waits_for_ban_to_expire_within_the_wait():
     routes = manager([server("a", 0, 4)], ban_base=0.5, wait_for_blocks=5)
     routes.ban("a")
-    assert routes.chain()[0].peer_id == "a"
+    assert first(routes) == "a"
 
 
 class SlowSwarm(FixedSwarm):
@@ -97,23 +104,46 @@ class SlowSwarm(FixedSwarm):
         super().__init__(servers)
         self.delay, self.calls = delay, 0
 
-    def fetch_servers(self, prefix, num_blocks):
+    async def fetch_servers_async(self, prefix, num_blocks):
         self.calls += 1
+        servers = list(self.servers)
         if self.calls > 1:
-            time.sleep(self.delay)
-        return list(self.servers)
+            await asyncio.sleep(self.delay)  # the slow DHT (the event loop stays free meanwhile)
+        return servers
 
 
 def test_a_stale_view_is_used_at_once_while_a_fresh_one_is_fetched():
-    dht = SlowSwarm([server("a", 0, 4)], delay=1.0)
-    routes = RouteManager(dht, "m", 4, ClientConfig(update_period=0.0))
-    assert [s.peer_id for s in routes.servers()] == ["a"]  # the first view is fetched synchronously
-    dht.servers = [server("a", 0, 4), server("b", 0, 4)]
-    started = time.monotonic()
-    assert [hop.peer_id for hop in routes.chain(BlockRange(0, 4))] == ["a"]  # from the stale view, no waiting
-    assert routes.pings() == {}  # nothing else waits for the look-up either
-    assert time.monotonic() - started < 0.5
-    deadline = time.monotonic() + 10
-    while {s.peer_id for s in routes.servers()} != {"a", "b"} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert {s.peer_id for s in routes.servers()} == {"a", "b"}  # the background look-up landed
+    async def scenario() -> None:
+        dht = SlowSwarm([server("a", 0, 4)], delay=1.0)
+        routes = RouteManager(dht, "m", 4, ClientConfig(update_period=0.0))
+        assert [s.peer_id for s in await routes.servers()] == ["a"]  # the first view is awaited
+        dht.servers = [server("a", 0, 4), server("b", 0, 4)]
+        started = time.monotonic()
+        assert [hop.peer_id for hop in await routes.chain(BlockRange(0, 4))] == ["a"]  # the stale view, at once
+        assert time.monotonic() - started < 0.5
+        deadline = time.monotonic() + 10
+        while {s.peer_id for s in routes.view()} != {"a", "b"} and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert {s.peer_id for s in routes.view()} == {"a", "b"}  # the background look-up landed
+        assert dht.calls == 2  # one background look-up at a time, however often the stale view was read
+
+    asyncio.run(scenario())
+
+
+def test_waiting_for_missing_blocks_leaves_the_event_loop_free():
+    async def scenario() -> float:
+        dht = FixedSwarm([server("a", 0, 2)])
+        routes = RouteManager(dht, "m", 4, ClientConfig(wait_for_blocks=10))
+        waiting = asyncio.ensure_future(routes.chain())
+        ticks = 0
+        deadline = time.monotonic() + 5
+        while ticks < 5 and time.monotonic() < deadline:  # the loop runs other work while the chain waits
+            await asyncio.sleep(0.05)
+            ticks += 1
+        assert ticks == 5 and not waiting.done()
+        dht.servers = [server("a", 0, 2), server("b", 2, 4)]  # the missing blocks get a server
+        started = time.monotonic()
+        assert [hop.peer_id for hop in await waiting] == ["a", "b"]
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 2  # found by the next look-ups, long before wait_for_blocks

@@ -3,6 +3,7 @@ verified work, and the ``verify`` option's validation."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -131,15 +132,15 @@ def test_split_tokens_undoes_merge_steps():
 
 
 class FixedSwarm:
-    def fetch_servers(self, prefix, num_blocks):
+    async def fetch_servers_async(self, prefix, num_blocks):
         return [info("a", 0, 4, "float32"), info("b", 0, 4, "float32")]
 
 
 def test_flagged_servers_are_never_routed_through():
     routes = RouteManager(FixedSwarm(), "m", 4, ClientConfig())
     routes.flag("a")
-    assert [s.peer_id for s in routes.candidates()] == ["b"]
-    assert [hop.peer_id for hop in routes.chain()] == ["b"]
+    assert [s.peer_id for s in asyncio.run(routes.candidates())] == ["b"]
+    assert [hop.peer_id for hop in asyncio.run(routes.chain())] == ["b"]
 
 
 def test_confirmed_work_counts_as_verified():

@@ -1,0 +1,154 @@
+"""The client's one chain runner: sessions on a chain of servers that covers a span, run step by step.
+
+A ``Chain`` opens one server-side session per server of a route chosen by the route manager
+(``HopSession``, ``client.hop``), runs a step on one of its servers (``run``; push mode: ``send_headers``
+first), replays a history of steps through all of them merged into a few prefill steps (``replay``), takes
+over the servers of another chain in place of one of its own (``replace``, after a failover or a move), and
+closes. Inference sessions (``client.session``) run their steps through one, hop by hop, with failover;
+verification (``client.verify``) runs its shadows and third-server referees as chains fed by ``replay``.
+``ChainSpec`` is what all the server sessions of one inference session share.
+
+Concurrency: everything runs on the client's event loop, one caller at a time per chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from client.config import ClientConfig
+from client.envelope import Envelope
+from client.handle import ClientHandle
+from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
+from client.verdicts import split_tokens
+from swarm.models.adapters import LoraAdapter
+from swarm.receipts import work_units
+from swarm.rpc import InferenceStream
+from swarm.spans import BlockRange
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Chain", "ChainSpec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSpec:
+    """What the server sessions of one inference session share."""
+
+    max_length: int  # tokens each server's cache must hold (per sequence)
+    adapter: LoraAdapter | str | None  # LoRA weights (detached) or a preloaded adapter's name, for every step
+    timeouts: HopTimeouts  # how long to wait for a step's answer
+    max_message_bytes: int  # larger steps are split
+
+    @classmethod
+    def of(cls, config: ClientConfig, max_length: int, adapter: LoraAdapter | str | None) -> ChainSpec:
+        timeouts = HopTimeouts(
+            config.step_timeout, config.step_timeout_per_token, config.slow_step_factor, config.min_step_timeout
+        )
+        return cls(max_length, adapter, timeouts, config.max_message_bytes)
+
+    def chunk_tokens(self, batch: int, hidden_size: int, prompts: bool = False) -> int:
+        """Most new tokens per step that keep one message under the size limit (with deep prompts, which ride
+        along with the first tokens, half as many)."""
+        return max(1, self.max_message_bytes // ((2 if prompts else 1) * batch * hidden_size * 4))
+
+
+class Chain:
+    """Sessions on consecutive servers (``hops``) that together cover one span."""
+
+    def __init__(self, client: ClientHandle, spec: ChainSpec, hops: list[HopSession]):
+        self.client, self.spec = client, spec
+        self.hops = hops
+        self.relayed = 0  # push mode: inputs the client had to relay because a server did not push them
+        self.units = 0  # work done on replays (tokens x blocks, every server)
+
+    @classmethod
+    async def open(
+        cls,
+        client: ClientHandle,
+        spec: ChainSpec,
+        span: BlockRange | None,
+        batch: int,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Chain:
+        """Choose servers for ``span`` (None: the whole model) without ``exclude``, waiting up to
+        ``wait_for_blocks`` for missing ones, and open a session stream on each. Raises ``ServerFailure``
+        if a stream does not open (none stays open), ``MissingBlocksError`` if no chain covers ``span``."""
+        await client.measure_pings(span)
+        adapter = spec.adapter if isinstance(spec.adapter, str) else None
+        route = await client.routes.chain(span, batch * spec.max_length, False, exclude, adapter=adapter)
+        chain = cls(client, spec, [])
+        try:
+            for hop in route:
+                stream = InferenceStream(client.p2p, hop.peer_id)
+                rtt = client.routes.pings().get(hop.peer_id)
+                envelope = Envelope.for_server(client, hop.peer_id)
+                chain.hops.append(HopSession(hop, stream, envelope, client.p2p, rtt))
+                await stream.open(client.config.connect_timeout)
+        except BaseException:
+            chain.close()
+            raise
+        logger.debug("Session chain: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.hop.span}]" for h in chain.hops))
+        return chain
+
+    @property
+    def peer_ids(self) -> list[str]:
+        return [hop.peer_id for hop in self.hops]
+
+    def send_headers(self, item: StepInput) -> None:
+        """Push mode: the first server gets the step, the others a header naming where to push next."""
+        for index, hop in enumerate(self.hops):
+            push_from = self.hops[index - 1].peer_id if index > 0 else None  # the only peer allowed to push
+            after = self.hops[index + 1] if index + 1 < len(self.hops) else None
+            push_to = (after.peer_id, after.session_id) if after is not None else None
+            hop.send_step(item, self.spec.max_length, self.spec.adapter, push_from=push_from, push_to=push_to)
+            hop.sent = "step" if index == 0 else "header"
+
+    async def run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
+        """One step on one server of the chain: (its output, whether it pushed that output to the next server).
+        ``delivered``: the previous server pushed this step's input to it (push mode)."""
+        if hop.sent is None:
+            hop.send_step(item, self.spec.max_length, self.spec.adapter)
+        elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
+            self.relayed += 1
+            hop.relay(item)
+        hop.sent = None
+        return await hop.answer(item, self.spec.timeouts)
+
+    async def replay(self, steps: list[StepInput]) -> list[torch.Tensor]:
+        """Send ``steps`` (inputs of the chain's span) through every server, merged into few steps; the
+        chain's output of each step, in order. Each server's history keeps what it was sent. On any error
+        the chain is closed (its servers' caches no longer match a history) and the error raised."""
+        if not steps:
+            return []
+        batch, _, hidden_size = steps[0].hidden.shape
+        prompted = any(step.prompts is not None for step in steps)
+        merged = merge_steps(steps, self.spec.chunk_tokens(batch, hidden_size, prompted))
+        try:
+            for hop in self.hops:
+                outputs = []
+                for item in merged:
+                    hidden, _ = await self.run(hop, item)
+                    hop.history.append(item)
+                    self.units += work_units(tuple(item.hidden.shape), hop.hop.span)
+                    outputs.append(dataclasses.replace(item, hidden=hidden))
+                merged = outputs
+        except BaseException:
+            self.close()
+            raise
+        return split_tokens([item.hidden for item in merged], [step.hidden.shape[1] for step in steps])
+
+    def replace(self, old: HopSession, new: Chain) -> None:
+        """Put ``new``'s servers in place of ``old`` (its stream is the caller's to close); they belong to
+        this chain from now on."""
+        index = self.hops.index(old)
+        self.hops[index : index + 1] = new.hops
+        new.hops = []
+
+    def close(self) -> None:
+        """Close every server's session stream. Idempotent."""
+        hops, self.hops = self.hops, []
+        for hop in hops:
+            hop.stream.close()
