@@ -57,13 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=1000, help="sessions between memory checkpoints (default: 1000)")
     p.add_argument("--check-every", type=int, default=50, help="every Nth generation is compared with transformers")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads here and in each server (default: 1)")
-    p.add_argument("--quick", action="store_true", help="400 sessions, a checkpoint every 100 (CI)")
+    p.add_argument("--quick", action="store_true", help="300 sessions, a checkpoint every 100 (CI)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for servers to start serving")
     p.add_argument("--time-limit", type=int, default=4 * 3600, help="seconds for the whole run (default: 4 h)")
     args = p.parse_args(argv)
     if args.quick:
-        args.sessions, args.every, args.check_every = 400, 100, 20
+        args.sessions, args.every, args.check_every = 300, 100, 20
     if min(args.sessions, args.every, args.check_every) < 1:
         p.error("--sessions, --every and --check-every must be at least 1")
     return args
