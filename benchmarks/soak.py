@@ -18,6 +18,7 @@ Every ``--every`` sessions, once the servers are idle (no session open, nothing 
 each server's memory (proportional set size of the server and its children, its libp2p daemon included) and
 the sizes of the server's own long-lived structures, which the server logs when sent SIGUSR1 (``Structure
 sizes: {...}``). The memory of the first checkpoint is the reference the later ones are compared with.
+A session that fails (an exception, or an HTTP error from the API) is counted and printed, and the run goes on.
 Other processes on the machine slow the run down (not the memory): the load average is printed at start and end.
 """
 
@@ -30,6 +31,7 @@ import random
 import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -87,6 +89,7 @@ class Soak:
             self.api_model = json.loads(response.read())["data"][0]["id"]
         self.counts = {kind: 0 for kind in KINDS}
         self.compared = self.mismatches = self.generations = 0
+        self.failures: list[str] = []  # sessions that raised (e.g. the API's 503 when a route look-up timed out)
 
     def shutdown(self) -> None:
         self.plain.shutdown()
@@ -127,9 +130,12 @@ class Soak:
         request = urllib.request.Request(
             self.api_url + "/v1/completions", body, headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            if not json.loads(response.read())["choices"]:
-                raise RuntimeError("the API answered no choice")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                if not json.loads(response.read())["choices"]:
+                    raise RuntimeError("the API answered no choice")
+        except urllib.error.HTTPError as exc:  # the API says why in its body
+            raise RuntimeError(f"API answered {exc.code}: {exc.read()[:300]!r}") from None
 
 
 def structure_sizes(server: ServerProcess, timeout: float = 30.0) -> dict[str, int]:
@@ -160,7 +166,7 @@ def checkpoint(soak: Soak, done: int) -> dict:
     sizes = idle_sizes(servers)
     pss = [tree_memory(server.proc.pid).total_pss / MIB for server in servers]
     row = {"sessions": done, "pss_mib": pss, "sizes": sizes, "kinds": dict(soak.counts)}
-    row |= {"compared": soak.compared, "mismatches": soak.mismatches}
+    row |= {"compared": soak.compared, "mismatches": soak.mismatches, "failures": len(soak.failures)}
     print(f"  {json.dumps(row)}", flush=True)
     return row
 
@@ -178,7 +184,11 @@ def run(args: argparse.Namespace) -> dict:
         try:
             rows = []
             for done in range(1, args.sessions + 1):
-                soak.session()
+                try:
+                    soak.session()
+                except Exception as exc:  # counted and shown: one failed request must not end a soak
+                    soak.failures.append(f"session {done}: {exc!r}")
+                    print(f"  failed: {soak.failures[-1]}", flush=True)
                 if done % args.every == 0 or done == args.sessions:
                     rows.append(checkpoint(soak, done))
         finally:
@@ -191,12 +201,12 @@ def table(report: dict) -> str:
     rows, spans = report["checkpoints"], report["spans"]
     first = rows[0]["pss_mib"]
     head = " | ".join(f"server {span} PSS MiB (vs first)" for span in spans)
-    lines = [f"| sessions | {head} | largest structure | generations exact |", "|---" * (len(spans) + 3) + "|"]
+    lines = [f"| sessions | {head} | largest structure | generations exact | failed |", "|---" * (len(spans) + 4) + "|"]
     for row in rows:
         memory = " | ".join(f"{now:.1f} ({now / ref - 1:+.2%})" for now, ref in zip(row["pss_mib"], first, strict=True))
         name, size = max(((k, v) for sizes in row["sizes"] for k, v in sizes.items()), key=lambda item: item[1])
         exact = f"{row['compared'] - row['mismatches']}/{row['compared']}"
-        lines.append(f"| {row['sessions']} | {memory} | {name} {size} | {exact} |")
+        lines.append(f"| {row['sessions']} | {memory} | {name} {size} | {exact} | {row['failures']} |")
     return "\n".join(lines)
 
 
@@ -209,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     last = report["checkpoints"][-1]
     print(f"\nsession kinds: {last['kinds']}; structure sizes at the end: {last['sizes']}")
-    return 1 if last["mismatches"] else 0
+    return 1 if last["mismatches"] or last["failures"] else 0
 
 
 if __name__ == "__main__":

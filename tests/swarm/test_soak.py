@@ -25,6 +25,7 @@ def test_long_lived_structures_stay_bounded_over_many_sessions(tiny_models, tmp_
     assert len(rows) >= 3 and rows[-1]["sessions"] == 300
     assert all(count > 0 for count in rows[-1]["kinds"].values()), rows[-1]["kinds"]
     assert rows[-1]["compared"] > 0 and rows[-1]["mismatches"] == 0  # every sampled generation was exact
+    assert rows[-1]["failures"] == 0
     for row in rows:
         for sizes in row["sizes"]:
             assert sizes, "a server reported no structure sizes"
