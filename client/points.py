@@ -22,24 +22,35 @@ logger = logging.getLogger(__name__)
 
 VOUCHER_SECONDS = 3600.0  # how long a voucher the client issues itself stays valid
 RECEIPT_TIMEOUT = 2.0  # seconds to hand one receipt over
+MAX_SERVERS = 4096  # servers the book counts for; beyond, the one that worked for us least recently is forgotten
 
 
 class ReceiptBook:
     def __init__(self, identity: Identity):
         self.identity = identity
         self.epoch = time.time()
+        # the three are bounded by MAX_SERVERS; ``work`` is ordered from the least recent server to the most
         self.work: dict[str, int] = {}  # server peer id -> units (tokens x blocks) it computed for us
         self.verified: dict[str, int] = {}  # ... of which we checked this many on another server
         self.sent: dict[str, tuple[int, int]] = {}  # server -> (work, verified) of the last receipt it took
 
     def add(self, server: str, units: int, verified: bool = False) -> None:
-        self.work[server] = self.work.get(server, 0) + units
+        self.work[server] = self.work.pop(server, 0) + units
         if verified:
             self.verified[server] = self.verified.get(server, 0) + units
+        if len(self.work) > MAX_SERVERS:
+            self._forget(next(iter(self.work)))
+
+    def _forget(self, server: str) -> None:
+        """Stop counting for ``server``. It keeps the receipt it took; if it works for us again, it counts
+        from zero in this epoch, and its new receipts count only once they pass the one it holds."""
+        for counts in (self.work, self.verified, self.sent):
+            counts.pop(server, None)
 
     def confirm(self, server: str, units: int) -> None:
         """Work already added (``add``) was checked on another server afterwards: count it as verified."""
-        self.verified[server] = self.verified.get(server, 0) + units
+        if server in self.work:
+            self.verified[server] = self.verified.get(server, 0) + units
 
     def due(self) -> list[Receipt]:
         """Signed receipts for every server that did more for us since its last receipt."""

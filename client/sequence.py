@@ -29,6 +29,7 @@ from swarm.spans import BlockRange
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25  # seconds between DHT look-ups while waiting for missing blocks
+PING_MEMORY = 3600.0  # seconds a measured round trip is kept at the latest (servers come and go)
 
 
 class RouteManager:
@@ -38,10 +39,11 @@ class RouteManager:
         self.dht, self.prefix, self.num_blocks, self.config = dht, prefix, num_blocks, config
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
-        self._bans: dict[str, BanRecord] = {}  # peer id -> its ban and the failures held against it
+        self._bans: dict[str, BanRecord] = {}  # peer id -> its ban and failures held (until they are forgotten)
         self._ban_policy = BanPolicy(config.ban_base, config.ban_max, config.ban_forgive_steps, config.ban_forget_after)
-        self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
-        self.flagged: set[str] = set()  # servers caught computing wrong answers (``client.verify``): never used again
+        self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at), PING_MEMORY
+        # servers caught computing wrong answers (``client.verify``): never used again (grows only with cheaters caught)
+        self.flagged: set[str] = set()
         self._lock = threading.Lock()  # guards the fields above; never held across an await
         self._fetching: asyncio.Lock | None = None  # one DHT look-up at a time (made on the loop, when first needed)
         self._refresh: asyncio.Task | None = None  # the background look-up in flight, if any
@@ -86,8 +88,10 @@ class RouteManager:
             self._fetched_at = -float("inf")
 
     def record_ping(self, peer_id: str, seconds: float) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._pings[peer_id] = (seconds, time.monotonic())
+            self._pings = {peer: ping for peer, ping in self._pings.items() if now - ping[1] <= PING_MEMORY}
+            self._pings[peer_id] = (seconds, now)
 
     def pings(self) -> dict[str, float]:
         with self._lock:
@@ -103,7 +107,10 @@ class RouteManager:
         """Avoid ``peer_id`` for a while; each failure still held against it doubles the ban (see
         ``client.bans``). Returns the ban's length in seconds."""
         now = time.monotonic()
+        forget = self._ban_policy.forget_after
         with self._lock:
+            # records whose ban is over and whose failures are forgotten count as none (``client.bans``)
+            self._bans = {p: r for p, r in self._bans.items() if r.until > now or now - r.last_failure <= forget}
             record = self._bans[peer_id] = after_failure(self._bans.get(peer_id), now, self._ban_policy)
         duration = record.until - now
         logger.warning("Banning server %s for %.0f s: %s", peer_id, duration, reason)

@@ -37,7 +37,7 @@ from server.serving import Serving
 from server.sessions import Session, SessionRegistry
 from server.streams import BoundedStreams
 from swarm import errors, tensors
-from swarm.receipts import Receipt, work_units
+from swarm.receipts import Receipt
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,13 @@ class Handler:
         self.mailbox = Mailbox()  # inputs of headers' steps, pushed or relayed
         self.passes = PassHandler(current, config.max_sessions_per_peer, lambda: self.gate, lambda: self.ledger)
         self.pusher: Pusher | None = None
+        self.streams: BoundedStreams | None = None  # set by ``register``
         self.gate = Gate(None, "")  # private swarms: set by the server to check membership proofs
-        self.ledger = Ledger("")  # points: set by the server (work done per client, receipts, standings)
+        self.ledger = Ledger("")  # points: set by the server (receipts, standings)
 
     async def register(self, p2p: P2P, pusher: Pusher) -> None:
         self.pusher = pusher
-        streams = BoundedStreams(p2p, lambda: self.current().limits.max_message_bytes)
+        self.streams = streams = BoundedStreams(p2p, lambda: self.current().limits.max_message_bytes)
         # a peer may hold more inference streams than sessions: a closing stream still counts for a moment
         await streams.add(rpc_name("Inference"), self.rpc_inference, pb.InferenceRequest, 2 * self.max_per_peer)
         await streams.add(rpc_name("Push"), self.rpc_push, pb.PushRequest, PUSH_STREAMS_PER_PEER)
@@ -77,6 +78,18 @@ class Handler:
         await p2p.add_protobuf_handler(rpc_name("Backward"), self.passes.rpc_backward, pb.BackwardRequest)
         await p2p.add_protobuf_handler(rpc_name("Info"), self.rpc_info, pb.InfoRequest)
         await p2p.add_protobuf_handler(rpc_name("Receipt"), self.rpc_receipt, pb.ReceiptRequest)
+
+    def sizes(self) -> dict[str, int]:
+        """Entries of its long-lived structures (diagnostics: they must not grow with the work served)."""
+        registry = self.registry
+        return {
+            "registry_sessions": len(registry.sessions),
+            "registry_peers": len(registry.per_peer),
+            "mailboxes": len(self.mailbox.boxes),  # one per open session, closed with it
+            "early_pushes": len(self.mailbox.early),
+            "passes_peers": len(self.passes.in_flight),
+            "stream_peers": len(self.streams.open) if self.streams is not None else 0,
+        }
 
     async def rpc_inference(
         self, requests: AsyncIterator[pb.InferenceRequest], context: P2PContext
@@ -217,7 +230,6 @@ class Handler:
         batch, tokens, _ = step.hidden.shape
         prompts = extras.prompts(spec.prompts, serving.limits, session.blocks, batch, tokens)
         output = tensors.to_proto(await serving.inference_step(session, step, prompts, reorder), compression)
-        self.ledger.record_work(session.peer, work_units((batch, tokens), session.blocks))
         self.mailbox.advance(session.session_id, session.position)
         pushed = False
         if target is not None:

@@ -4,11 +4,17 @@ and the standing of whoever asks for work (which orders a busy server's queue).
 Used from the event loop only. The standing of a requester is the announced points of the server that
 vouched for it (a volunteer's client carries a voucher from the volunteer's server), else its own
 announced points if it serves too, else zero; the announced points of every server come from the DHT.
+
+What it holds is bounded, so a server can run for weeks: one receipt per client, at most ``MAX_CLIENTS``
+(the smallest dropped beyond), and the standings of the servers seen in the DHT within ``STANDING_TTL``.
+The work a server does is not counted here: receipts are cumulative, counted by each client.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from hivemind.utils import get_dht_time
 
@@ -18,17 +24,15 @@ from swarm.receipts import Receipt, Voucher, newer, points
 logger = logging.getLogger(__name__)
 
 MAX_CLIENTS = 100_000  # receipts kept (one per client); the smallest are dropped beyond this
+STANDING_TTL = 3600.0  # seconds a server missing from every DHT look-up keeps its last known standing
 
 
 class Ledger:
-    def __init__(self, own_peer_id: str):
-        self.own_peer_id = own_peer_id
-        self.done: dict[str, int] = {}  # client peer id -> units (tokens x blocks) this server computed for it
-        self.receipts: dict[str, Receipt] = {}  # client peer id -> its latest receipt
-        self.standings: dict[str, float] = {}  # server peer id -> points it announces
-
-    def record_work(self, client: str, units: int) -> None:
-        self.done[client] = self.done.get(client, 0) + units
+    def __init__(self, own_peer_id: str, clock: Callable[[], float] = time.monotonic):
+        self.own_peer_id, self.clock = own_peer_id, clock
+        self.receipts: dict[str, Receipt] = {}  # client peer id -> its latest receipt (at most MAX_CLIENTS)
+        self.standings: dict[str, float] = {}  # server peer id -> points it announces (seen within STANDING_TTL)
+        self._seen: dict[str, float] = {}  # server peer id -> when a look-up last returned its points
 
     def accept(self, receipt: Receipt, sender: str) -> None:
         """Keep ``receipt`` if it is the sender's own, for this server, signed, and newer than the one held."""
@@ -51,8 +55,15 @@ class Ledger:
     def update_standings(self, announced: dict[str, float]) -> None:
         """The points servers announce (refreshed from the DHT). A server missing from one look-up keeps its
         last known points: a DHT look-up under load can miss records, and a volunteer's standing must not
-        flicker to zero because of it."""
-        self.standings = {**self.standings, **announced}
+        flicker to zero because of it; one missing from every look-up for ``STANDING_TTL`` is forgotten."""
+        now = self.clock()
+        self._seen.update(dict.fromkeys(announced, now))
+        self._seen = {peer: seen for peer, seen in self._seen.items() if now - seen <= STANDING_TTL}
+        self.standings = {peer: announced.get(peer, self.standings.get(peer, 0.0)) for peer in self._seen}
+
+    def sizes(self) -> dict[str, int]:
+        """Entries of its long-lived structures (diagnostics: they must not grow with the work served)."""
+        return {"receipts": len(self.receipts), "standings": len(self.standings)}
 
     def standing(self, sender: str, voucher: Voucher | None, now: float) -> float:
         """How much priority a request from ``sender`` gets at a busy server."""

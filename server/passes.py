@@ -20,7 +20,6 @@ from server.gate import Gate
 from server.ledger import Ledger
 from server.serving import Serving
 from swarm import errors, tensors
-from swarm.receipts import work_units
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ class PassHandler:
                 hidden, outputs = await serving.forward(
                     blocks, step, prompts, adapter, request.output_hidden_states, points
                 )
-            self.ledger().record_work(peer, work_units(shape, blocks, backward=False))
             response = pb.ForwardResponse(hidden=tensors.to_proto(hidden, compression))
             if outputs is not None:
                 stacked = torch.stack(outputs) if outputs else hidden.new_empty(0, *shape)
@@ -74,7 +72,6 @@ class PassHandler:
             logger.debug("backward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             with self._counted(peer):
                 grad = await serving.backward(blocks, step, grad_output, grad_blocks, prompts, adapter, points)
-            self.ledger().record_work(peer, work_units(shape, blocks, backward=True))
             response = pb.BackwardResponse(grad_hidden=tensors.to_proto(grad, compression))
             if prompts is not None:
                 grad_prompts = prompts.grad if prompts.grad is not None else torch.zeros_like(prompts)

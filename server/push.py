@@ -16,6 +16,7 @@ from proto import pb, rpc_name
 logger = logging.getLogger(__name__)
 
 MAX_IDLE_LOCKS = 1024  # locks kept for peers we have no stream to (clients may name any peer id)
+MAX_WRITERS = 64  # open push streams; beyond, the least recently opened idle one is closed (reopened on demand)
 
 
 class Pusher:
@@ -52,7 +53,14 @@ class Pusher:
             if peer_id not in self._writers and not lock.locked():
                 del self._locks[peer_id]
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of its long-lived structures (diagnostics: they must not grow with the work served)."""
+        return {"push_writers": len(self._writers), "push_locks": len(self._locks)}
+
     async def _open(self, peer_id: str) -> asyncio.StreamWriter:
+        idle = [peer for peer in self._writers if not self._locks[peer].locked()]
+        if len(self._writers) >= MAX_WRITERS and idle:
+            self._writers.pop(idle[0]).close()
         _, _, writer = await asyncio.wait_for(
             self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), rpc_name("Push")), self.connect_timeout
         )

@@ -77,6 +77,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work_loop, name="stamen-compute", daemon=True)
         self._thread.start()
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of its long-lived structures (diagnostics: they must not grow with the work served)."""
+        return {"queued_work": len(self._ready), "active_sessions": len(self._active)}
+
     async def submit(self, work: Work) -> torch.Tensor:
         """Queue ``work`` and wait for its output (the hidden states after its last block)."""
         pending = _Pending(work, asyncio.get_running_loop())

@@ -8,6 +8,7 @@ DHT calls are awaited as futures (the DHT node runs on its own loop thread, see 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import signal
@@ -62,6 +63,7 @@ class Server:
         self.speed = throughput.Throughput(0.0, 0.0)
         self.state = ServerState.JOINING
         self.serving: Serving | None = None
+        self.pusher: Pusher | None = None
         self.span: BlockRange | None = config.blocks
         self.next_pings: dict[str, float] = {}
         self._stop: asyncio.Event | None = None
@@ -93,6 +95,7 @@ class Server:
         self.dht = await loop.run_in_executor(None, SwarmDHT, self._dht_config())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._log_sizes)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
         self.ledger = Ledger(self.peer_id)
         self.announcer = Announcer(self.dht, self.prefix, self.info, config.announce_period, config.record_ttl)
@@ -220,6 +223,18 @@ class Server:
             except Exception:
                 logger.debug("Could not refresh the servers' points", exc_info=True)
             await asyncio.sleep(self.config.announce_period * random.uniform(0.8, 1.2))
+
+    def sizes(self) -> dict[str, int]:
+        """Entries of the server's long-lived structures. None grows with the sessions, steps, peers or receipts
+        served: each is bounded (by count or age) where it is declared."""
+        serving = self.serving
+        sizes = {"store_sessions": len(serving.store), "next_pings": len(self.next_pings), **serving.scheduler.sizes()}
+        return sizes | self.handler.sizes() | self.pusher.sizes() | self.ledger.sizes()
+
+    def _log_sizes(self) -> None:
+        """``kill -USR1 <pid>``: one line with ``sizes()`` (soak benchmarks and tests read it)."""
+        started = self.pusher is not None  # set last of what ``sizes`` reads
+        logger.info("Structure sizes: %s", json.dumps(self.sizes() if started else {}, sort_keys=True))
 
     def info(self) -> ServerInfo:
         return ServerInfo(

@@ -73,7 +73,7 @@ class SwarmKeyAuthorizer(AuthorizerBase):
 
     def __init__(self, key: bytes):
         self._key = key
-        self._seen: dict[bytes, float] = {}  # nonces of recent requests -> when they expire
+        self._seen: dict[bytes, float] = {}  # nonces of recent requests -> when they expire (pruned by age)
 
     def _digest(self, message, field: str) -> bytes:
         auth = getattr(message, field)
@@ -113,11 +113,9 @@ class Membership:
 
     def __init__(self, key: bytes | None, own_peer_id: str):
         self.key, self.own_peer_id = key, own_peer_id
-        self._proofs: dict[str, bytes] = {}
 
     def proof_for(self, peer_id: str) -> bytes:
+        """Made afresh for every call (one HMAC, about a microsecond): a cache would grow with the peers met."""
         if self.key is None:
             return b""
-        if peer_id not in self._proofs:
-            self._proofs[peer_id] = rpc_proof(self.key, self.own_peer_id, peer_id)
-        return self._proofs[peer_id]
+        return rpc_proof(self.key, self.own_peer_id, peer_id)

@@ -35,6 +35,9 @@ class ActiveSessions:
         self.window = window  # seconds after its last step that a session is forgotten at the latest
         self._seen: dict[tuple[BlockRange, int], float] = {}  # (blocks, session cache id) -> last step
 
+    def __len__(self) -> int:
+        return len(self._seen)  # bounded by age: entries older than the window go at each decode slice
+
     def saw(self, work: Work, now: float) -> None:
         if work.cache is not None and work.kind == Kind.DECODE and work.round is None:
             self._seen[(work.blocks, id(work.cache))] = now

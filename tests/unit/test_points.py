@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from server.ledger import Ledger
+from client import points as client_points
+from server.ledger import STANDING_TTL, Ledger
 from swarm.errors import InvalidRequestError
 from swarm.identity import Identity
 from swarm.receipts import CLIENT_CAP, POINTS_PER_UNIT, VERIFIED_WEIGHT, Receipt, Voucher, newer, points
@@ -88,3 +89,29 @@ def test_a_look_up_that_misses_a_server_keeps_its_standing(identities):
     assert ledger.standing(server.peer_id, None, now=0.0) == 42.0
     ledger.update_standings({server.peer_id: 50.0})
     assert ledger.standing(server.peer_id, None, now=0.0) == 50.0
+
+
+def test_a_server_missing_from_look_ups_for_long_is_forgotten(identities):
+    client, server, other = identities
+    now = [0.0]
+    ledger = Ledger(other.peer_id, clock=lambda: now[0])
+    ledger.update_standings({server.peer_id: 42.0})
+    now[0] = STANDING_TTL / 2
+    ledger.update_standings({client.peer_id: 1.0})
+    assert ledger.standing(server.peer_id, None, now=0.0) == 42.0
+    now[0] = STANDING_TTL + 1.0  # the server left the swarm an hour ago: a long-running server forgets it
+    ledger.update_standings({client.peer_id: 2.0})
+    assert ledger.standings == {client.peer_id: 2.0}
+    assert ledger.sizes() == {"receipts": 0, "standings": 1}
+
+
+def test_a_client_counts_for_a_bounded_number_of_servers(monkeypatch):
+    monkeypatch.setattr(client_points, "MAX_SERVERS", 3)
+    book = client_points.ReceiptBook.__new__(client_points.ReceiptBook)
+    book.work, book.verified, book.sent = {}, {}, {}
+    for server in ("a", "b", "c", "a", "d"):  # "b" worked for us least recently when "d" came
+        book.add(server, 10, verified=True)
+    book.sent["d"] = (10, 10)
+    assert book.work == {"c": 10, "a": 20, "d": 10} and set(book.verified) == {"c", "a", "d"}
+    book.confirm("b", 5)  # a late confirmation for a forgotten server adds nothing back
+    assert "b" not in book.verified
