@@ -48,7 +48,8 @@ from swarm.models.modelpath import resolve_model  # noqa: E402
 PREFIX = "soak-bench"
 DATA = Path(__file__).parent / "data" / "stories.txt"
 KINDS = {"generate": 0.45, "verified": 0.15, "backward": 0.2, "api": 0.2}  # session kind -> share of sessions
-BUSY_KEYS = ("store_sessions", "registry_sessions", "queued_work", "early_pushes")  # zero once the swarm is idle
+# zero once the swarm is idle
+BUSY_KEYS = ("store_sessions", "registry_sessions", "mailboxes", "queued_work", "early_pushes")
 SIZES_LINE = "Structure sizes: "
 
 
