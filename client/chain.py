@@ -6,7 +6,9 @@ first), replays a history of steps through all of them merged into a few prefill
 over the servers of another chain in place of one of its own (``replace``, after a failover or a move), and
 closes. Inference sessions (``client.session``) run their steps through one, hop by hop, with failover;
 verification (``client.verify``) runs its shadows and third-server referees as chains fed by ``replay``.
-``ChainSpec`` is what all the server sessions of one inference session share.
+``ChainSpec`` is what all the server sessions of one inference session share. A ``DeclaredRound`` is a
+round of decode steps that one caller sends over many sessions at once (the API engine's lockstep rounds):
+each server is told how many of the round's steps it gets, so it batches them as soon as they are in.
 
 Concurrency: everything runs on the client's event loop, one caller at a time per chain.
 """
@@ -30,7 +32,7 @@ from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Chain", "ChainSpec"]
+__all__ = ["Chain", "ChainSpec", "DeclaredRound"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,25 @@ class ChainSpec:
         """Most new tokens per step that keep one message under the size limit (with deep prompts, which ride
         along with the first tokens, half as many)."""
         return max(1, self.max_message_bytes // ((2 if prompts else 1) * batch * hidden_size * 4))
+
+
+@dataclasses.dataclass(eq=False)
+class DeclaredRound:
+    """Decode steps of several inference sessions sent together, declared to the servers (``round_id`` and
+    ``round_size`` of each step): a server runs the round's steps for the same blocks as one batch as soon as
+    all of them are in, instead of waiting on a timer for sessions that may or may not step."""
+
+    id: int  # unique among the caller's rounds (servers tell rounds of different clients apart)
+    members: list  # the sessions stepped in this round: objects with ``hops`` (their current HopSessions)
+
+    def size_at(self, hop: HopSession) -> int:
+        """How many of the round's steps ``hop``'s server gets for ``hop``'s blocks (at least this one)."""
+        key = (hop.peer_id, hop.hop.span)
+        return max(1, sum(1 for member in self.members if any((h.peer_id, h.hop.span) == key for h in member.hops)))
+
+    def fields(self, hop: HopSession) -> dict[str, int]:
+        """``send_step``'s keyword arguments for a step of this round on ``hop``."""
+        return {"round_id": self.id, "round_size": self.size_at(hop)}
 
 
 class Chain:
@@ -97,20 +118,26 @@ class Chain:
     def peer_ids(self) -> list[str]:
         return [hop.peer_id for hop in self.hops]
 
-    def send_headers(self, item: StepInput) -> None:
-        """Push mode: the first server gets the step, the others a header naming where to push next."""
+    def send_headers(self, item: StepInput, declared: DeclaredRound | None = None) -> None:
+        """Push mode: the first server gets the step, the others a header naming where to push next
+        (``declared``: the round the step belongs to, if its caller declared one)."""
         for index, hop in enumerate(self.hops):
             push_from = self.hops[index - 1].peer_id if index > 0 else None  # the only peer allowed to push
             after = self.hops[index + 1] if index + 1 < len(self.hops) else None
             push_to = (after.peer_id, after.session_id) if after is not None else None
-            hop.send_step(item, self.spec.max_length, self.spec.adapter, push_from=push_from, push_to=push_to)
+            rounds = declared.fields(hop) if declared is not None else {}
+            hop.send_step(item, self.spec.max_length, self.spec.adapter, push_from=push_from, push_to=push_to, **rounds)
             hop.sent = "step" if index == 0 else "header"
 
-    async def run(self, hop: HopSession, item: StepInput, delivered: bool = False) -> tuple[torch.Tensor, bool]:
+    async def run(
+        self, hop: HopSession, item: StepInput, delivered: bool = False, declared: DeclaredRound | None = None
+    ) -> tuple[torch.Tensor, bool]:
         """One step on one server of the chain: (its output, whether it pushed that output to the next server).
-        ``delivered``: the previous server pushed this step's input to it (push mode)."""
+        ``delivered``: the previous server pushed this step's input to it (push mode); ``declared``: the round
+        the step belongs to, if its caller declared one."""
         if hop.sent is None:
-            hop.send_step(item, self.spec.max_length, self.spec.adapter)
+            rounds = declared.fields(hop) if declared is not None else {}
+            hop.send_step(item, self.spec.max_length, self.spec.adapter, **rounds)
         elif hop.sent == "header" and not delivered:  # waiting for an input the previous server did not push
             self.relayed += 1
             hop.relay(item)

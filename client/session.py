@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import torch
 
-from client.chain import Chain, ChainSpec
+from client.chain import Chain, ChainSpec, DeclaredRound
 from client.handle import ClientHandle
 from client.hop import HopSession, StepInput
 from client.retry import Attempts
@@ -142,8 +142,11 @@ class InferenceSession:
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
+        declared: DeclaredRound | None = None,
     ) -> torch.Tensor:
-        """``step`` for code running on the client's event loop (e.g. one engine stepping many sessions)."""
+        """``step`` for code running on the client's event loop (e.g. one engine stepping many sessions).
+        ``declared``: the round of several sessions' decode steps this step is part of (``client.chain``), so
+        servers batch the round as soon as it is in; a step split into several messages declares none."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
         batch, tokens, hidden_size = hidden.shape
@@ -170,11 +173,11 @@ class InferenceSession:
                 chunk_prompts = None
             reorder, self._reorder = self._reorder, None
             item = StepInput(hidden[:, start:end], position_ids[:, start:end], mask, chunk_prompts, reorder)
-            outputs.append(await self._step(item))
+            outputs.append(await self._step(item, declared if end - start == tokens else None))
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    async def _step(self, inputs: StepInput) -> torch.Tensor:
+    async def _step(self, inputs: StepInput, declared: DeclaredRound | None = None) -> torch.Tensor:
         attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
         batch = inputs.hidden.shape[0]
         if self._chain is None:
@@ -184,13 +187,13 @@ class InferenceSession:
         if self.verifier is not None:
             await self._replace_convicted(attempts, batch)
         if self.config.push and len(chain.hops) > 1:
-            chain.send_headers(inputs)
+            chain.send_headers(inputs, declared)
         index, current, pushed = 0, inputs, False
         while index < len(chain.hops):
             hop = chain.hops[index]
             shadow = self.verifier.start(hop, current, chain.hops) if self.verifier is not None else None
             try:
-                output, pushed = await chain.run(hop, current, delivered=pushed)
+                output, pushed = await chain.run(hop, current, delivered=pushed, declared=declared)
                 if self.verifier is not None:
                     output = await self.verifier.check(hop, current, output, shadow)
             except ServerFailure as failure:

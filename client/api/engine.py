@@ -10,8 +10,9 @@ own (prefill: a long prompt never holds up the others' rounds); then it joins th
    (the same two steps ``forward`` and ``generate`` use, so the API computes the model as they do);
 2. each request takes its token (text, stop strings, eos, max_tokens) and its handler gets the new text;
 3. the requests still going step their sessions at once (``asyncio.gather`` of ``step_async``), so every
-   server receives their decode steps together and runs them as one batch. The round's number and size
-   (requests stepped) are fixed before its first step is sent.
+   server receives their decode steps together and runs them as one batch. The round is declared
+   (``client.chain.DeclaredRound``: its number, and to each server how many of its steps that server gets),
+   so a server runs it as soon as its steps are in, without waiting on a timer.
 
 A request whose HTTP client went away is marked cancelled; it leaves at the end of the round (its step
 in flight is not interrupted, which would look like a server failure) and its session is closed on
@@ -33,6 +34,7 @@ from client.api.config import APIConfig
 from client.api.decoding import TextTracker, eos_ids, new_generator, sample
 from client.api.errors import APIError
 from client.api.protocol import CompletionRequest
+from client.chain import DeclaredRound
 from client.model import DistributedModelForCausalLM
 from client.session import InferenceSession
 from swarm.routing import Hop
@@ -190,8 +192,9 @@ class Engine:
         round_id, round_size = self.rounds, len(stepping)
         self.rounds += 1
         self.round_items += round_size
+        declared = DeclaredRound(round_id, [generation.session for generation, _ in stepping])
         results = await asyncio.gather(
-            *(g.session.step_async(e, torch.tensor([[g.session.position]])) for g, e in stepping),
+            *(g.session.step_async(e, torch.tensor([[g.session.position]]), declared=declared) for g, e in stepping),
             return_exceptions=True,
         )
         for (generation, _), result in zip(stepping, results, strict=True):
