@@ -29,8 +29,9 @@ class Referee(Protocol):
     def can_run(self, steps: list[Any], adapter: LoraAdapter | str | None) -> bool:
         """Whether it can recompute these steps with this adapter."""
 
-    def run(self, span: BlockRange, steps: list[Any]) -> torch.Tensor:
-        """The span's output of the last of ``steps``, given all of them (blocking: run it off the loop)."""
+    def run(self, span: BlockRange, steps: list[Any], adapter: LoraAdapter | None = None) -> torch.Tensor:
+        """The span's output of the last of ``steps``, given all of them and the session's LoRA weights
+        (blocking: run it off the loop)."""
 
 
 class ClientHandle(Protocol):

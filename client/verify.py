@@ -48,6 +48,7 @@ Concurrency: everything runs on the client's event loop; background checks are t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -345,7 +346,8 @@ class Verifier:
         if local is not None and local.can_run(steps, self.spec.adapter):
             loop = asyncio.get_running_loop()
             try:
-                truth = await loop.run_in_executor(None, local.run, hop.hop.span, steps)
+                run = functools.partial(local.run, hop.hop.span, steps, adapter=self.spec.adapter)
+                truth = await loop.run_in_executor(None, run)
                 return truth, torch.float32, "the client's own computation"
             except Exception:
                 logger.exception("The client could not recompute blocks %s; asking a server", hop.hop.span)
