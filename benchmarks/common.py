@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: block splits and process probes (local swarms come from
-``swarm.localswarm``, the one launcher of local servers).
+``swarm.tools.localswarm``, the one launcher of local servers).
 
 ``tree_memory(pid)`` and ``tree_cpu_seconds(pids)`` read a process and its descendants with psutil;
 ``load_average()`` and ``start_time_limit(seconds)`` are what every benchmark prints and obeys.

@@ -35,8 +35,8 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import load_average, start_time_limit  # noqa: E402
-from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm  # noqa: E402
 
 TOPICS = [
     "the history of the bicycle",

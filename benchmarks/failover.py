@@ -21,8 +21,8 @@ import torch
 from transformers import AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
 from swarm.models.modelpath import resolve_model
+from swarm.tools.localswarm import LocalSwarm
 
 SPANS = ["0:15", "15:30"]
 

@@ -66,8 +66,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
-from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm  # noqa: E402
 
 PROMPT_TEXT = (
     "In a quiet village at the edge of a great forest, an old clockmaker kept a shop full of ticking "

@@ -22,7 +22,7 @@ import time
 
 import psutil
 
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 
 CHUNK = 64 << 10  # bytes read at a time
 

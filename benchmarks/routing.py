@@ -20,8 +20,8 @@ import random
 import statistics
 import time
 
-from swarm.records import ServerInfo, ServerState
-from swarm.routing import chain_latency, fastest_chain
+from swarm.net.records import ServerInfo, ServerState
+from swarm.routing.chains import chain_latency, fastest_chain
 from swarm.spans import BlockRange
 
 

@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import MIB, load_average, start_time_limit, tree_memory  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.localswarm import LocalSwarm, ServerProcess  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm, ServerProcess  # noqa: E402
 
 PREFIX = "soak-bench"
 DATA = Path(__file__).parent / "data" / "stories.txt"

@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import load_average, tree_cpu_seconds  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm  # noqa: E402
 from tests.swarm.references import deep_prompt_hooks, lora_hooks  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "stories.txt"

@@ -43,8 +43,8 @@ from benchmarks.common import load_average, tree_cpu_seconds  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
 from client.verdicts import DEFAULT_VERIFY  # noqa: E402
-from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm  # noqa: E402
 
 PREFIX = "verify-bench"
 CHEATS = {  # name -> the cheater's arguments ({start}: the position the cheat starts at)

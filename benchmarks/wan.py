@@ -66,8 +66,8 @@ from benchmarks.latency import greedy_steps, local_run, make_prompt  # noqa: E40
 from benchmarks.netem import Link, check_records, direct_connections, set_links, start_links, wire_bytes  # noqa: E402
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from client.model import RemoteCache  # noqa: E402
-from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm  # noqa: E402
 
 SPANS = ["0:10", "10:20", "20:30"]
 REPLICA = "10:20"  # the span that gets a second server for the failover run

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
 from client.verdicts import DEFAULT_VERIFY
-from swarm.dht import NAT_CHOICES, add_nat_arguments
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
+from swarm.net.dht import NAT_CHOICES, add_nat_arguments
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,8 @@ from client.handle import ClientHandle
 from client.hop import HopSession, HopTimeouts, StepInput, merge_steps
 from client.verdicts import split_tokens
 from swarm.models.adapters import LoraAdapter
-from swarm.receipts import work_units
-from swarm.rpc import InferenceStream
+from swarm.net.receipts import work_units
+from swarm.net.rpc import InferenceStream
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)

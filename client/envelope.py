@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from proto import pb
-from swarm import tensors
+from swarm.net import tensors
 
 if TYPE_CHECKING:
     from client.handle import ClientHandle

@@ -17,8 +17,8 @@ from client.loop import LoopThread
 from client.points import ReceiptBook, VoucherSource
 from client.sequence import RouteManager
 from client.verdicts import VerifyStats
-from swarm.membership import Membership
 from swarm.models.adapters import LoraAdapter
+from swarm.net.membership import Membership
 from swarm.spans import BlockRange
 
 

@@ -19,11 +19,11 @@ import torch
 
 from client.envelope import Envelope
 from proto import pb
-from swarm import tensors
 from swarm.errors import StamenError
 from swarm.models.adapters import LoraAdapter
-from swarm.routing import Hop
-from swarm.rpc import InferenceStream, ServerFailure, ping
+from swarm.net import tensors
+from swarm.net.rpc import InferenceStream, ServerFailure, ping
+from swarm.routing.chains import Hop
 
 PROBE_AFTER = 0.05  # seconds: a step later than this (and than 1.5x the server's usual step) gets a liveness ping
 PROBE_TIMEOUT = 0.3  # seconds a liveness ping may take (at least 3x the measured round trip to the server)

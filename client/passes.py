@@ -25,10 +25,10 @@ from client.envelope import Envelope
 from client.hop import adapter_message
 from client.retry import Attempts
 from proto import pb
-from swarm import tensors
 from swarm.models.adapters import LoraAdapter
-from swarm.receipts import work_units
-from swarm.rpc import ServerFailure, call_backward, call_forward
+from swarm.net import tensors
+from swarm.net.receipts import work_units
+from swarm.net.rpc import ServerFailure, call_backward, call_forward
 from swarm.spans import BlockRange
 
 if TYPE_CHECKING:

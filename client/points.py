@@ -1,5 +1,5 @@
 """The client's side of points: it counts the work each server did for it, signs cumulative receipts
-(``swarm.receipts``) and hands them to the servers now and then; with its volunteer's server key it
+(``swarm.net.receipts``) and hands them to the servers now and then; with its volunteer's server key it
 also carries a voucher that lets it use that server's standing at busy servers.
 
 Concurrency: ``add`` may be called from any code on the client's event loop; ``send_due`` runs there too.
@@ -14,9 +14,9 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 
 from proto import pb
-from swarm.identity import Identity
-from swarm.receipts import Receipt, Voucher
-from swarm.rpc import ServerFailure, call_receipt
+from swarm.net.identity import Identity
+from swarm.net.receipts import Receipt, Voucher
+from swarm.net.rpc import ServerFailure, call_receipt
 
 logger = logging.getLogger(__name__)
 

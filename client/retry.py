@@ -13,7 +13,7 @@ import logging
 
 from client.sequence import RouteManager
 from swarm.errors import AdapterNotFoundError, BlocksNotServedError, SessionNotFoundError, StamenError
-from swarm.rpc import ServerFailure
+from swarm.net.rpc import ServerFailure
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Route manager: the client's view of the swarm, bans, and chains through it.
 
-The decisions themselves are ``swarm.routing.fastest_chain`` and ``spread_forward`` (pure); this class
+The decisions themselves are ``swarm.routing.chains.fastest_chain`` and ``spread_forward`` (pure); this class
 gathers their inputs (DHT records, pings, bans, allow/block lists) and waits a bounded time for missing blocks.
 
 Concurrency: look-ups (``servers``, ``candidates``, ``chain``) are coroutines for the client's event loop: DHT
@@ -20,10 +20,10 @@ import time
 
 from client.bans import BanPolicy, BanRecord, after_failure, after_success
 from client.config import ClientConfig
-from swarm.dht import SwarmDHT
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerInfo
-from swarm.routing import Hop, fastest_chain, spread_forward, usable
+from swarm.net.dht import SwarmDHT
+from swarm.net.records import ServerInfo
+from swarm.routing.chains import Hop, fastest_chain, spread_forward, usable
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)

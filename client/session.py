@@ -34,9 +34,9 @@ from client.hop import HopSession, StepInput
 from client.retry import Attempts
 from client.verify import Verifier
 from swarm.models.adapters import LoraAdapter
-from swarm.receipts import work_units
-from swarm.routing import Hop
-from swarm.rpc import ServerFailure
+from swarm.net.receipts import work_units
+from swarm.net.rpc import ServerFailure
+from swarm.routing.chains import Hop
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ from client.sequence import RouteManager
 from client.session import InferenceSession
 from client.verdicts import VerifyStats
 from proto import pb
-from swarm import tensors
-from swarm.dht import DHTConfig, SwarmDHT
-from swarm.membership import Membership, load_key
 from swarm.models.adapters import LoraAdapter
-from swarm.rpc import ping
+from swarm.net import tensors
+from swarm.net.dht import DHTConfig, SwarmDHT
+from swarm.net.membership import Membership, load_key
+from swarm.net.rpc import ping
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from swarm.records import ServerInfo
-from swarm.routing import uncovered_blocks
+from swarm.net.records import ServerInfo
+from swarm.routing.chains import uncovered_blocks
 from swarm.spans import BlockRange
 
 TOLERANCES = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 2e-1}  # per-token relative L2

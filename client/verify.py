@@ -69,11 +69,11 @@ from client.verdicts import (
     window,
     worst_token,
 )
-from swarm import tensors
 from swarm.errors import StamenError
-from swarm.receipts import work_units
-from swarm.routing import uncovered_blocks
-from swarm.rpc import ServerFailure
+from swarm.net import tensors
+from swarm.net.receipts import work_units
+from swarm.net.rpc import ServerFailure
+from swarm.routing.chains import uncovered_blocks
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,9 @@
 """Wire schema of Stamen: ``stamen.proto`` and its generated module ``stamen_pb2`` (no logic here).
 
-``generate.py`` regenerates the module; a unit test checks the checked-in copy is current.
+- ``stamen_pb2``: the generated module (``pb``), checked in
+- ``generate``: regenerates it with protoc (``python -m proto.generate``); a unit test checks the checked-in
+  copy is current
+
 RPC names come from the ``BlockService`` descriptor, so clients never import server code.
 """
 

@@ -9,8 +9,8 @@ import argparse
 import subprocess
 import sys
 
-from swarm.localswarm import LocalSwarm
 from swarm.models.modelpath import resolve_model
+from swarm.tools.localswarm import LocalSwarm
 
 NUM_BLOCKS = 30  # SmolLM2-135M-Instruct
 

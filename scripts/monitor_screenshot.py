@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.swarm.browser
 
-from swarm.localswarm import LocalSwarm, spawn_monitor  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm, spawn_monitor  # noqa: E402
 from tests.swarm.browser import headless_chromium  # noqa: E402
 
 SERVERS = [("0:12", "alpha"), ("10:22", "beta"), ("20:30", "gamma")]

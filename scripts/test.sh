@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command: set everything up, then run the linter and the whole test suite.
+# One command: set everything up, then run the linters (ruff, import-linter) and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,5 +12,7 @@ fi
 echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "==> import-linter (the one-way import rule and no cycles: pyproject.toml [tool.importlinter])"
+.venv/bin/lint-imports
 echo "==> pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -8,7 +8,11 @@
 - ``sessions``: open inference sessions
 - ``mailbox``: push mode's receiving side: inputs of headers' steps (pushed or relayed), early pushes
 - ``validation``: checks on every remote input (float inputs converted to the server's dtype on arrival)
-- ``handler``: RPC handlers (validate + delegate; errors mapped once)
+- ``handler``: RPC handlers of inference streams, Info and Receipt (validate + delegate; errors mapped once)
+- ``passes``: RPC handlers of stateless passes (Forward, Backward), with their per-peer limit
+- ``extras``: checks on what fine-tuning and beam search add to requests (prompts, LoRA, gradients, reorders)
+- ``gate``: private swarms: every RPC must prove its sender holds the swarm key
+- ``ledger``: points: the receipts clients signed, this server's points, the standing of whoever asks
 - ``streams``: streaming RPCs with bounded input (message size, streams per peer)
 - ``push``: hands a step's output to the next server of a chain (received by ``mailbox``)
 - ``announcer``: periodic DHT refresh; pings to the next servers

@@ -15,9 +15,9 @@ import sys  # noqa: E402
 
 from server.config import ServerConfig
 from server.server import Server
-from swarm.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
 from swarm.models.modelpath import DEFAULT_MODEL
+from swarm.net.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options
 from swarm.spans import parse_blocks
 
 

@@ -8,9 +8,9 @@ import logging
 import random
 from collections.abc import Callable
 
-from swarm.dht import SwarmDHT
-from swarm.records import ServerInfo, ServerState
-from swarm.rpc import ping
+from swarm.net.dht import SwarmDHT
+from swarm.net.records import ServerInfo, ServerState
+from swarm.net.rpc import ping
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import torch
 
 from proto import pb
 from server.validation import FLOAT_DTYPES, Limits, converted, declared_shape
-from swarm import tensors
 from swarm.errors import AdapterNotFoundError, InvalidRequestError
 from swarm.models.adapters import LoraAdapter
+from swarm.net import tensors
 from swarm.spans import BlockRange
 
 MAX_ANSWER_BYTES = (4 << 20) - (64 << 10)  # a unary answer must fit the libp2p daemon's 4 MiB messages

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from swarm.errors import NotAMemberError
-from swarm.membership import check_rpc_proof
+from swarm.net.membership import check_rpc_proof
 
 
 class Gate:

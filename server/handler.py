@@ -36,8 +36,9 @@ from server.push import Pusher
 from server.serving import Serving
 from server.sessions import Session, SessionRegistry
 from server.streams import BoundedStreams
-from swarm import errors, tensors
-from swarm.receipts import Receipt
+from swarm import errors
+from swarm.net import tensors
+from swarm.net.receipts import Receipt
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class Handler:
         return pb.InferenceResponse(hidden=output, step=spec.step, pushed=pushed, draining=serving.leaving)
 
     async def rpc_receipt(self, request: pb.ReceiptRequest, context: P2PContext) -> pb.ReceiptResponse:
-        """A client acknowledges the work this server did for it (see ``swarm.receipts``)."""
+        """A client acknowledges the work this server did for it (see ``swarm.net.receipts``)."""
         peer = context.remote_id.to_base58()
         try:
             self.gate.check(peer, request.membership)

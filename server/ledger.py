@@ -19,7 +19,7 @@ from collections.abc import Callable
 from hivemind.utils import get_dht_time
 
 from swarm.errors import InvalidRequestError
-from swarm.receipts import Receipt, Voucher, newer, points
+from swarm.net.receipts import Receipt, Voucher, newer, points
 
 logger = logging.getLogger(__name__)
 

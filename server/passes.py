@@ -19,7 +19,8 @@ from server import extras, validation
 from server.gate import Gate
 from server.ledger import Ledger
 from server.serving import Serving
-from swarm import errors, tensors
+from swarm import errors
+from swarm.net import tensors
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Concurrency: one asyncio event loop (uvloop) in the main thread runs the libp2p handlers, the
 announcer, the pinger and the rebalancer; torch work runs on each span's single compute thread;
-DHT calls are awaited as futures (the DHT node runs on its own loop thread, see ``swarm.dht``).
+DHT calls are awaited as futures (the DHT node runs on its own loop thread, see ``swarm.net.dht``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from server.handler import Handler
 from server.ledger import Ledger
 from server.push import Pusher
 from server.serving import Serving
-from swarm import __version__, tensors
+from swarm import __version__
 from swarm.core.blocks import load_block_stack
 from swarm.core.cache import CacheBudget, KVGeometry
-from swarm.dht import DHTConfig, SwarmDHT
-from swarm.membership import Membership, load_key
 from swarm.models.families import family_for
 from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
-from swarm.records import ServerInfo, ServerState
-from swarm.selection import choose_span, should_move
+from swarm.net import tensors
+from swarm.net.dht import DHTConfig, SwarmDHT
+from swarm.net.membership import Membership, load_key
+from swarm.net.records import ServerInfo, ServerState
+from swarm.routing.selection import choose_span, should_move
 from swarm.spans import BlockRange, model_prefix
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import torch
 
 from proto import pb
 from server.config import ServerConfig
-from swarm import tensors
 from swarm.errors import BlocksNotServedError, InvalidRequestError
+from swarm.net import tensors
 from swarm.spans import BlockRange
 
 MAX_POSITION = 1 << 20  # rotary positions beyond this are surely garbage

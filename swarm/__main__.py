@@ -1,9 +1,9 @@
 """``python -m swarm bootstrap | status | monitor | keygen``: run a DHT-only bootstrap node, show who
 serves what (once, or as a live web page), make a swarm key.
 
-Concurrency: the DHT node runs on its own loop thread (``swarm.dht``); bootstrap and status are
+Concurrency: the DHT node runs on its own loop thread (``swarm.net.dht``); bootstrap and status are
 synchronous (the bootstrap's main thread only waits for SIGINT/SIGTERM); the monitor runs its web
-server on an asyncio loop in the main thread (``swarm.monitor``).
+server on an asyncio loop in the main thread (``swarm.tools.monitor``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import signal
 import sys
 import threading
 
-from swarm.dht import NAT_CHOICES, DHTConfig, SwarmDHT, add_nat_arguments, p2p_options
 from swarm.errors import StamenError
-from swarm.membership import SwarmKeyError, generate_key, load_key
 from swarm.models.modelpath import DEFAULT_MODEL
+from swarm.net.dht import NAT_CHOICES, DHTConfig, SwarmDHT, add_nat_arguments, p2p_options
+from swarm.net.membership import SwarmKeyError, generate_key, load_key
 from swarm.spans import model_prefix
-from swarm.status import build_report, exit_code, format_report
+from swarm.tools.status import build_report, exit_code, format_report
 
 logger = logging.getLogger("swarm")
 
@@ -184,7 +184,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def watched_models(args: argparse.Namespace) -> list:
     """The monitor's models: names, DHT prefixes and depths from --model, --dht-prefix, --num-blocks."""
-    from swarm.monitor.app import WatchedModel
+    from swarm.tools.monitor.app import WatchedModel
 
     count = len(args.model)
     for option in ("dht_prefix", "num_blocks"):
@@ -213,7 +213,7 @@ def run_monitor(args: argparse.Namespace) -> int:
         return 2
     import uvloop
 
-    from swarm.monitor.app import Monitor, serve
+    from swarm.tools.monitor.app import Monitor, serve
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -7,6 +7,7 @@ A client application: it imports ``client`` (never ``server``).
 - ``routes``: aiohttp routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, the page at ``/``);
   errors become OpenAI's error body in one middleware
 - ``protocol``: request validation and translation (body -> token ids, limits, sampling settings)
+- ``errors``: errors in OpenAI's format (``APIError``), swarm errors mapped to HTTP statuses in one place
 - ``responses``: response bodies and server-sent events as OpenAI sends them
 - ``engine``: the generation engine (one session per request; all requests stepped together in numbered
   rounds), computing the model's own layers through the model's ``embed`` and ``next_token_logits``

@@ -37,7 +37,7 @@ from client.api.protocol import CompletionRequest
 from client.chain import DeclaredRound
 from client.model import DistributedModelForCausalLM
 from client.session import InferenceSession
-from swarm.routing import Hop
+from swarm.routing.chains import Hop
 
 logger = logging.getLogger(__name__)
 

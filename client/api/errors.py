@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from swarm.errors import MissingBlocksError, StamenError
-from swarm.rpc import ServerFailure
+from swarm.net.rpc import ServerFailure
 
 logger = logging.getLogger(__name__)
 

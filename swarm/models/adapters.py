@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from proto import pb
-from swarm import tensors
+from swarm.net import tensors
 from swarm.spans import BlockRange
 
 FORMAT = "stamen-lora"

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from client.api.decoding import eos_ids, new_generator, sample
 from client.api.protocol import Sampling
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos (as in the tiny config), unknown
 CHAT_TEMPLATE = (

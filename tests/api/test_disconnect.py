@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
-from swarm.rpc import call_info
+from swarm.net.rpc import call_info
+from swarm.tools.localswarm import LocalSwarm
 
 from .conftest import openai_client
 

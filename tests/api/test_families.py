@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from client.api.protocol import Sampling
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 from tests.conftest import make_tiny_model
 
 from .conftest import Reference, make_chat_model, openai_client

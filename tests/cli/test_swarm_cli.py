@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from swarm.dht import DHTConfig, SwarmDHT
-from swarm.records import ServerInfo, ServerState
+from swarm.net.dht import DHTConfig, SwarmDHT
+from swarm.net.records import ServerInfo, ServerState
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(180)

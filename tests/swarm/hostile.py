@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from hivemind.p2p import P2P, PeerID
 
 from proto import pb, rpc_name
-from swarm import tensors
+from swarm.net import tensors
 
 HIDDEN = 64  # hidden size of the tiny test models
 FRAME_END = P2P.ERROR_MARKER + (0).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)  # what ends a hivemind stream

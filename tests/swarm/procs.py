@@ -1,6 +1,6 @@
 """What the processes of a test hold: their sockets (sampled while the test runs) and their memory.
 
-Every node a test starts (``swarm.localswarm``) is a child of the test process, so "every process of
+Every node a test starts (``swarm.tools.localswarm``) is a child of the test process, so "every process of
 the run" is the test process and all its descendants: bootstrap node, servers, the libp2p daemons
 they start, and the client's daemon.
 """

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from client import AutoDistributedModelForCausalLM
-from swarm.dht import DHTConfig, SwarmDHT
-from swarm.localswarm import LocalSwarm
-from swarm.routing import coverage
+from swarm.net.dht import DHTConfig, SwarmDHT
+from swarm.routing.chains import coverage
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(400)
 MODEL_BLOCKS = 30  # the default model

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from proto import pb
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(240)
 

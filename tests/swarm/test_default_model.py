@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
 from swarm.models.modelpath import resolve_model
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.references import deep_prompt_hooks, lora_hooks
 
 pytestmark = pytest.mark.timeout(400)

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.netem import LinkProxy, free_port
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(240)
 ONE_WAY = 0.25  # seconds each way: a round trip well above the 0.3 s a liveness ping got before it was measured

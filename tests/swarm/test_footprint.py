@@ -10,11 +10,11 @@ from transformers import AutoConfig
 
 from client import AutoDistributedModelForCausalLM
 from swarm.core.cache import KVGeometry
-from swarm.localswarm import LocalSwarm
 from swarm.models.families import get_family
 from swarm.models.modelpath import resolve_model
 from swarm.models.weights import tensor_index
-from swarm.rpc import call_info
+from swarm.net.rpc import call_info
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.procs import MIB, tree, tree_memory
 
 pytestmark = pytest.mark.timeout(400)

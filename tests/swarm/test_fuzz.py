@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from proto import pb
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.hostile import (
     FRAME_END,
     HIDDEN,

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.procs import SocketAudit
 
 pytestmark = pytest.mark.timeout(300)

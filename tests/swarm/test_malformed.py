@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from proto import pb, rpc_name
-from swarm import errors, tensors
-from swarm.localswarm import LocalSwarm
-from swarm.rpc import InferenceStream, ServerFailure, call_backward, call_forward
+from swarm import errors
+from swarm.net import tensors
+from swarm.net.rpc import InferenceStream, ServerFailure, call_backward, call_forward
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.hostile import (
     HostilePeer,
     header_request,

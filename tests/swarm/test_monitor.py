@@ -16,7 +16,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from swarm.localswarm import LocalSwarm, spawn_monitor
+from swarm.tools.localswarm import LocalSwarm, spawn_monitor
 from tests.swarm.browser import headless_chromium
 
 pytestmark = pytest.mark.timeout(300)

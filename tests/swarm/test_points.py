@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
-from swarm.receipts import POINTS_PER_UNIT
+from swarm.net.receipts import POINTS_PER_UNIT
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(240)
 DEADLINE = 60.0

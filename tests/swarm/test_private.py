@@ -16,13 +16,14 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from proto import pb
-from swarm import errors, tensors
-from swarm.dht import DHTConfig, SwarmDHT, SwarmJoinError, store_records
-from swarm.localswarm import LocalSwarm
-from swarm.membership import generate_key, load_key
-from swarm.records import ServerInfo, ServerState
-from swarm.rpc import InferenceStream, ServerFailure, call_forward, call_info
+from swarm import errors
+from swarm.net import tensors
+from swarm.net.dht import DHTConfig, SwarmDHT, SwarmJoinError, store_records
+from swarm.net.membership import generate_key, load_key
+from swarm.net.records import ServerInfo, ServerState
+from swarm.net.rpc import InferenceStream, ServerFailure, call_forward, call_info
 from swarm.spans import BlockRange, block_key
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from swarm.errors import MissingBlocksError
-from swarm.localswarm import LocalSwarm
-from swarm.rpc import call_info
+from swarm.net.rpc import call_info
+from swarm.tools.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
 

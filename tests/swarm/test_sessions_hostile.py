@@ -12,9 +12,10 @@ import torch
 
 from client.loop import LoopThread
 from proto import pb
-from swarm import errors, tensors
-from swarm.localswarm import LocalSwarm
-from swarm.rpc import call_forward, call_info
+from swarm import errors
+from swarm.net import tensors
+from swarm.net.rpc import call_forward, call_info
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.hostile import (
     FRAME_END,
     HostilePeer,

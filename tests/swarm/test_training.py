@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from client import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.references import copies, deep_prompt_hooks, lora_hooks, prefixed
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from swarm.localswarm import LocalSwarm
+from swarm.tools.localswarm import LocalSwarm
 from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)

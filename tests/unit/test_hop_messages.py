@@ -9,8 +9,8 @@ import torch
 from client.envelope import Envelope
 from client.hop import HopSession, StepInput
 from proto import pb
-from swarm import tensors
-from swarm.routing import Hop
+from swarm.net import tensors
+from swarm.routing.chains import Hop
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from swarm.__main__ import build_parser, main, watched_models
-from swarm.monitor.app import WatchedModel
+from swarm.tools.monitor.app import WatchedModel
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.dht import DHTConfig, is_loopback, p2p_options
+from swarm.net.dht import DHTConfig, is_loopback, p2p_options
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -9,8 +9,8 @@ import pytest
 from client import points as client_points
 from server.ledger import STANDING_TTL, Ledger
 from swarm.errors import InvalidRequestError
-from swarm.identity import Identity
-from swarm.receipts import CLIENT_CAP, POINTS_PER_UNIT, VERIFIED_WEIGHT, Receipt, Voucher, newer, points
+from swarm.net.identity import Identity
+from swarm.net.receipts import CLIENT_CAP, POINTS_PER_UNIT, VERIFIED_WEIGHT, Receipt, Voucher, newer, points
 
 pytestmark = pytest.mark.timeout(60)
 

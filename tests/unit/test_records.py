@@ -1,4 +1,4 @@
-"""Tests for swarm.records (ServerInfo <-> DHT bytes) and swarm.dht.parse_records (raw DHT values -> records)."""
+"""Tests for swarm.net.records (ServerInfo <-> DHT bytes) and swarm.net.dht.parse_records (DHT values -> records)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils.serializer import MSGPackSerializer
 
 from proto import pb
-from swarm.dht import SignedRecordValidator, parse_records
-from swarm.identity import Identity
-from swarm.records import ServerInfo, ServerState
+from swarm.net.dht import SignedRecordValidator, parse_records
+from swarm.net.identity import Identity
+from swarm.net.records import ServerInfo, ServerState
 from swarm.spans import BlockRange, block_key
 
 pytestmark = pytest.mark.timeout(30)

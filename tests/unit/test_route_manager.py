@@ -11,7 +11,7 @@ import pytest
 from client.config import ClientConfig
 from client.sequence import RouteManager
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerInfo, ServerState
+from swarm.net.records import ServerInfo, ServerState
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)

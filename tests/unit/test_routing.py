@@ -1,4 +1,4 @@
-"""Tests for swarm.routing: the pure chain search, checked by hand-made cases and a brute force."""
+"""Tests for swarm.routing.chains: the pure chain search, checked by hand-made cases and a brute force."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import pytest
 
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerInfo, ServerState
-from swarm.routing import Hop, coverage, make_chain, uncovered_blocks, usable
+from swarm.net.records import ServerInfo, ServerState
+from swarm.routing.chains import Hop, coverage, make_chain, uncovered_blocks, usable
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(60)

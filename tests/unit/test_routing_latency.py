@@ -1,4 +1,4 @@
-"""Tests for the latency-aware routes of swarm.routing: fastest_chain (against a brute force over every
+"""Tests for the latency-aware routes of swarm.routing.chains: fastest_chain (against a brute force over every
 chain, with a cost model rewritten here), chain_latency, and spread_forward's load proportions."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerInfo, ServerState
-from swarm.routing import Hop, chain_latency, fastest_chain, make_chain, spread_forward
+from swarm.net.records import ServerInfo, ServerState
+from swarm.routing.chains import Hop, chain_latency, fastest_chain, make_chain, spread_forward
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(60)

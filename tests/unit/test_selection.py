@@ -1,4 +1,4 @@
-"""Tests for swarm.selection: choose_span against a direct evaluation of every window, swarms filling up
+"""Tests for swarm.routing.selection: choose_span against a direct evaluation of every window, swarms filling up
 one server at a time, and should_move's decisions (move into holes, stay put when balanced)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from swarm.records import ServerInfo, ServerState
-from swarm.selection import block_throughputs, choose_span, should_move, swarm_throughput
+from swarm.net.records import ServerInfo, ServerState
+from swarm.routing.selection import block_throughputs, choose_span, should_move, swarm_throughput
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(60)

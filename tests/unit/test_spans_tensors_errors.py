@@ -1,4 +1,4 @@
-"""Tests for swarm.spans (block ranges, DHT names), swarm.tensors (wire tensors) and swarm.errors."""
+"""Tests for swarm.spans (block ranges, DHT names), swarm.net.tensors (wire tensors) and swarm.errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from proto import pb
-from swarm import errors, tensors
+from swarm import errors
 from swarm.errors import InvalidRequestError, format_blocks
+from swarm.net import tensors
 from swarm.spans import BlockRange, block_key, model_prefix, parse_blocks
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,4 +1,4 @@
-"""Tests for swarm.status: the report and text behind ``python -m swarm status``, on synthetic records."""
+"""Tests for swarm.tools.status: the report and text behind ``python -m swarm status``, on synthetic records."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from swarm.records import ServerInfo, ServerState
+from swarm.net.records import ServerInfo, ServerState
 from swarm.spans import BlockRange
-from swarm.status import build_report, exit_code, format_coverage, format_report, format_route, server_row
+from swarm.tools.status import build_report, exit_code, format_coverage, format_report, format_route, server_row
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -18,12 +18,13 @@ from client.session import InferenceSession
 from proto import pb
 from server import extras, validation
 from server.scheduler import Scheduler, SchedulerConfig
-from swarm import errors, tensors
+from swarm import errors
 from swarm.core.backward import BackwardPass
 from swarm.core.blocks import load_block_stack
 from swarm.core.work import ForwardPass, Work
 from swarm.models.adapters import LoraAdapter, linear_layers, load_adapter, resolve_targets, save_adapter
 from swarm.models.families import get_family
+from swarm.net import tensors
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(60)

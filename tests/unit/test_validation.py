@@ -15,8 +15,9 @@ from server import mailbox, validation
 from server.config import ServerConfig
 from server.mailbox import MAX_PENDING_INPUTS, Mailbox
 from server.sessions import Session, SessionRegistry
-from swarm import errors, tensors
+from swarm import errors
 from swarm.core.cache import KVGeometry
+from swarm.net import tensors
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)

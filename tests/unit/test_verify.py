@@ -25,7 +25,7 @@ from client.verdicts import (
     verdict,
     window,
 )
-from swarm.records import ServerInfo, ServerState
+from swarm.net.records import ServerInfo, ServerState
 from swarm.spans import BlockRange
 
 pytestmark = pytest.mark.timeout(30)

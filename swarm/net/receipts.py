@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from proto import pb
-from swarm.identity import Identity, verify
+from swarm.net.identity import Identity, verify
 
 CLIENT_CAP = 50_000_000  # units (tokens x blocks) one client identity may contribute to a server's points
 VERIFIED_WEIGHT = 2.0  # a unit the client checked on another server counts this much

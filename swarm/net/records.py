@@ -8,7 +8,7 @@ import enum
 from google.protobuf.message import DecodeError
 
 from proto import pb
-from swarm.identity import Identity, verify
+from swarm.net.identity import Identity, verify
 from swarm.spans import BlockRange
 
 
@@ -38,7 +38,7 @@ class ServerInfo:
     next_pings: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> round trip, seconds
     announced_at: float = 0.0  # DHT time of the announcement; a peer's newest record wins (e.g. after a move)
     expires_at: float = 0.0  # DHT time the announcement may be kept until (signed: replays cannot extend it)
-    points: float = 0.0  # the sum of the receipts its clients signed (``swarm.receipts``)
+    points: float = 0.0  # the sum of the receipts its clients signed (``swarm.net.receipts``)
     compressions: tuple[int, ...] = ()  # activation compressions (``pb.Compression``) it reads and sends
     public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
     signature: bytes = b""  # by that key over the record serialized with an empty signature

@@ -1,7 +1,7 @@
 """The monitor's web server: polls the DHT for each watched model and serves the page and its JSON.
 
 Concurrency: one asyncio loop (the main thread) runs aiohttp and the poller; DHT look-ups are awaited
-on the DHT's own loop thread (``swarm.dht``). The page polls ``/api/v1/state`` by itself.
+on the DHT's own loop thread (``swarm.net.dht``). The page polls ``/api/v1/state`` by itself.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from swarm.dht import SwarmDHT
-from swarm.status import build_report
+from swarm.net.dht import SwarmDHT
+from swarm.tools.status import build_report
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class WatchedModel:
 
 @dataclass
 class Snapshot:
-    report: dict[str, Any] | None = None  # ``swarm.status.build_report`` of the latest look-up
+    report: dict[str, Any] | None = None  # ``swarm.tools.status.build_report`` of the latest look-up
     updated_at: float | None = None  # unix time of that look-up
     error: str | None = None  # why the latest look-up failed, if it did
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

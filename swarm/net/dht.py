@@ -27,9 +27,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.errors import StamenError
-from swarm.identity import Identity
-from swarm.membership import SwarmKeyAuthorizer
-from swarm.records import ServerInfo
+from swarm.net.identity import Identity
+from swarm.net.membership import SwarmKeyAuthorizer
+from swarm.net.records import ServerInfo
 from swarm.spans import block_key
 
 logger = logging.getLogger(__name__)

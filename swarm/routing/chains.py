@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from swarm.chainsearch import Costs, search
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerInfo, ServerState
+from swarm.net.records import ServerInfo, ServerState
+from swarm.routing.search import Costs, search
 from swarm.spans import BlockRange
 
 
@@ -185,7 +185,7 @@ def fastest_chain(
       used only where that is worth ``cache_penalty`` seconds (or where nothing else covers the blocks).
 
     A hop may run any sub-range of its server's span, and servers may change at any block (see
-    ``swarm.chainsearch`` for the search). Ties go to continuing the current hop, then to lower peer ids.
+    ``swarm.routing.search`` for the search). Ties go to continuing the current hop, then to lower peer ids.
 
     Raises MissingBlocksError naming the blocks no given server covers. Callers filter servers first
     (online, bans, allow lists).

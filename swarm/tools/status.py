@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from swarm.errors import MissingBlocksError, format_blocks
-from swarm.records import ServerInfo
-from swarm.routing import chain_latency, coverage, fastest_chain, usable
+from swarm.net.records import ServerInfo
+from swarm.routing.chains import chain_latency, coverage, fastest_chain, usable
 from swarm.spans import BlockRange
 
 _COLUMNS = (  # (header, key in the server dict)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from swarm.records import ServerInfo, ServerState
+from swarm.net.records import ServerInfo, ServerState
 from swarm.spans import BlockRange
 
 
