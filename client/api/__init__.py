@@ -9,14 +9,14 @@ A client application: it imports ``client`` (never ``server``).
 - ``protocol``: request validation and translation (body -> token ids, limits, sampling settings)
 - ``errors``: errors in OpenAI's format (``APIError``), swarm errors mapped to HTTP statuses in one place
 - ``responses``: response bodies and server-sent events as OpenAI sends them
-- ``engine``: the generation engine (one session per request; all requests stepped together in numbered
+- ``engine``: the generation engine (one session per request; requests stepped in lanes of declared, numbered
   rounds), computing the model's own layers through the model's ``embed`` and ``next_token_logits``
 - ``decoding``: per-request sampling, detokenization, stop strings and eos (pure)
 - ``static/``: the chat page (HTML, CSS, a little JavaScript; no build step)
 
 Concurrency model: everything runs on the client's one event loop (``client.loop``, a background
-thread): libp2p, the aiohttp server and the engine. The engine is one task that steps every open
-request in lockstep rounds (``asyncio.gather`` of ``InferenceSession.step_async``), so servers batch
+thread): libp2p, the aiohttp server and the engine. The engine is one task per lane that steps the
+lane's requests in declared lockstep rounds (``asyncio.gather`` of ``InferenceSession.step_async``), so servers batch
 their decode steps; the engine's torch work (each round's logits, sampling and embeddings as one batch, a
 prompt's embeddings) runs on one worker thread, so the loop keeps serving HTTP and libp2p meanwhile.
 Per-request state (session, generator, text) lives in its ``Generation`` and is touched by the loop,

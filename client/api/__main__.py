@@ -20,6 +20,7 @@ from swarm.models.modelpath import DEFAULT_MODEL  # noqa: E402
 
 LIMITS = {
     "max_concurrent_requests": "requests generating at once (each holds a session on every server of its chain)",
+    "lanes": "groups of requests stepped in rounds of their own, so the servers of a chain work at once",
     "max_waiting_requests": "requests waiting for a free slot; beyond this the API answers 429",
     "max_prompt_tokens": "longest prompt in tokens (after the chat template)",
     "max_total_tokens": "prompt + max_tokens (also capped by the model's context length)",

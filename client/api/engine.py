@@ -1,8 +1,12 @@
-"""The generation engine: one task on the client's event loop steps every open request together.
+"""The generation engine: tasks on the client's event loop step the open requests in lockstep rounds.
 
 Each request has its own ``InferenceSession`` (its own session on every server), so requests join and
 leave between rounds. A request first opens its session and runs its prompt through the swarm on its
-own (prefill: a long prompt never holds up the others' rounds); then it joins the rounds. Each round:
+own (prefill: a long prompt never holds up the others' rounds); then it joins a lane, the least loaded of
+``APIConfig.lanes`` (default 2). Each lane is one task that steps its requests in rounds of their own: while
+one lane's round is on the first server of the chain, another's can be on the next server, so the chain's
+servers compute at the same time (a pipeline) instead of taking turns; lanes hand requests to each other
+between rounds to stay even. Each round of a lane:
 
 1. the local work of all requests in the round as one batch, on one worker thread (off the event loop):
    the model's ``next_token_logits`` over their last hidden states (final norm, LM head, soft-cap), then
@@ -71,6 +75,32 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class Lane:
+    """Requests stepped together in lockstep rounds. The engine runs several lanes at once, so while one lane's
+    round is on one server of the chain, another lane's round can be on the next one."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.active: list[Generation] = []  # stepped in every round
+        self.joining: list[Generation] = []  # prefilled (or moved here), joining at the next round
+        self.wake = asyncio.Event()
+
+    @property
+    def load(self) -> int:
+        return len(self.active) + len(self.joining)
+
+    def discard(self, generation: Generation) -> None:
+        for pending in (self.active, self.joining):
+            if generation in pending:
+                pending.remove(generation)
+
+
+def surplus(lanes: list[Lane], lane: Lane) -> int:
+    """How many of ``lane``'s active requests to move to the least loaded lane, so lanes stay even (pure)."""
+    least = min(lanes, key=lambda other: other.load)
+    return max(0, (lane.load - least.load) // 2) if least is not lane else 0
+
+
 class Engine:
     """Create, ``start`` and ``stop`` on the client's event loop; every method runs there."""
 
@@ -80,16 +110,15 @@ class Engine:
         self._slots = asyncio.Semaphore(config.max_concurrent_requests)
         self._waiting = 0
         self._open: set[Generation] = set()
-        self._joining: list[Generation] = []  # prefilled, joining at the next round
-        self._active: list[Generation] = []
-        self._wake = asyncio.Event()
+        self._lanes = [Lane(index) for index in range(max(1, config.lanes))]
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="stamen-api-local")
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.rounds = 0  # rounds stepped so far (the next round's number), and the steps sent in them
         self.round_items = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="stamen-api-engine")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(lane), name=f"stamen-api-lane-{lane.index}") for lane in self._lanes]
 
     async def submit(self, request: CompletionRequest) -> Generation:
         """Wait for a free slot (429 if too many wait already) and start the request."""
@@ -121,12 +150,13 @@ class Engine:
         generation.cancelled = True
         if generation.task is not None and not generation.task.done():
             generation.task.cancel()  # opening or prefilling: only this request's session is involved
-        self._wake.set()
+        for lane in self._lanes:
+            lane.wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for generation in list(self._open):
             if generation.task is not None:
                 generation.task.cancel()
@@ -149,28 +179,40 @@ class Engine:
         except Exception as exc:
             self._fail(generation, exc)
             return
-        self._joining.append(generation)
-        self._wake.set()
+        lane = min(self._lanes, key=lambda candidate: candidate.load)
+        lane.joining.append(generation)
+        lane.wake.set()
 
-    async def _run(self) -> None:
+    async def _run(self, lane: Lane) -> None:
         while True:
-            if not self._active and not self._joining:
-                self._wake.clear()
-                await self._wake.wait()
-            self._active.extend(self._joining)
-            self._joining.clear()
-            self._drop_cancelled()
-            if not self._active:
+            if not lane.active and not lane.joining:
+                lane.wake.clear()
+                await lane.wake.wait()
+            lane.active.extend(lane.joining)
+            lane.joining.clear()
+            self._drop_cancelled(lane)
+            self._even_out(lane)
+            if not lane.active:
                 continue
             try:
-                await self._round()
+                await self._round(lane)
             except Exception as exc:  # a bug, not one request's fault: fail this round's requests, keep serving
                 logger.exception("Engine round failed")
-                for generation in list(self._active):
+                for generation in list(lane.active):
                     self._fail(generation, exc)
 
-    async def _round(self) -> None:
-        generations = list(self._active)
+    def _even_out(self, lane: Lane) -> None:
+        """Between two of its rounds, ``lane`` hands requests to the least loaded lane if it has too many
+        (requests end at different times); a moved request joins that lane's next round."""
+        moving = surplus(self._lanes, lane)
+        if moving:
+            least = min(self._lanes, key=lambda other: other.load)
+            least.joining.extend(lane.active[-moving:])
+            del lane.active[-moving:]
+            least.wake.set()
+
+    async def _round(self, lane: Lane) -> None:
+        generations = list(lane.active)
         started = time.perf_counter()
         hidden = torch.cat([generation.hidden for generation in generations])  # [n, hidden_size]
         tokens, embeddings = await asyncio.get_running_loop().run_in_executor(
@@ -202,10 +244,11 @@ class Engine:
                 self._fail(generation, result)
             else:
                 generation.hidden = result[:, -1]  # [1, hidden_size]
-        self._drop_cancelled()
+        self._drop_cancelled(lane)
         logger.debug(
-            "Round %d of %d requests (%d stepped): local %.1f ms, swarm step %.1f ms",
+            "Round %d (lane %d) of %d requests (%d stepped): local %.1f ms, swarm step %.1f ms",
             round_id,
+            lane.index,
             len(generations),
             round_size,
             1000 * local_seconds,
@@ -257,8 +300,8 @@ class Engine:
             generation.events.put_nowait(Event(error=error))
         self._release(generation)
 
-    def _drop_cancelled(self) -> None:
-        for generation in [g for g in self._active + self._joining if g.cancelled]:
+    def _drop_cancelled(self, lane: Lane) -> None:
+        for generation in [g for g in lane.active + lane.joining if g.cancelled]:
             self._release(generation)
 
     def _release(self, generation: Generation) -> None:
@@ -267,9 +310,8 @@ class Engine:
             return
         generation.released = True
         self._open.discard(generation)
-        for pending in (self._active, self._joining):
-            if generation in pending:
-                pending.remove(generation)
+        for lane in self._lanes:
+            lane.discard(generation)
         if generation.session is not None:
             generation.session.close()
         if not generation.opened.done():  # cancelled before its session opened
