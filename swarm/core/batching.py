@@ -86,9 +86,8 @@ def hold_seconds(
     if rounds:
         at = (batch[0].blocks, batch[0].cursor)
         queued = Counter(item.round for item in ready if item.round in rounds and (item.blocks, item.cursor) == at)
-        if all(queued[declared] < declared.size for declared in rounds):
-            return batch_wait  # no declared round in the batch is all in yet
-        return 0.0  # a round is all in: it runs now (steps of rounds still arriving ride along or run next)
+        if any(queued[declared] < declared.size for declared in rounds):
+            return batch_wait  # a declared round is not all in yet
     undeclared = sum(1 for item in batch if item.round is None)
     if undeclared and undeclared < expected:
         return min(batch_wait, decode_seconds / 2)
