@@ -1,7 +1,9 @@
 """Ban policy (pure): how long to avoid a server after a failure, and how its failures are forgiven.
 
 A failure bans a server for ``base * 2**failures`` seconds (capped), ``failures`` counting its past
-failures still held against it. They decay in two ways, so one bad moment is not held forever:
+failures still held against it. Failures while its ban runs are the same bad moment seen by calls that
+were already in flight (8 sessions on one busy server fail together): they neither lengthen the ban
+nor count again. They decay in two ways, so one bad moment is not held forever:
 every ``forgive_steps`` successful calls since its last failure forgive one failure, and all of them
 are forgotten once ``forget_after`` seconds pass without a new one. Times are monotonic seconds.
 """
@@ -29,7 +31,10 @@ class BanRecord:
 
 
 def after_failure(record: BanRecord | None, now: float, policy: BanPolicy) -> BanRecord:
-    """The record after a new failure at ``now``: banned for base x 2^(failures held), up to the cap."""
+    """The record after a new failure at ``now``: banned for base x 2^(failures held), up to the cap;
+    unchanged while an earlier ban still runs (that failure is already counted)."""
+    if record is not None and now < record.until:
+        return record
     held = 0 if record is None or now - record.last_failure > policy.forget_after else record.failures
     duration = min(policy.base * 2**held, policy.cap)
     return BanRecord(until=now + duration, failures=held + 1, last_failure=now)

@@ -40,21 +40,41 @@ def first(routes: RouteManager) -> str:
     return asyncio.run(routes.chain())[0].peer_id
 
 
+def wait_unbanned(routes: RouteManager, peer: str) -> None:
+    deadline = time.monotonic() + 5
+    while peer in routes.banned():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def ban_after_ban(routes: RouteManager, peer: str) -> float:
+    """A new failure once the running ban is over (failures during a ban count once)."""
+    wait_unbanned(routes, peer)
+    return routes.ban(peer)
+
+
 def test_ban_doubles_with_each_failure_and_is_capped():
-    routes = manager([server("a", 0, 4)], ban_base=1.0, ban_max=5.0)
-    assert [routes.ban("a") for _ in range(5)] == pytest.approx([1.0, 2.0, 4.0, 5.0, 5.0], abs=0.01)
+    routes = manager([server("a", 0, 4)], ban_base=0.02, ban_max=0.1)
+    assert [ban_after_ban(routes, "a") for _ in range(5)] == pytest.approx([0.02, 0.04, 0.08, 0.1, 0.1], abs=0.005)
+
+
+def test_failures_during_a_running_ban_count_once():
+    """8 sessions that were all using a busy server fail together: one ban, not 2^8 times longer."""
+    routes = manager([server("a", 0, 4)], ban_base=1.0, ban_max=300.0)
+    bans = [routes.ban("a") for _ in range(8)]
+    assert bans == pytest.approx([1.0] * 8, abs=0.05)
 
 
 def test_successes_forgive_past_failures_one_at_a_time():
-    routes = manager([server("a", 0, 4)], ban_base=1.0, ban_max=100.0, ban_forgive_steps=3)
+    routes = manager([server("a", 0, 4)], ban_base=0.01, ban_max=100.0, ban_forgive_steps=3)
     for _ in range(3):
-        routes.ban("a")  # 3 failures held: the next ban would be 8 s
+        ban_after_ban(routes, "a")  # 3 failures held: the next ban would be 0.08 s
     for _ in range(3 * 2):
         routes.mark_ok("a")  # two failures forgiven
-    assert routes.ban("a") == pytest.approx(2.0, abs=0.01)
+    assert ban_after_ban(routes, "a") == pytest.approx(0.02, abs=0.005)
     for _ in range(3 * 2):
         routes.mark_ok("a")  # both remaining failures forgiven: a clean slate
-    assert routes.ban("a") == pytest.approx(1.0, abs=0.01)
+    assert ban_after_ban(routes, "a") == pytest.approx(0.01, abs=0.005)
 
 
 def test_successes_of_servers_never_banned_change_nothing():
