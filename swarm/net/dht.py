@@ -1,7 +1,7 @@
 """A small typed wrapper over hivemind's DHT: start/join a swarm, announce and fetch server records.
 
 The DHT node runs in this process, on its own event loop in a daemon thread (``SwarmDHT``), beside
-the libp2p daemon (p2pd) it starts. Blocking calls (``fetch_servers``, ``.result()``) wait for that
+the libp2p daemon (p2pd) it starts, which ends when that thread does (``swarm.net.lifetime``). Blocking calls (``fetch_servers``, ``.result()``) wait for that
 loop; async code awaits the returned futures instead. ``p2p_options`` decides, as a pure function of
 the config, which NAT-traversal features the daemon runs: none on a loopback address.
 """
@@ -28,6 +28,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.errors import StamenError
 from swarm.net.identity import Identity
+from swarm.net.lifetime import daemons_end_with_parent
 from swarm.net.membership import SwarmKeyAuthorizer
 from swarm.net.records import ServerInfo
 from swarm.spans import block_key
@@ -152,6 +153,7 @@ class SwarmDHT:
     def __init__(self, config: DHTConfig):
         self.config = config
         self.identity = Identity.load_or_create(config.identity_path)  # signs this node's announcements
+        daemons_end_with_parent()  # the daemon is started on the loop thread: it ends when that thread does
         self._loop, self._thread = _start_loop_thread()
         try:
             self.node = self._submit(_create_node(config, str(self.identity.path))).result()

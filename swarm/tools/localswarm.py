@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from swarm.net.lifetime import end_with_parent
+
 URL_LINES = ("Serving the API on ", "Serving the monitor on ")  # HTTP processes print their address so
 
 
@@ -130,7 +132,9 @@ def spawn_monitor(initial_peers: list[str], *extra: str, env: dict | None = None
 
 
 def spawn(args: list[str], env: dict | None = None) -> ServerProcess:
-    """Start a process in its own process group, its output collected line by line."""
+    """Start a process in its own process group, its output collected line by line. Started from the
+    main thread, it ends when this process does, however this one ends (``swarm.net.lifetime``)."""
+    main = threading.current_thread() is threading.main_thread()
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -139,6 +143,7 @@ def spawn(args: list[str], env: dict | None = None) -> ServerProcess:
         text=True,
         start_new_session=True,
         env=env,
+        preexec_fn=end_with_parent() if main else None,
     )
     process = ServerProcess(args, proc)
     threading.Thread(target=_pump, args=(proc, process.lines, process.output), daemon=True).start()
