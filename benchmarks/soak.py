@@ -51,6 +51,7 @@ KINDS = {"generate": 0.45, "verified": 0.15, "backward": 0.2, "api": 0.2}  # ses
 # zero once the swarm is idle
 BUSY_KEYS = ("store_sessions", "registry_sessions", "mailboxes", "queued_work", "early_pushes")
 SIZES_LINE = "Structure sizes: "
+PROGRESS_EVERY = 100  # sessions between progress lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -183,13 +184,16 @@ def run(args: argparse.Namespace) -> dict:
         swarm.start(folder, [(span, extra) for span in spans])
         soak = Soak(swarm, folder, args)
         try:
-            rows = []
+            rows, started = [], time.monotonic()
             for done in range(1, args.sessions + 1):
                 try:
                     soak.session()
                 except Exception as exc:  # counted and shown: one failed request must not end a soak
                     soak.failures.append(f"session {done}: {exc!r}")
-                    print(f"  failed: {soak.failures[-1]}", flush=True)
+                    sizes = [structure_sizes(server) for server in swarm.live()]
+                    print(f"  failed: {soak.failures[-1]}; servers' structure sizes now: {sizes}", flush=True)
+                if done % PROGRESS_EVERY == 0:
+                    print(f"  {done}/{args.sessions} sessions, {time.monotonic() - started:.0f} s", flush=True)
                 if done % args.every == 0 or done == args.sessions:
                     rows.append(checkpoint(soak, done))
         finally:

@@ -1,9 +1,10 @@
 """A small typed wrapper over hivemind's DHT: start/join a swarm, announce and fetch server records.
 
 The DHT node runs in this process, on its own event loop in a daemon thread (``SwarmDHT``), beside
-the libp2p daemon (p2pd) it starts, which ends when that thread does (``swarm.net.lifetime``). Blocking calls (``fetch_servers``, ``.result()``) wait for that
-loop; async code awaits the returned futures instead. ``p2p_options`` decides, as a pure function of
-the config, which NAT-traversal features the daemon runs: none on a loopback address.
+the libp2p daemon (p2pd) it starts, which ends when that thread does (``swarm.net.lifetime``). Blocking
+calls (``fetch_servers``, ``.result()``) wait for that loop; async code awaits the returned futures instead.
+``p2p_options`` decides, as a pure function of the config, which NAT-traversal features the daemon runs:
+none on a loopback address.
 """
 
 from __future__ import annotations
