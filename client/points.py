@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 VOUCHER_SECONDS = 3600.0  # how long a voucher the client issues itself stays valid
 RECEIPT_TIMEOUT = 2.0  # seconds to hand one receipt over
 MAX_SERVERS = 4096  # servers the book counts for; beyond, the one that worked for us least recently is forgotten
+MAX_MISSES = 3  # receipts in a row a server did not take (unreachable, gone) before the book forgets it
 
 
 class ReceiptBook:
@@ -33,6 +34,7 @@ class ReceiptBook:
         self.work: dict[str, int] = {}  # server peer id -> units (tokens x blocks) it computed for us
         self.verified: dict[str, int] = {}  # ... of which we checked this many on another server
         self.sent: dict[str, tuple[int, int]] = {}  # server -> (work, verified) of the last receipt it took
+        self.misses: dict[str, int] = {}  # server -> receipts in a row it did not take (< MAX_MISSES)
 
     def add(self, server: str, units: int, verified: bool = False) -> None:
         self.work[server] = self.work.pop(server, 0) + units
@@ -44,7 +46,7 @@ class ReceiptBook:
     def _forget(self, server: str) -> None:
         """Stop counting for ``server``. It keeps the receipt it took; if it works for us again, it counts
         from zero in this epoch, and its new receipts count only once they pass the one it holds."""
-        for counts in (self.work, self.verified, self.sent):
+        for counts in (self.work, self.verified, self.sent, self.misses):
             counts.pop(server, None)
 
     def confirm(self, server: str, units: int) -> None:
@@ -62,18 +64,28 @@ class ReceiptBook:
         return receipts
 
     async def send_due(self, p2p, membership) -> int:
-        """Hand out the due receipts; returns how many servers took theirs."""
+        """Hand out the due receipts; returns how many servers took theirs. A server that misses
+        MAX_MISSES in a row is forgotten (``_forget``): no receipt is retried forever."""
         taken = 0
         for receipt in self.due():
             request = pb.ReceiptRequest(receipt=receipt.to_proto(), membership=membership.proof_for(receipt.server))
             try:
                 await call_receipt(p2p, receipt.server, request, RECEIPT_TIMEOUT)
             except ServerFailure as failure:
-                logger.debug("Could not hand a receipt to %s: %s", receipt.server, failure.reason)
+                self._missed(receipt.server, failure.reason)
                 continue
             self.sent[receipt.server] = (receipt.work, receipt.verified)
+            self.misses.pop(receipt.server, None)
             taken += 1
         return taken
+
+    def _missed(self, server: str, reason: str) -> None:
+        misses = self.misses[server] = self.misses.get(server, 0) + 1
+        if misses < MAX_MISSES:
+            logger.debug("Could not hand a receipt to %s (%d in a row): %s", server, misses, reason)
+            return
+        logger.info("Dropping the receipt for %s: it took none of the last %d (%s)", server, misses, reason)
+        self._forget(server)
 
 
 class VoucherSource:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -11,6 +12,7 @@ from server.ledger import STANDING_TTL, Ledger
 from swarm.errors import InvalidRequestError
 from swarm.net.identity import Identity
 from swarm.net.receipts import CLIENT_CAP, POINTS_PER_UNIT, VERIFIED_WEIGHT, Receipt, Voucher, newer, points
+from swarm.net.rpc import ServerFailure
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,10 +110,38 @@ def test_a_server_missing_from_look_ups_for_long_is_forgotten(identities):
 def test_a_client_counts_for_a_bounded_number_of_servers(monkeypatch):
     monkeypatch.setattr(client_points, "MAX_SERVERS", 3)
     book = client_points.ReceiptBook.__new__(client_points.ReceiptBook)
-    book.work, book.verified, book.sent = {}, {}, {}
+    book.work, book.verified, book.sent, book.misses = {}, {}, {}, {}
     for server in ("a", "b", "c", "a", "d"):  # "b" worked for us least recently when "d" came
         book.add(server, 10, verified=True)
     book.sent["d"] = (10, 10)
     assert book.work == {"c": 10, "a": 20, "d": 10} and set(book.verified) == {"c", "a", "d"}
     book.confirm("b", 5)  # a late confirmation for a forgotten server adds nothing back
     assert "b" not in book.verified
+
+
+class NoMembership:
+    def proof_for(self, server):
+        return b""
+
+
+def test_receipts_to_a_server_that_stays_unreachable_are_dropped_after_a_few_tries(identities, monkeypatch):
+    calls = []
+
+    async def call_receipt(p2p, server, request, timeout):
+        calls.append(server)
+        if server == "gone":
+            raise ServerFailure(server, "unreachable")
+
+    monkeypatch.setattr(client_points, "call_receipt", call_receipt)
+    book = client_points.ReceiptBook(identities[0])
+    book.add("gone", 10)
+    book.add("here", 10)
+    for _ in range(client_points.MAX_MISSES + 2):
+        book.add("here", 1)  # something due for the live server at every round
+        asyncio.run(book.send_due(None, NoMembership()))
+    assert calls.count("gone") == client_points.MAX_MISSES  # then never again
+    assert calls.count("here") == client_points.MAX_MISSES + 2
+    assert "gone" not in book.work and "gone" not in book.misses
+    book.add("gone", 5)  # it works for us again: counted afresh, and handed receipts again
+    asyncio.run(book.send_due(None, NoMembership()))
+    assert calls.count("gone") == client_points.MAX_MISSES + 1
