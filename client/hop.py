@@ -2,10 +2,10 @@
 one step runs there (request, answer, liveness).
 
 A late answer is not waited out blindly: once a step is later than 1.5 times the server's usual
-step time (and than twice the measured round trip to it), the client pings the server; one that does
-not answer the ping within 0.3 s (or 3 round trips, for far servers) is given up at once (a server that
-died often leaves its connection open for seconds), one that answers is waited for up to the step's
-timeout.
+step time (and than twice the measured round trip to it), the client pings the server; one whose ping is
+refused (a dead server's answer, in about a millisecond) is given up at once, one whose ping goes unanswered
+for 0.3 s (or 3 round trips, for far servers) gets a second ping 3x as long before it is given up (a busy
+server on a loaded machine can be that slow), and one that answers is waited for up to the step's timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from proto import pb
 from swarm.errors import StamenError
 from swarm.models.adapters import LoraAdapter
 from swarm.net import tensors
-from swarm.net.rpc import InferenceStream, ServerFailure, ping
+from swarm.net.rpc import InferenceStream, ServerFailure, call_info
 from swarm.routing.chains import Hop
 
 PROBE_AFTER = 0.05  # seconds: a step later than this (and than 1.5x the server's usual step) gets a liveness ping
@@ -210,19 +210,33 @@ class HopSession:
                 done, _ = await asyncio.wait({answer}, timeout=probe_after)
                 if done:
                     return answer.result()
-                probe = asyncio.ensure_future(ping(self.p2p, self.peer_id, 1, probe_timeout, self.envelope.membership))
+                probe = asyncio.ensure_future(self._alive(probe_timeout))
                 await asyncio.wait({answer, probe}, return_when=asyncio.FIRST_COMPLETED)
                 if answer.done():
                     probe.cancel()
                     return answer.result()
-                if await probe is None:
+                if not await probe:
                     raise ServerFailure(
-                        self.peer_id, f"stopped answering (no reply to a ping within {probe_timeout:.2f} s)"
+                        self.peer_id, f"stopped answering (no reply to two pings, {probe_timeout:.2f} s and more)"
                     )
                 probe_after = min(2 * probe_after, max(1.0, 2 * self.rtt))
         finally:
             if not answer.done():
                 answer.cancel()
+
+    async def _alive(self, timeout: float) -> bool:
+        """Whether the server answers a liveness ping. A refused call (a dead server's, about 1 ms) says no at
+        once; a ping that only timed out gets one more try, 3x as long: a busy server on a loaded machine can
+        take longer than ``timeout`` to answer, and one lost reply must not make every session on it fail
+        over (as once banned a busy server under 8 users, and the API answered 503 ``missing_blocks``)."""
+        for attempt in range(2):
+            try:
+                await call_info(self.p2p, self.peer_id, timeout * (3 if attempt else 1), self.envelope.membership)
+                return True
+            except ServerFailure as failure:
+                if not isinstance(failure.__cause__, asyncio.TimeoutError | TimeoutError):
+                    return False
+        return False
 
     def _timeout(self, tokens: int, timeouts: HopTimeouts) -> float:
         """How long to wait for a step: generous at first, then adapted to the server's usual speed."""
