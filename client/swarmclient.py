@@ -1,10 +1,17 @@
 """SwarmClient: the client's handle on a swarm (DHT, libp2p, routes), its inference sessions and its
-stateless passes (``client.passes``)."""
+stateless passes (``client.passes``).
+
+A client not shut down by its user is shut down when the interpreter exits (``atexit``), before Python
+tears down the modules its loop threads still run in (a script that dropped its models without
+``shutdown()`` could otherwise crash at exit, and its daemons outlive it).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import threading
 
 import torch
 
@@ -28,6 +35,18 @@ logger = logging.getLogger(__name__)
 
 PING_TIMEOUT = 1.0  # seconds a routing ping may take (a far server answers in its round trip)
 RECEIPT_FLUSH_SECONDS = 3.0  # at shutdown: how long to spend handing out the last receipts
+
+
+_OPEN: set[SwarmClient] = set()  # clients not shut down yet (bounded by the clients a process opens)
+_OPEN_LOCK = threading.Lock()
+
+
+@atexit.register
+def _shut_down_open_clients() -> None:
+    with _OPEN_LOCK:
+        clients = list(_OPEN)
+    for client in clients:
+        client.shutdown()
 
 
 class SwarmClient:
@@ -55,6 +74,8 @@ class SwarmClient:
         self.referee: LocalReferee | None = None  # the client's own computation of disputed spans, if it can
         self.passes = PassRunner(self)  # stateless forward and backward passes
         self._receipting = self.loop.run(self._start_receipting())
+        with _OPEN_LOCK:
+            _OPEN.add(self)
 
     async def _start_receipting(self) -> asyncio.Task:
         return asyncio.ensure_future(self._receipt_forever())
@@ -100,6 +121,11 @@ class SwarmClient:
         await asyncio.wait_for(self.receipts.send_due(self.p2p, self.membership), RECEIPT_FLUSH_SECONDS)
 
     def shutdown(self) -> None:
+        """Hand out the last receipts, then stop the libp2p handle, the loop and the DHT. Idempotent."""
+        with _OPEN_LOCK:
+            if self not in _OPEN:
+                return
+            _OPEN.discard(self)
         try:
             self.loop.run(self._stop_receipting(), timeout=RECEIPT_FLUSH_SECONDS + 1)
         except Exception:
