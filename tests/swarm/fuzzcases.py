@@ -36,11 +36,14 @@ from tests.swarm.hostile import (
     step_request,
 )
 
+CACHE_TOKENS = 2048  # the fuzzed server's KV budget
+MAX_SESSIONS_PER_PEER = 4
 PEER_ID_LIKE = "12D3KooWGzBPmD6C4nj3ss1n4bYnpoc7XgpCfiEHRAzNixBBnF5u"
 U32, U64 = 2**32 - 1, 2**64 - 1
 SEEDS = st.integers(0, 2**31 - 1)
 CHANCE = {n: st.integers(0, n - 1) for n in (2, 5, 10)}  # draw(CHANCE[5]) == 0: one time in five
 COMPRESSION = st.sampled_from([pb.COMPRESSION_NONE] * 6 + [pb.COMPRESSION_FLOAT16, pb.COMPRESSION_INT8, 3, 99])
+HIDDEN_COMPRESSION = st.sampled_from([pb.COMPRESSION_NONE] * 12 + [1, 1, 2, 2, 3, 99])  # mostly ones that exist
 NAN_OR_HUGE = st.sampled_from([float("nan"), float("inf"), -1e38])
 FLOATS = st.sampled_from([torch.float32, torch.float32, torch.float32, torch.float16, torch.bfloat16])
 DTYPE_NAMES = st.sampled_from(
@@ -54,6 +57,15 @@ INT_DTYPES = st.sampled_from([torch.int64, torch.int64, torch.int32, torch.bool]
 INT_RANGES = st.sampled_from([(0, 16), (-(2**40), 2**40), (2**20, 2**21)])
 SESSION_IDS = st.uuids().map(lambda value: "f-" + value.hex)
 ALPHAS = st.sampled_from([8.0, float("nan"), 1e300, -1.0])
+
+
+def server_args(idle_timeout: int) -> tuple[str, ...]:
+    """Limits of the server the acts are drawn for (serving blocks 0:6 of a tiny model of hidden size 64):
+    ``idle_timeout`` seconds let the legitimate session idle through the whole fuzzing."""
+    return (
+        *("--max-request-tokens", "64", "--cache-tokens", str(CACHE_TOKENS)),
+        *("--max-sessions-per-peer", str(MAX_SESSIONS_PER_PEER), "--session-idle-timeout", str(idle_timeout)),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,21 +94,22 @@ def noise(draw, *shape: int) -> torch.Tensor:
 def draw_hidden(draw) -> pb.Tensor:
     """Plausible hidden states: sometimes NaN/inf, huge, a wrong size, another float dtype, compressed, or with
     a truncated buffer or missing int8 scales."""
-    shape = [draw(pick(1, 1, 2)), draw(pick(1, 2, 3, 65)), draw(pick(HIDDEN, HIDDEN, HIDDEN - 1))]
-    values = noise(draw, *shape) * draw(pick(1.0, 1.0, 1e30))
-    if one_in(draw, 5):
+    tokens = 65 if one_in(draw, 10) else draw(pick(1, 2, 3))  # 65: over --max-request-tokens
+    shape = [draw(pick(1, 1, 2)), tokens, HIDDEN - 1 if one_in(draw, 10) else HIDDEN]
+    values = noise(draw, *shape) * (1e30 if one_in(draw, 10) else 1.0)
+    if one_in(draw, 10):
         values.view(-1)[draw(st.integers(0, values.numel() - 1))] = draw(NAN_OR_HUGE)
     dtype = draw(FLOATS)
-    message = pb.Tensor(shape=shape, dtype=str(dtype).removeprefix("torch."), compression=draw(COMPRESSION))
+    message = pb.Tensor(shape=shape, dtype=str(dtype).removeprefix("torch."), compression=draw(HIDDEN_COMPRESSION))
     if message.compression == pb.COMPRESSION_INT8:
         rows = values.reshape(-1, shape[-1])
         scales = rows.abs().amax(dim=1) / 127.0
         message.buffer = raw(torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        message.scales = raw(scales[: draw(pick(len(scales), len(scales), 1, 0))])
+        message.scales = raw(scales[: len(scales) - (1 if one_in(draw, 5) else 0)])  # sometimes one short
     else:
         message.buffer = raw(values.to(torch.float16 if message.compression == pb.COMPRESSION_FLOAT16 else dtype))
-    cut = draw(pick(0, 0, 0, 0, 1, 3))  # a truncated buffer
-    message.buffer = message.buffer[: len(message.buffer) - cut]
+    if one_in(draw, 10):  # a truncated buffer
+        message.buffer = message.buffer[: len(message.buffer) - draw(pick(1, 3))]
     return message
 
 
@@ -294,7 +307,7 @@ def passes(draw) -> Unary:
     """A forward or backward pass with drawn blocks, hidden states, positions, deep prompts, adapter, gradients."""
     rpc = draw(pick("Forward", "Backward"))
     message = pb.ForwardRequest() if rpc == "Forward" else pb.BackwardRequest()
-    message.start_block, message.end_block = draw(pick(0, 0, 2, 6)), draw(pick(6, 6, 3, 0, 99))
+    message.start_block, message.end_block = draw(pick(0, 0, 0, 2, 6)), draw(pick(6, 6, 6, 3, 0, 99))
     message.hidden.CopyFrom(draw_hidden(draw) if draw(CHANCE[5]) < 3 else draw_tensor(draw))
     message.compression = draw(COMPRESSION)
     if draw(CHANCE[10]) < 3:
@@ -335,19 +348,19 @@ def unary_garbage(draw) -> Unary:
 
 
 @st.composite
-def floods(draw, max_sessions: int) -> Flood:
-    return Flood(max_sessions + draw(st.integers(1, 3)), draw(SEEDS))
+def floods(draw) -> Flood:
+    return Flood(MAX_SESSIONS_PER_PEER + draw(st.integers(1, 3)), draw(SEEDS))
 
 
-def acts(target: Target, max_sessions: int) -> st.SearchStrategy:
+def acts(target: Target) -> st.SearchStrategy:
     """One act, in a fixed mix: 40% streams, 14% raw frames, 16% pushes, 28% unary calls, 2% floods."""
     streams = [random_streams(target), hostile_follow_ups(target)]
     unary = [passes(), passes(), forged_receipts(target), unary_garbage()]
-    mix = [*streams * 10, *[raw_frames()] * 7, *[pushes(target)] * 8, *unary * 3, *[passes()] * 2, floods(max_sessions)]
+    mix = [*streams * 10, *[raw_frames()] * 7, *[pushes(target)] * 8, *unary * 3, *[passes()] * 2, floods()]
     return st.sampled_from(mix).flatmap(lambda strategy: strategy)
 
 
-def play_acts(fuzzer: Fuzzer, run, victims: list[str], count: int, seed_value: int, max_sessions: int) -> None:
+def play_acts(fuzzer: Fuzzer, run, victims: list[str], count: int, seed_value: int) -> None:
     """Play ``count`` acts drawn by Hypothesis from ``seed_value``. ``run`` runs a coroutine on the event loop of
     the fuzzer's peers. Nothing is shrunk: a bug is counted by the fuzzer, with the act that caused it, and the
     run goes on (a shrinking search against a live server would take long and send more)."""
@@ -361,7 +374,7 @@ def play_acts(fuzzer: Fuzzer, run, victims: list[str], count: int, seed_value: i
         suppress_health_check=list(HealthCheck),
     )
     @seed(seed_value)
-    @given(peers, acts(Target(fuzzer.server, tuple(victims)), max_sessions))
+    @given(peers, acts(Target(fuzzer.server, tuple(victims))))
     def play(peer: int, act) -> None:
         run(fuzzer.play(peer, act))
 

@@ -132,6 +132,13 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+def suspicious(line: str) -> bool:
+    """A server log line that means a request got further than a typed error."""
+    if "Traceback" in line or " ERROR " in line:
+        return True
+    return "WARN" in line and any(name in line for name in ("server.handler", "server.streams", "p2p_daemon"))
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -22,29 +22,17 @@ from transformers import AutoModelForCausalLM
 from client import AutoDistributedModelForCausalLM
 from swarm.net.rpc import call_info
 from swarm.tools.localswarm import LocalSwarm
-from tests.swarm.fuzzcases import play_acts
-from tests.swarm.hostile import Fuzzer, HostilePeer, rss_mb, wait_for
+from tests.swarm.fuzzcases import CACHE_TOKENS, play_acts, server_args
+from tests.swarm.hostile import Fuzzer, HostilePeer, rss_mb, suspicious, wait_for
 
 SEED = 20261122
 CASES = 1000  # Hypothesis examples (acts of one to a dozen messages): about 60 s on 2 cores
 WARMUP = 60  # acts played before the first memory reading (allocator pools, lazy imports)
-CACHE_TOKENS = 2048
-MAX_SESSIONS_PER_PEER = 4
 # Everything a case can make the server hold is bounded: messages of ~100 KB (64 tokens of 64 floats),
 # 4 sessions per peer of at most 2048 cached tokens (~3 MB of KV for the tiny model), streams closed
 # after each case. 64 MB leaves room for allocator noise while catching any per-case leak (600 cases)
 # or buffering of the ~2 MB that each giant-frame case sends.
 MAX_RSS_GROWTH_MB = 64
-SERVER_ARGS = (
-    "--max-request-tokens",
-    "64",
-    "--cache-tokens",
-    str(CACHE_TOKENS),
-    "--max-sessions-per-peer",
-    str(MAX_SESSIONS_PER_PEER),
-    "--session-idle-timeout",
-    "300",  # the legitimate session idles through the whole fuzzing
-)
 
 
 def group_rss_mb(pid: int) -> float:
@@ -53,18 +41,11 @@ def group_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
 
 
-def suspicious(line: str) -> bool:
-    """A server log line that means a request got further than a typed error."""
-    if "Traceback" in line or " ERROR " in line:
-        return True
-    return "WARN" in line and any(name in line for name in ("server.handler", "server.streams", "p2p_daemon"))
-
-
 @pytest.fixture(scope="module")
 def fuzzed_server(tiny_models):
     folder = tiny_models["llama"]
     with LocalSwarm() as swarm:
-        (server,) = swarm.start(folder, [("0:6", SERVER_ARGS)])
+        (server,) = swarm.start(folder, [("0:6", server_args(idle_timeout=300))])
         model = AutoDistributedModelForCausalLM.from_pretrained(str(folder), initial_peers=swarm.initial_peers)
         try:
             yield server, model, AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -90,9 +71,9 @@ def test_fuzzed_server_stays_up_bounded_and_correct(fuzzed_server):
             model.generate(prompt[:, :4], max_new_tokens=1, do_sample=False)  # a session open during the fuzzing
             victims = [hop.session_id for hop in session.hops]  # its ids on the server: pushes aim at them
             fuzzer = Fuzzer(server.peer_id, peers)
-            play_acts(fuzzer, loop.run, victims, WARMUP, SEED - 1, MAX_SESSIONS_PER_PEER)
+            play_acts(fuzzer, loop.run, victims, WARMUP, SEED - 1)
             before, group_before, started = rss_mb(server.proc.pid), group_rss_mb(server.proc.pid), time.monotonic()
-            play_acts(fuzzer, loop.run, victims, CASES, SEED, MAX_SESSIONS_PER_PEER)
+            play_acts(fuzzer, loop.run, victims, CASES, SEED)
             elapsed, after, group_after = (
                 time.monotonic() - started,
                 rss_mb(server.proc.pid),
