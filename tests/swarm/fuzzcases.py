@@ -12,6 +12,7 @@ thousand acts; ``benchmarks/fuzz.py`` ten thousand or more.
 from __future__ import annotations
 
 import functools
+import math
 import random
 from dataclasses import dataclass
 
@@ -55,6 +56,8 @@ SIZES = st.sampled_from([0, 1, 7, 8, 512, 4096, 1 << 16])
 INT_SHAPES = st.sampled_from([(1, 2), (1, 3), (2, 2), (1, 1), (0, 0), (1, 100)])
 INT_DTYPES = st.sampled_from([torch.int64, torch.int64, torch.int32, torch.bool])
 INT_RANGES = st.sampled_from([(0, 16), (-(2**40), 2**40), (2**20, 2**21)])
+# bytes per value: of the encoding (float16 and int8 compression), else of the dtype
+ITEMSIZES = {1: 2, 2: 1, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "float64": 8}
 SESSION_IDS = st.uuids().map(lambda value: "f-" + value.hex)
 ALPHAS = st.sampled_from([8.0, float("nan"), 1e300, -1.0])
 
@@ -114,10 +117,18 @@ def draw_hidden(draw) -> pb.Tensor:
 
 
 def draw_garbage(draw) -> pb.Tensor:
-    """Nonsense headers: unknown dtypes, any rank, huge or negative dims, buffers of any size, wild compression."""
+    """Odd headers: unknown dtypes, any rank, zero, huge or negative dims, wild compression; with buffers (and
+    int8 scales) of any size, or of just the size the header declares, so that the bytes are read."""
     rank = draw(RANKS)
     shape = [draw(DIMS) for _ in range(rank)] if rank < 100 else [1] * rank
     message = pb.Tensor(shape=shape, dtype=draw(DTYPE_NAMES), compression=draw(COMPRESSION))
+    numel = math.prod(shape)
+    if one_in(draw, 2) and 0 <= numel <= 1 << 14 and min(shape, default=0) >= 0:
+        itemsize = ITEMSIZES.get(message.compression) or ITEMSIZES.get(message.dtype, 4)
+        message.buffer = draw_bytes(draw, numel * itemsize)
+        rows = numel // shape[-1] if shape and shape[-1] else 1
+        message.scales = draw_bytes(draw, 4 * rows) if message.compression == pb.COMPRESSION_INT8 else b""
+        return message
     message.buffer = draw_bytes(draw, draw(SIZES))
     if one_in(draw, 2):
         message.scales = draw_bytes(draw, draw(pick(0, 4, 8, 13)))
