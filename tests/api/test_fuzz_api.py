@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.common import BUSY_KEYS, idle_sizes
+from benchmarks.common import BUSY_KEYS, idle_sizes, structure_sizes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -225,20 +225,22 @@ def vanish(sock: socket.socket, reset: bool) -> None:
 
 
 def test_clients_that_vanish_mid_stream_leave_no_session(api):
-    """Streamed requests whose clients go away: right after sending, after the first chunk, with an orderly
-    close or a reset; then the API still answers, and no server holds a session."""
-    body = json.dumps({**CHAT, "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "Go"}]})
+    """Streamed requests (400 tokens without an eos) whose clients go away: right after sending, after the first
+    chunk, with an orderly close or a reset; then the API still answers, and no server holds a session."""
+    body = json.dumps({**CHAT, "max_tokens": 400, "temperature": 0, "stream": True})  # 400 tokens, no eos
     socks = [raw_request(api.url, "/v1/chat/completions", len(body), body.encode()) for _ in range(6)]
+    for sock in socks[2:]:  # the first two leave during the prompt's prefill, before any answer
+        data = b""
+        while b"data: " not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+    held = [structure_sizes(server)["store_sessions"] for server in api.swarm.live()]
+    assert all(held), held  # still generating on every server
     for index, sock in enumerate(socks):
-        if index >= 2:  # the others leave during the prompt's prefill, before any answer
-            data = b""
-            while b"data: " not in data:
-                chunk = sock.recv(4096)
-                assert chunk, data
-                data += chunk
-            assert data.startswith(b"HTTP/1.1 200")
         vanish(sock, reset=index % 2 == 1)
-    stream = api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go"}],
+    stream = api.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=400, temperature=0, stream=True)  # fmt: skip
     assert next(stream).choices[0].delta.role == "assistant"
     stream.close()
