@@ -3,17 +3,24 @@
 
 ``tree_memory(pid)`` and ``tree_cpu_seconds(pids)`` read a process and its descendants with psutil;
 ``load_average()`` and ``start_time_limit(seconds)`` are what every benchmark prints and obeys.
+``structure_sizes(server)`` and ``idle_sizes(servers)`` read the sizes of a server's long-lived structures,
+which it logs when sent SIGUSR1 (``server.Server.sizes``): zero sessions and queued work once it is idle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
+import time
 
 import psutil
 
 MIB = float(1 << 20)
+# structure sizes that are zero once a server is idle (no session open, nothing queued)
+BUSY_KEYS = ("store_sessions", "registry_sessions", "mailboxes", "queued_work", "early_pushes")
+SIZES_LINE = "Structure sizes: "
 
 
 class BenchmarkTimeout(TimeoutError):
@@ -99,3 +106,27 @@ def tree_cpu_seconds(pids: list[int], exclude: list[int] = ()) -> float:
                     times = proc.cpu_times()
                     total += times.user + times.system
     return total
+
+
+def structure_sizes(server, timeout: float = 30.0) -> dict[str, int]:
+    """The sizes ``server`` (a ``swarm.tools.localswarm.ServerProcess``) logs on SIGUSR1 (``server.Server.sizes``)."""
+    mark = len(server.output)
+    server.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.output[mark:]:
+            if SIZES_LINE in line:
+                return json.loads(line.split(SIZES_LINE, 1)[1])
+        time.sleep(0.05)
+    raise TimeoutError(f"server {server.peer_id} logged no structure sizes within {timeout:.0f} s")
+
+
+def idle_sizes(servers: list, timeout: float = 60.0) -> list[dict[str, int]]:
+    """Every server's structure sizes once none holds a session or queued work (closing is asynchronous); the
+    last sizes read if that does not happen within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sizes = [structure_sizes(server) for server in servers]
+        if all(not size.get(key) for size in sizes for key in BUSY_KEYS) or time.monotonic() > deadline:
+            return sizes
+        time.sleep(0.2)

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import time
 import urllib.error
@@ -40,17 +39,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import MIB, load_average, start_time_limit, tree_memory  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MIB,
+    idle_sizes,
+    load_average,
+    start_time_limit,
+    structure_sizes,
+    tree_memory,
+)
 from client import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.models.modelpath import resolve_model  # noqa: E402
-from swarm.tools.localswarm import LocalSwarm, ServerProcess  # noqa: E402
+from swarm.tools.localswarm import LocalSwarm  # noqa: E402
 
 PREFIX = "soak-bench"
 DATA = Path(__file__).parent / "data" / "stories.txt"
 KINDS = {"generate": 0.45, "verified": 0.15, "backward": 0.2, "api": 0.2}  # session kind -> share of sessions
-# zero once the swarm is idle
-BUSY_KEYS = ("store_sessions", "registry_sessions", "mailboxes", "queued_work", "early_pushes")
-SIZES_LINE = "Structure sizes: "
 PROGRESS_EVERY = 100  # sessions between progress lines
 
 
@@ -138,29 +141,6 @@ class Soak:
                     raise RuntimeError("the API answered no choice")
         except urllib.error.HTTPError as exc:  # the API says why in its body
             raise RuntimeError(f"API answered {exc.code}: {exc.read()[:300]!r}") from None
-
-
-def structure_sizes(server: ServerProcess, timeout: float = 30.0) -> dict[str, int]:
-    """The sizes the server logs on SIGUSR1 (``server.Server.sizes``)."""
-    mark = len(server.output)
-    server.signal(signal.SIGUSR1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.output[mark:]:
-            if SIZES_LINE in line:
-                return json.loads(line.split(SIZES_LINE, 1)[1])
-        time.sleep(0.05)
-    raise TimeoutError(f"server {server.peer_id} logged no structure sizes within {timeout:.0f} s")
-
-
-def idle_sizes(servers: list[ServerProcess], timeout: float = 60.0) -> list[dict[str, int]]:
-    """Every server's structure sizes once none holds a session or queued work (closing is asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sizes = [structure_sizes(server) for server in servers]
-        if all(not size.get(key) for size in sizes for key in BUSY_KEYS) or time.monotonic() > deadline:
-            return sizes
-        time.sleep(0.2)
 
 
 def checkpoint(soak: Soak, done: int) -> dict:

@@ -4,8 +4,8 @@ A header is a step whose input comes from elsewhere: pushed by the previous serv
 peer the header names), or relayed by the client on the session's own stream when that server did not
 push. Inputs wait in the session's box until its header takes them; a push for a session that is not
 open yet (its previous server was faster than the client's ``Open``) is held for a moment and handed
-over when the session opens. Everything held is bounded: inputs per session, and early pushes in
-count and bytes, overall and per sending peer.
+over when the session opens, or dropped once the moment is over. Everything held is bounded: inputs per
+session, and early pushes in count and bytes, overall and per sending peer.
 
 Who may fill a box: the client (a relay), and the peer the latest header named. Before the first
 header names one, pushes are kept; the header then drops those of any other peer.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -151,10 +152,14 @@ class Mailbox:
         box.arrived.set()
         return True
 
-    def _hold(self, session_id: str, position: int, hidden: torch.Tensor, sender: str) -> bool:
+    def expire(self) -> None:
+        """Drop the early pushes whose session did not open in time."""
         now = self.clock()
         self.early = [held for held in self.early if held.expires > now]
-        push = _Early(session_id, position, hidden, sender, now + EARLY_PUSH_SECONDS)
+
+    def _hold(self, session_id: str, position: int, hidden: torch.Tensor, sender: str) -> bool:
+        self.expire()
+        push = _Early(session_id, position, hidden, sender, self.clock() + EARLY_PUSH_SECONDS)
         theirs = [held for held in self.early if held.sender == sender]
         if len(self.early) >= EARLY_PUSH_COUNT or len(theirs) >= EARLY_PUSH_COUNT // EARLY_PUSH_SHARE:
             return False
@@ -163,4 +168,8 @@ class Mailbox:
         if total > EARLY_PUSH_BYTES or from_sender > EARLY_PUSH_BYTES // EARLY_PUSH_SHARE:
             return False
         self.early.append(push)
+        # dropped when it expires even if no other push comes (an idle server would hold it); outside an event
+        # loop (unit tests drive the mailbox by hand) it goes with the next push
+        with suppress(RuntimeError):
+            asyncio.get_running_loop().call_later(EARLY_PUSH_SECONDS + 0.1, self.expire)
         return True

@@ -67,7 +67,7 @@ MAX_STOPS = 4
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: arrays nested too deep
         raise invalid(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
@@ -103,7 +103,7 @@ def parse_completion(body: dict[str, Any], tokenizer, limits: Limits) -> Complet
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(_unicode(prompt, "prompt"))["input_ids"]
     elif isinstance(prompt, list) and prompt and all(_is_int(token) for token in prompt):
         ids = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
@@ -148,7 +148,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         param = f"messages[{index}]"
         if not isinstance(message, dict) or set(message) - {"role", "content"}:
             raise invalid(f"{param} must be an object with only role and content.", param)
-        if message.get("role") not in ROLES:
+        if not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise invalid(f"{param}.role must be one of {sorted(ROLES)}.", f"{param}.role")
         result.append({"role": ROLES[message["role"]], "content": _content(message.get("content"), param)})
     return result
@@ -156,10 +156,10 @@ def _messages(messages: Any) -> list[dict[str, str]]:
 
 def _content(content: Any, param: str) -> str:
     if isinstance(content, str):
-        return content
+        return _unicode(content, f"{param}.content")
     if isinstance(content, list) and all(isinstance(part, dict) for part in content):
         if all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-            return "".join(part["text"] for part in content)
+            return _unicode("".join(part["text"] for part in content), f"{param}.content")
         raise invalid(f"{param}.content: only text parts are supported.", f"{param}.content", "unsupported_parameter")
     raise invalid(f"{param}.content must be a string or a list of text parts.", f"{param}.content")
 
@@ -212,6 +212,15 @@ def _stops(stop: Any) -> tuple[str, ...]:
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise invalid(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them.", "stop")
     return tuple(stops)
+
+
+def _unicode(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode: JSON's escapes can spell lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{param} is not valid Unicode (it has a lone surrogate).", param) from None
+    return text
 
 
 def _is_int(value: Any) -> bool:

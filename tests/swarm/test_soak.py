@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from benchmarks import soak
+from benchmarks.common import BUSY_KEYS
 from tests.api.conftest import add_char_tokenizer
 
 PEERS = 6  # 3 servers and 3 clients (two models and the API): no structure keyed by peer holds more
@@ -29,7 +30,7 @@ def test_long_lived_structures_stay_bounded_over_many_sessions(tiny_models, tmp_
     for row in rows:
         for sizes in row["sizes"]:
             assert sizes, "a server reported no structure sizes"
-            assert all(sizes[key] == 0 for key in soak.BUSY_KEYS), f"after {row['sessions']} sessions: {sizes}"
+            assert all(sizes[key] == 0 for key in BUSY_KEYS), f"after {row['sessions']} sessions: {sizes}"
             by_peer = {key: size for key, size in sizes.items() if key != "active_sessions"}
             assert max(by_peer.values()) <= PEERS, f"a structure grew with the work, at {row['sessions']}: {sizes}"
             assert sizes["active_sessions"] <= RECENT, f"after {row['sessions']} sessions: {sizes}"
