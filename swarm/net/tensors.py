@@ -67,7 +67,7 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     if encoded is None or dtype not in FLOATING:
         raise InvalidRequestError(f"{field}: unsupported compression {message.compression} of {message.dtype}")
     values = _read(message.buffer, shape, encoded, field)
-    if message.compression == pb.COMPRESSION_FLOAT16:
+    if message.compression == pb.COMPRESSION_FLOAT16 or not values.numel():  # an empty one has no rows to scale
         return values.to(dtype)
     rows = values.numel() // shape[-1] if shape and shape[-1] else 1
     scales = _read(message.scales, (rows,), torch.float32, f"{field} scales")

@@ -203,3 +203,10 @@ def test_malformed_compressed_tensors_are_refused(change):
         setattr(message, name, value)
     with pytest.raises(InvalidRequestError):
         tensors.from_proto(message, "hidden")
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])
+def test_an_empty_compressed_tensor_reads_as_empty(shape):
+    """No honest sender compresses an empty tensor, but a peer may send one: it is read, not a crash."""
+    message = pb.Tensor(shape=list(shape), dtype="float32", compression=pb.COMPRESSION_INT8)
+    assert tensors.from_proto(message).shape == shape
