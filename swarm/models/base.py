@@ -50,12 +50,13 @@ class Family:
 
     model_type: str  # config.model_type
     name: str  # human name, for tables and errors
-    layer_class: type[nn.Module]  # the transformers decoder block: (config, layer_idx)
+    layer_class: type[nn.Module]  # the decoder block (transformers' or ours): (config, layer_idx)
     norm_class: type[nn.Module]  # final norm: (hidden_size, eps)
     rotary_class: type[nn.Module] | None = None  # rotary embedding module (config=...), no weights
     embedding_class: type[nn.Module] = nn.Embedding  # token embeddings: (vocab, hidden, padding_idx)
     layout: LocalLayout = field(default_factory=LocalLayout)
     attention_name: str = "self_attn"  # the block's attention submodule; its layer_idx indexes the server's cache
+    transformers_blocks: bool = True  # blocks are transformers' modules: the server registers its attention there
 
     # ---- server: blocks ----
 
