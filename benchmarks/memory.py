@@ -18,7 +18,9 @@ issue's target is the rest summed over the processes: at most ``OVERHEAD_TARGET_
 
 Import costs: a fresh Python process per line imports the modules of that line and of the lines above it, in
 the order the server imports them, and reports its PSS, USS and RSS and the modules loaded; the difference
-from the line above is what that line adds. "packages" lists heavy packages that ``server.__main__`` loads.
+from the line above is what that line adds. The "(not imported)" lines add, on top of the server's imports,
+what the server no longer imports (hivemind's ``__init__``, transformers' modeling code), to show what that
+saves. "packages" lists heavy packages that ``server.__main__`` loads.
 
 PSS depends on what else runs: pages of a library other processes also map are split between them.
 """
@@ -57,13 +59,17 @@ MAX_LENGTH, NEW_TOKENS = 512, 16
 IMPORT_CHAIN = (  # what the server imports, roughly in its order
     ("python",),
     ("torch",),
-    ("hivemind",),
-    ("transformers",),
+    ("swarm", "hivemind.p2p", "hivemind.dht.node"),  # swarm first: hivemind without its __init__
+    ("transformers", "transformers.models.auto.configuration_auto"),
     ("safetensors",),
     ("proto", "swarm.net.dht", "swarm.net.records", "swarm.net.rpc"),
-    ("swarm.models.families", "swarm.core.blocks", "swarm.core.cache"),
-    ("transformers.models.llama.modeling_llama",),
+    ("swarm.models.families", "swarm.models.decoder", "swarm.core.blocks", "swarm.core.cache"),
     ("server.server", "server.__main__"),
+)
+NOT_IMPORTED = (  # each added to the whole chain, for comparison: what serving does without (label, first, last)
+    ("hivemind's __init__ (imported before swarm)", ("hivemind",), ()),
+    ("transformers' LlamaConfig", (), ("transformers.models.llama.configuration_llama",)),
+    ("transformers' Llama modeling code", (), ("transformers.models.llama.modeling_llama",)),
 )
 WATCHED = (  # packages serving does not need; "packages" says which ones the server loads
     "scipy", "sympy", "sklearn", "pandas", "accelerate", "torch._dynamo", "torch.distributed.tensor",
@@ -189,14 +195,22 @@ print(json.dumps({"pss": info.pss, "uss": info.uss, "rss": info.rss, "modules": 
 """
 
 
-def import_costs(chain=IMPORT_CHAIN, env: dict | None = None) -> list[dict]:
-    """For each line of ``chain``: a fresh process's memory after importing it and every line above it."""
+def probe(names: list[str], env: dict | None) -> dict:
+    """A fresh process's memory after importing ``names``, and which WATCHED packages it loaded."""
+    command = [sys.executable, "-c", PROBE, json.dumps(WATCHED), *names]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def import_costs(env: dict | None = None) -> list[dict]:
+    """For each line of IMPORT_CHAIN: a fresh process's memory after importing it and every line above it;
+    then, each on top of the whole chain, what NOT_IMPORTED would add."""
     rows, names = [], []
-    for line in chain:
+    for line in IMPORT_CHAIN:
         names += [name for name in line if name != "python"]
-        command = [sys.executable, "-c", PROBE, json.dumps(WATCHED), *names]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=True)
-        rows.append({"line": " ".join(line), **json.loads(result.stdout.strip().splitlines()[-1])})
+        rows.append({"line": " ".join(line), **probe(names, env)})
+    for label, first, last in NOT_IMPORTED:
+        rows.append({"line": f"(not imported) + {label}", "comparison": True, **probe([*first, *names, *last], env)})
     return rows
 
 
@@ -209,8 +223,9 @@ def print_imports(rows: list[dict]) -> None:
             f"{row['line'][:60]:<60} {row['pss'] / MIB:7.1f} {added:>6} {row['uss'] / MIB:7.1f} "
             f"{row['rss'] / MIB:7.1f} {row['modules']:8d}"
         )
-        previous = row
-    print(f"packages serving does not need, loaded by the server: {', '.join(rows[-1]['loaded']) or 'none'}")
+        previous = previous if row.get("comparison") else row
+    server = [row for row in rows if not row.get("comparison")][-1]
+    print(f"packages serving does not need, loaded by the server: {', '.join(server['loaded']) or 'none'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -57,6 +57,7 @@ class Family:
     layout: LocalLayout = field(default_factory=LocalLayout)
     attention_name: str = "self_attn"  # the block's attention submodule; its layer_idx indexes the server's cache
     transformers_blocks: bool = True  # blocks are transformers' modules: the server registers its attention there
+    config_class: type[PretrainedConfig] | None = None  # reads the family's config.json (None: AutoConfig)
 
     # ---- server: blocks ----
 

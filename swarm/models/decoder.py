@@ -1,7 +1,11 @@
-"""Llama's decoder block, norm and rotary embedding, written here so that a server of a Llama model imports
-no transformers modeling code: ``transformers.modeling_utils``, which every ``modeling_<x>`` module imports,
-brings torch._dynamo, sympy, scipy and accelerate, about 90 MiB of memory in each process
-(``benchmarks/memory.py`` measures it).
+"""Llama's config, decoder block, norm and rotary embedding, written here so that a server of a Llama model
+imports no transformers modeling code: ``transformers.modeling_utils``, which every ``modeling_<x>`` module
+imports, brings torch._dynamo, sympy, scipy and accelerate, about 80 MiB of memory in each process, and so
+does transformers' ``LlamaConfig`` (through its validators, which import its activations and with them the
+model-loading stack). ``benchmarks/memory.py`` measures it.
+
+``DecoderConfig`` reads a Llama ``config.json`` with the fields and defaults of transformers' ``LlamaConfig``
+(its base class converts legacy ``rope_theta``/``rope_scaling`` to ``rope_parameters`` as LlamaConfig does).
 
 The modules have transformers' parameter names (``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm``,
 ...), so checkpoints and LoRA adapters load as they are, and compute the same operations in the same order
@@ -29,6 +33,39 @@ ACTIVATIONS = {  # config.hidden_act -> the function transformers' ACT2FN applie
     "gelu": F.gelu,
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
 }
+
+
+class DecoderConfig(PretrainedConfig):
+    """A Llama config (``model_type`` "llama"); fields left out of config.json take LlamaConfig's defaults."""
+
+    model_type = "llama"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008  # the MLP's inner width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: one per attention head
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pretraining_tp: int | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None  # {"rope_type", "rope_theta", ...}: filled in by the base class
+    attention_bias: bool = False
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+
+    def __post_init__(self, **kwargs):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        super().__post_init__(**kwargs)
 
 
 class RMSNorm(nn.Module):

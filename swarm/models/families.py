@@ -13,8 +13,10 @@ A model of any other family gets an ``UnsupportedModelError`` that lists these.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 from transformers import PretrainedConfig
 
@@ -30,6 +32,7 @@ __all__ = [
     "attention_kind",
     "family_for",
     "get_family",
+    "load_config",
     "soft_cap",
 ]
 
@@ -65,3 +68,16 @@ def family_for(config: PretrainedConfig) -> Family:
     family = get_family(config.model_type)
     family.check(config)
     return family
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    """The config of the model in ``folder``: through its family's own config class where it has one (Llama:
+    transformers' LlamaConfig would import its modeling stack), else ``AutoConfig``."""
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    factory = FAMILIES.get(model_type)
+    config_class = factory().config_class if factory is not None else None
+    if config_class is not None:
+        return config_class.from_pretrained(folder)
+    from transformers import AutoConfig  # the config classes of some families import transformers' modeling code
+
+    return AutoConfig.from_pretrained(folder)

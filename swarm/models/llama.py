@@ -1,6 +1,6 @@
 """Rotary decoder families served by the default adapter: Llama, Mistral, Qwen2, Qwen3, Phi-3.
 
-Llama's block, norm and rotary embedding are our own (``swarm.models.decoder``: transformers' names and
+Llama's config, block, norm and rotary embedding are our own (``swarm.models.decoder``: transformers' names and
 arithmetic without its modeling code, which costs a server ~90 MiB of memory); their attention calls the
 batch plan directly. The other families' blocks are transformers' own ``<X>DecoderLayer`` called with rotary
 ``position_embeddings`` from ``<X>RotaryEmbedding``; their attention calls the attention-function registry
@@ -18,7 +18,8 @@ from swarm.models.base import Family
 def llama() -> Family:
     from swarm.models import decoder as m
 
-    return Family("llama", "Llama", m.DecoderLayer, m.RMSNorm, m.RotaryEmbedding, transformers_blocks=False)
+    own = {"transformers_blocks": False, "config_class": m.DecoderConfig}
+    return Family("llama", "Llama", m.DecoderLayer, m.RMSNorm, m.RotaryEmbedding, **own)
 
 
 def mistral() -> Family:

@@ -1,9 +1,11 @@
 """Our Llama block, norm and rotary embedding (``swarm.models.decoder``) give the same bits as transformers'
 ``LlamaDecoderLayer``, ``LlamaRMSNorm`` and ``LlamaRotaryEmbedding`` with the same weights, for the rope types
-a Llama checkpoint may declare; and a server of a Llama model imports no transformers modeling code."""
+a Llama checkpoint may declare; our config reads a config.json as ``LlamaConfig`` does; and a server of a Llama
+model (its config and blocks loaded) imports no transformers modeling code."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from transformers.models.llama import modeling_llama as hf
 from swarm.core.attention import ATTENTION_NAME, Plan, Segment, register_hf_attention
 from swarm.models import decoder
 from swarm.models.base import PLAN_KWARG
+from swarm.models.families import load_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,8 +75,35 @@ def test_our_norm_equals_transformers_in_half_precision():
     assert torch.equal(ours.to(torch.bfloat16)(hidden), theirs.to(torch.bfloat16)(hidden))
 
 
-def test_a_server_imports_no_transformers_modeling_code():
-    heavy = ("transformers.modeling_utils", "torch._dynamo", "sympy", "scipy", "hivemind.averaging")
-    probe = f"import sys, server.__main__; print([m for m in {heavy!r} if m in sys.modules])"
+LEGACY = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"num_key_value_heads": 2, "head_dim": 32, "rope_parameters": ROPES["dynamic"]}, LEGACY],
+    ids=["defaults", "modern", "legacy-rope"],
+)
+def test_our_config_reads_a_llama_config_json_as_transformers_does(tmp_path, values):
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, **values).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw = {key: value for key, value in raw.items() if key not in ("head_dim", "num_key_value_heads")} | values
+    (tmp_path / "config.json").write_text(json.dumps(raw))  # as older checkpoints write it
+    ours, theirs = load_config(tmp_path), LlamaConfig.from_pretrained(tmp_path)
+    assert isinstance(ours, decoder.DecoderConfig)
+    assert ours.to_json_string(use_diff=False) == theirs.to_json_string(use_diff=False)
+
+
+def test_a_server_of_a_llama_model_imports_no_transformers_modeling_code(tiny_models):
+    heavy = ("transformers.modeling_utils", "torch._dynamo", "sympy", "scipy", "accelerate", "hivemind.averaging")
+    probe = (
+        "import sys, torch, server.__main__\n"
+        "from swarm.core.blocks import load_block_stack\n"
+        "from swarm.models.families import load_config\n"
+        "from swarm.spans import BlockRange\n"
+        f"folder = {str(tiny_models['llama'])!r}\n"
+        "load_block_stack(folder, load_config(folder), BlockRange(0, 1), torch.float32)\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=100, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
