@@ -5,7 +5,8 @@ the parts it keeps (embeddings, an optional embedding norm, the final norm, the 
 soft-capping). The default methods fit the Llama-like families of transformers: a decoder layer that
 takes rotary ``position_embeddings`` from the family's rotary module and calls attention through
 transformers' attention-function registry, where the server's ``"stamen"`` attention receives the batch
-plan. Families that differ override a few methods (``gemma``, ``moe``, ``bloom``, ``falcon``).
+plan (Llama's own block, ``decoder``, calls the plan itself). Families that differ override a few methods
+(``gemma``, ``moe``, ``bloom``, ``falcon``).
 
 The batch plan is opaque here: an object whose ``attention(layer, query, key, value, scaling, softcap=None,
 window=None, bias=None)`` attends every request to its own cache, and whose requests (``segment``) offer

@@ -3,7 +3,7 @@
 One adapter per family (``swarm.models.base.Family`` and its subclasses); each module documents how its
 family's block is built and called, its extra inputs, weight names, and what the client keeps:
 
-- ``llama``: Llama, Mistral, Qwen2, Qwen3, Phi-3 (the default rotary decoder adapter)
+- ``llama``: Llama (our own block, ``decoder``), Mistral, Qwen2, Qwen3, Phi-3 (the default rotary decoder adapter)
 - ``gemma``: Gemma 2, Gemma 3 text (scaled embeddings, soft-capping, rotary per layer type)
 - ``moe``: Mixtral, Qwen2-MoE (experts fused at load time)
 - ``bloom``: BLOOM (ALiBi, attention in the block), ``falcon``: Falcon (both decoder architectures)
