@@ -28,7 +28,7 @@ Concurrency model:
   long work runs in bounded slices of blocks, so it delays decode steps by at most one slice. Results
   return to the loop with ``call_soon_threadsafe``.
 - Only the worker thread touches modules and KV caches; a session has at most one step in flight.
-- Blocking DHT calls run in the default executor (hivemind runs the DHT node in a child process).
+- Blocking DHT calls run in the default executor (the DHT node runs on its own loop thread in this process).
 
 Imports only ``proto`` and ``swarm``.
 """

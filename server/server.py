@@ -15,7 +15,6 @@ import signal
 from collections.abc import Callable
 
 import torch
-from transformers import AutoConfig
 
 from server import throughput
 from server.announcer import Announcer, Pinger
@@ -28,7 +27,7 @@ from server.serving import Serving
 from swarm import __version__
 from swarm.core.blocks import load_block_stack
 from swarm.core.cache import CacheBudget, KVGeometry
-from swarm.models.families import family_for
+from swarm.models.families import family_for, load_config
 from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
 from swarm.net import tensors
 from swarm.net.dht import DHTConfig, SwarmDHT
@@ -86,7 +85,7 @@ class Server:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.folder = await loop.run_in_executor(None, resolve_model, config.model)
-        self.model_config = AutoConfig.from_pretrained(self.folder)
+        self.model_config = load_config(self.folder)
         family_for(self.model_config)  # an unsupported family fails here, before joining the swarm
         self.num_blocks = self.model_config.num_hidden_layers
         if config.blocks is not None and config.blocks.end > self.num_blocks:

@@ -6,8 +6,9 @@ runs once for all of them. Only attention must keep requests apart. A ``Plan`` l
 (``Segment``: where its tokens are, its rows and new tokens, the tokens its cache already holds) and
 computes each one's attention against its own cache, with its own causal, padding and sliding-window
 masks. Families whose transformers attention calls the attention-function registry get it through
-``hf_attention`` (registered as ``"stamen"``); others (BLOOM, Falcon) call ``Plan.attention`` from their
-adapter, which reaches the plan under ``PLAN_KWARG`` in the attention kwargs.
+``hf_attention`` (registered as ``"stamen"`` by ``register_hf_attention``, which imports transformers'
+modeling code, only for families built from transformers' modules); others (our Llama block, BLOOM, Falcon)
+call ``Plan.attention`` themselves, reaching the plan under ``PLAN_KWARG`` in the attention kwargs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 from swarm.core.cache import SessionCache
 from swarm.models.adapters import LoraAdapter
@@ -184,4 +184,8 @@ def hf_attention(
     return stamen_plan.attention(module.layer_idx, query, key, value, scaling, softcap, sliding_window), None
 
 
-AttentionInterface.register(ATTENTION_NAME, hf_attention)
+def register_hf_attention() -> None:
+    """Make ``hf_attention`` transformers' ``"stamen"`` attention (idempotent)."""
+    from transformers import AttentionInterface  # transformers.modeling_utils: ~90 MiB, only for its own blocks
+
+    AttentionInterface.register(ATTENTION_NAME, hf_attention)

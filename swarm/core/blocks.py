@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.core.attention import ATTENTION_NAME, Plan, Segment
+from swarm.core.attention import ATTENTION_NAME, Plan, Segment, register_hf_attention
 from swarm.core.lora import LoraHooks
 from swarm.core.work import Work
 from swarm.models.families import PLAN_KWARG, Family, attention_kind, family_for
@@ -103,6 +103,8 @@ def load_block_stack(folder: Path, config: PretrainedConfig, span: BlockRange, d
     """Build blocks ``span`` and load only their weights from the folder's safetensors files."""
     config._attn_implementation = ATTENTION_NAME
     family = family_for(config)
+    if family.transformers_blocks:
+        register_hf_attention()
     index = tensor_index(folder)
     blocks = []
     started = time.perf_counter()

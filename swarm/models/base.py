@@ -5,7 +5,8 @@ the parts it keeps (embeddings, an optional embedding norm, the final norm, the 
 soft-capping). The default methods fit the Llama-like families of transformers: a decoder layer that
 takes rotary ``position_embeddings`` from the family's rotary module and calls attention through
 transformers' attention-function registry, where the server's ``"stamen"`` attention receives the batch
-plan. Families that differ override a few methods (``gemma``, ``moe``, ``bloom``, ``falcon``).
+plan (Llama's own block, ``decoder``, calls the plan itself). Families that differ override a few methods
+(``gemma``, ``moe``, ``bloom``, ``falcon``).
 
 The batch plan is opaque here: an object whose ``attention(layer, query, key, value, scaling, softcap=None,
 window=None, bias=None)`` attends every request to its own cache, and whose requests (``segment``) offer
@@ -50,12 +51,14 @@ class Family:
 
     model_type: str  # config.model_type
     name: str  # human name, for tables and errors
-    layer_class: type[nn.Module]  # the transformers decoder block: (config, layer_idx)
+    layer_class: type[nn.Module]  # the decoder block (transformers' or ours): (config, layer_idx)
     norm_class: type[nn.Module]  # final norm: (hidden_size, eps)
     rotary_class: type[nn.Module] | None = None  # rotary embedding module (config=...), no weights
     embedding_class: type[nn.Module] = nn.Embedding  # token embeddings: (vocab, hidden, padding_idx)
     layout: LocalLayout = field(default_factory=LocalLayout)
     attention_name: str = "self_attn"  # the block's attention submodule; its layer_idx indexes the server's cache
+    transformers_blocks: bool = True  # blocks are transformers' modules: the server registers its attention there
+    config_class: type[PretrainedConfig] | None = None  # reads the family's config.json (None: AutoConfig)
 
     # ---- server: blocks ----
 

@@ -3,7 +3,7 @@
 One adapter per family (``swarm.models.base.Family`` and its subclasses); each module documents how its
 family's block is built and called, its extra inputs, weight names, and what the client keeps:
 
-- ``llama``: Llama, Mistral, Qwen2, Qwen3, Phi-3 (the default rotary decoder adapter)
+- ``llama``: Llama (our own block, ``decoder``), Mistral, Qwen2, Qwen3, Phi-3 (the default rotary decoder adapter)
 - ``gemma``: Gemma 2, Gemma 3 text (scaled embeddings, soft-capping, rotary per layer type)
 - ``moe``: Mixtral, Qwen2-MoE (experts fused at load time)
 - ``bloom``: BLOOM (ALiBi, attention in the block), ``falcon``: Falcon (both decoder architectures)
@@ -13,8 +13,10 @@ A model of any other family gets an ``UnsupportedModelError`` that lists these.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 from transformers import PretrainedConfig
 
@@ -30,6 +32,7 @@ __all__ = [
     "attention_kind",
     "family_for",
     "get_family",
+    "load_config",
     "soft_cap",
 ]
 
@@ -65,3 +68,16 @@ def family_for(config: PretrainedConfig) -> Family:
     family = get_family(config.model_type)
     family.check(config)
     return family
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    """The config of the model in ``folder``: through its family's own config class where it has one (Llama:
+    transformers' LlamaConfig would import its modeling stack), else ``AutoConfig``."""
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    factory = FAMILIES.get(model_type)
+    config_class = factory().config_class if factory is not None else None
+    if config_class is not None:
+        return config_class.from_pretrained(folder)
+    from transformers import AutoConfig  # the config classes of some families import transformers' modeling code
+
+    return AutoConfig.from_pretrained(folder)

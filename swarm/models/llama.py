@@ -1,10 +1,12 @@
 """Rotary decoder families served by the default adapter: Llama, Mistral, Qwen2, Qwen3, Phi-3.
 
-Each block is transformers' own ``<X>DecoderLayer`` called with rotary ``position_embeddings`` from
-``<X>RotaryEmbedding``; its attention calls the attention-function registry (the server's ``"stamen"``),
-with the family's sliding window where it has one (Mistral, Qwen2, Phi-3). Weights live under
-``model.layers.N.``; the client keeps ``model.embed_tokens``, ``model.norm`` (``<X>RMSNorm``) and
-``lm_head`` (tied to the embeddings when ``tie_word_embeddings``). Phi-3's fused ``qkv_proj`` and
+Llama's config, block, norm and rotary embedding are our own (``swarm.models.decoder``: transformers' names and
+arithmetic without its modeling code, which costs a server ~90 MiB of memory); their attention calls the
+batch plan directly. The other families' blocks are transformers' own ``<X>DecoderLayer`` called with rotary
+``position_embeddings`` from ``<X>RotaryEmbedding``; their attention calls the attention-function registry
+(the server's ``"stamen"``), with the family's sliding window where it has one (Mistral, Qwen2, Phi-3).
+Weights live under ``model.layers.N.``; the client keeps ``model.embed_tokens``, ``model.norm`` (the family's
+RMSNorm) and ``lm_head`` (tied to the embeddings when ``tie_word_embeddings``). Phi-3's fused ``qkv_proj`` and
 ``gate_up_proj``, Qwen3's per-head q/k norms and partial rotary are all inside transformers' block.
 """
 
@@ -14,9 +16,10 @@ from swarm.models.base import Family
 
 
 def llama() -> Family:
-    from transformers.models.llama import modeling_llama as m
+    from swarm.models import decoder as m
 
-    return Family("llama", "Llama", m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding)
+    own = {"transformers_blocks": False, "config_class": m.DecoderConfig}
+    return Family("llama", "Llama", m.DecoderLayer, m.RMSNorm, m.RotaryEmbedding, **own)
 
 
 def mistral() -> Family:
