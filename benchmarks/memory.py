@@ -59,7 +59,7 @@ MAX_LENGTH, NEW_TOKENS = 512, 16
 IMPORT_CHAIN = (  # what the server imports, roughly in its order
     ("python",),
     ("torch",),
-    ("swarm", "hivemind.p2p", "hivemind.dht.node"),  # swarm first: hivemind without its __init__
+    ("server.lean", "swarm", "hivemind.p2p", "hivemind.dht.node"),  # server.lean first: hivemind without its __init__
     ("transformers", "transformers.models.auto.configuration_auto"),
     ("safetensors",),
     ("proto", "swarm.net.dht", "swarm.net.records", "swarm.net.rpc"),
@@ -67,7 +67,7 @@ IMPORT_CHAIN = (  # what the server imports, roughly in its order
     ("server.server", "server.__main__"),
 )
 NOT_IMPORTED = (  # each added to the whole chain, for comparison: what serving does without (label, first, last)
-    ("hivemind's __init__ (imported before swarm)", ("hivemind",), ()),
+    ("hivemind's __init__ (imported before server.lean)", ("hivemind",), ()),
     ("transformers' LlamaConfig", (), ("transformers.models.llama.configuration_llama",)),
     ("transformers' Llama modeling code", (), ("transformers.models.llama.modeling_llama",)),
 )

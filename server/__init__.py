@@ -17,6 +17,7 @@
 - ``push``: hands a step's output to the next server of a chain (received by ``mailbox``)
 - ``announcer``: periodic DHT refresh; pings to the next servers
 - ``throughput``: measured speed, cached per machine
+- ``lean``: imported first by ``__main__``: hivemind's package without its ``__init__`` (memory)
 
 Concurrency model:
 - One asyncio loop (uvloop) in the main thread serves libp2p streams, the announcer, the pinger and the

@@ -9,16 +9,18 @@ import os
 # spin measured 5-7.5 -> 2-3.5 ms of overhead per hop on 2 cores and costs local compute ~1 ms/token.
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
+
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from server.config import ServerConfig
-from server.server import Server
-from swarm.errors import StamenError
-from swarm.models.modelpath import DEFAULT_MODEL
-from swarm.net.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options
-from swarm.spans import parse_blocks
+import server.lean  # noqa: E402, F401  (before the rest: hivemind without its __init__)
+from server.config import ServerConfig  # noqa: E402
+from server.server import Server  # noqa: E402
+from swarm.errors import StamenError  # noqa: E402
+from swarm.models.modelpath import DEFAULT_MODEL  # noqa: E402
+from swarm.net.dht import NAT_CHOICES, DHTConfig, add_nat_arguments, p2p_options  # noqa: E402
+from swarm.spans import parse_blocks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

@@ -15,26 +15,6 @@ Imports go one way inside, as ``pyproject.toml``'s import-linter contracts check
 and ``core``, above ``models``, above ``net``; ``spans`` and ``errors`` below all. Nothing here imports
 ``server`` or ``client``.
 
-Importing ``swarm`` registers the ``hivemind`` package without running its ``__init__``, unless something
-imported hivemind already: that ``__init__`` imports all of hivemind (averaging, mixture of experts,
-optimizers, and through them scipy), 29 MiB of memory in every server and client, while we use only
-``hivemind.p2p``, ``hivemind.dht``, ``hivemind.utils`` and ``hivemind.proto``, which import what they need
-themselves (``benchmarks/memory.py`` measures it). Code here names hivemind's submodules, never
-``hivemind.X`` from the package.
 """
 
-import importlib.util
-import sys
-
 __version__ = "0.1.0"
-
-
-def _register_hivemind_without_its_init() -> None:
-    if "hivemind" in sys.modules:
-        return
-    spec = importlib.util.find_spec("hivemind")
-    if spec is not None and spec.submodule_search_locations is not None:
-        sys.modules["hivemind"] = importlib.util.module_from_spec(spec)  # a package whose __init__ never ran
-
-
-_register_hivemind_without_its_init()
