@@ -1,5 +1,5 @@
 """Fair share between peers as pure decisions: who runs next, who fills a full decode batch, and how a
-peer's count starts when its work comes back (no network, no model)."""
+peer's count starts when its work comes back (no network, no model); a server's usage per peer in status."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 
 from swarm.core.batching import FairShare, next_batch, weight
 from swarm.core.work import Kind, Work
+from swarm.net.records import PeerUsage, ServerInfo, ServerState
 from swarm.spans import BlockRange
+from swarm.tools.status import build_report
 
 pytestmark = pytest.mark.timeout(30)
 SPAN = BlockRange(0, 4)
@@ -102,3 +104,15 @@ def test_remembered_peers_are_bounded():
         fair.charge([item(f"p{index}", index, rows=index + 1)], blocks=1)
     fair.catch_up({"p0"})
     assert len(fair) <= 3 and "p0" in fair.served
+
+
+def test_a_servers_usage_per_peer_reaches_status_through_its_record():
+    usage = (PeerUsage("12D3KooWflooder", 123456, 16), PeerUsage("12D3KooWnormal", 789, 0))
+    record = ServerInfo("12D3KooWserver", ServerState.ONLINE, SPAN, fair_share=True, usage=usage)
+    assert ServerInfo.from_bytes(record.to_bytes()) == record
+    row = build_report([record], len(SPAN))["servers"][0]
+    assert row["fair_share"] is True
+    assert row["usage"] == [
+        {"peer_id": "12D3KooWflooder", "served": 123456, "queued": 16},
+        {"peer_id": "12D3KooWnormal", "served": 789, "queued": 0},
+    ]

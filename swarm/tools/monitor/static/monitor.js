@@ -16,6 +16,7 @@ const COLUMNS = [
   ["Version", (r) => r.version],
   ["Pings to next servers", (r, names) => pings(r, names), "pings"],
   ["Points", (r) => (r.points > 0 ? number(r.points) : "-"), "num"],
+  ["Top users (served, queued)", (r, names) => usage(r, names), "pings"],
 ];
 
 function el(tag, attrs = {}, text) {
@@ -48,6 +49,15 @@ function pings(row, names) {
   const entries = Object.entries(row.next_pings || {}).sort((a, b) => a[1] - b[1]);
   if (!entries.length) return "-";
   return entries.map(([peer, seconds]) => `${names.get(peer) || shortPeer(peer)} ${(1000 * seconds).toFixed(1)} ms`).join(", ");
+}
+
+function usage(row, names) {
+  // the peers the server served most: rows x tokens x blocks run for each, and its work queued now
+  const rows = row.usage || [];
+  const fair = row.fair_share ? "fair share" : "fair share off";
+  if (!rows.length) return fair;
+  const listed = rows.map((u) => `${names.get(u.peer_id) || shortPeer(u.peer_id)} ${number(u.served)}` + (u.queued ? ` (${u.queued} queued)` : ""));
+  return `${fair}: ${listed.join(", ")}`;
 }
 
 function blocksText(blocks) {
