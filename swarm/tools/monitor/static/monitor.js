@@ -15,8 +15,8 @@ const COLUMNS = [
   ["Cache free", (r) => String(r.cache_tokens_left), "num"],
   ["Version", (r) => r.version],
   ["Pings to next servers", (r, names) => pings(r, names), "pings"],
-  ["Points", (r) => (r.points > 0 ? number(r.points) : "-"), "num"],
   ["Top users (served, queued)", (r, names) => usage(r, names), "pings"],
+  ["Points", (r) => (r.points > 0 ? number(r.points) : "-"), "num"],
 ];
 
 function el(tag, attrs = {}, text) {
