@@ -175,7 +175,12 @@ async function refresh(models, sections, refreshSeconds) {
   await Promise.all(models.map(async (model) => {
     const problem = sections.get(model.prefix).querySelector(".problem");
     try {
-      render(sections.get(model.prefix), model, await getJSON(`/api/v1/state?model=${encodeURIComponent(model.prefix)}`));
+      const report = await getJSON(`/api/v1/state?model=${encodeURIComponent(model.prefix)}`);
+      const section = sections.get(model.prefix), text = JSON.stringify(report);
+      if (section.dataset.report !== text) {  // redraw only what changed: rows stay put while people read them
+        render(section, model, report);
+        section.dataset.report = text;
+      }
       problem.textContent = "";
     } catch (error) {
       failures += 1;
