@@ -18,6 +18,7 @@ at capacity), the API with ``--shared-round-requests`` (4), the settings whose f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -74,6 +75,11 @@ def emit(index: int, tokens: list, stamps: list[float], started: float) -> None:
     print(json.dumps(line), flush=True)
 
 
+def failed(index: int, error: Exception) -> None:
+    """A generation that failed (the swarm answered an error): reported, and a flooder carries on."""
+    print(json.dumps({"stream": index, "error": f"{type(error).__name__}: {error}"[:300]}), flush=True)
+
+
 def python_user(args: argparse.Namespace, stop: threading.Event) -> None:
     import torch
     from transformers import AutoTokenizer
@@ -98,11 +104,15 @@ def python_user(args: argparse.Namespace, stop: threading.Event) -> None:
 
     def stream(index: int) -> None:
         ids = tokenizer(prompt(index), return_tensors="pt")["input_ids"]
-        model.generate(ids, max_new_tokens=1, do_sample=False)  # warm-up: routes found, connections open
+        with contextlib.suppress(Exception):  # warm-up: routes found, connections open
+            model.generate(ids, max_new_tokens=1, do_sample=False)
         while True:
             streamer, started = Stamps(), time.time()
-            output = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, streamer=streamer)
-            emit(index, output[0, ids.shape[1] :].tolist(), streamer.stamps[1:], started)
+            try:
+                output = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, streamer=streamer)
+                emit(index, output[0, ids.shape[1] :].tolist(), streamer.stamps[1:], started)
+            except Exception as exc:
+                failed(index, exc)
             if not args.loop or stop.is_set():
                 return
 
@@ -117,17 +127,21 @@ def api_user(args: argparse.Namespace, stop: threading.Event) -> None:
     model = client.models.list().data[0].id
 
     def stream(index: int) -> None:
-        client.completions.create(model=model, prompt=prompt(index), max_tokens=1, temperature=0)  # warm-up
+        with contextlib.suppress(Exception):  # warm-up
+            client.completions.create(model=model, prompt=prompt(index), max_tokens=1, temperature=0)
         while True:
             started, stamps, pieces = time.time(), [], []
-            chunks = client.completions.create(
-                model=model, prompt=prompt(index), max_tokens=args.tokens, temperature=0, stream=True
-            )
-            for chunk in chunks:
-                if chunk.choices and chunk.choices[0].text:
-                    stamps.append(time.time())
-                    pieces.append(chunk.choices[0].text)
-            emit(index, pieces, stamps, started)
+            try:
+                chunks = client.completions.create(
+                    model=model, prompt=prompt(index), max_tokens=args.tokens, temperature=0, stream=True
+                )
+                for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].text:
+                        stamps.append(time.time())
+                        pieces.append(chunk.choices[0].text)
+                emit(index, pieces, stamps, started)
+            except Exception as exc:
+                failed(index, exc)
             if not args.loop or stop.is_set():
                 return
 
@@ -187,12 +201,13 @@ class User:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def normal_rate(results: list[dict]) -> float:
-    return sum(len(r["tokens"]) for r in results) / sum(r["end"] - r["start"] for r in results)
+def normal_rate(results: list[dict]) -> float | None:
+    done = [r for r in results if "error" not in r]
+    return sum(len(r["tokens"]) for r in done) / sum(r["end"] - r["start"] for r in done) if done else None
 
 
 def tokens_within(results: list[dict], start: float, end: float) -> int:
-    return sum(start <= stamp <= end for result in results for stamp in result["stamps"])
+    return sum(start <= stamp <= end for result in results for stamp in result.get("stamps", ()))
 
 
 def measure(args, role: str, target: list[str], keys: tuple[str, str], with_flood: bool, with_normal: bool):
@@ -215,7 +230,8 @@ def measure(args, role: str, target: list[str], keys: tuple[str, str], with_floo
                 users.append(again)
                 normal_results.append(again.next())
                 again.finish()
-            window = (normal_results[0]["start"], normal_results[-1]["end"])
+            done = [r for r in normal_results if "error" not in r] or [{"start": window_start, "end": time.time()}]
+            window = (done[0]["start"], done[-1]["end"])
         else:
             time.sleep(args.tokens * args.runs / 4)  # about as long as the normal user would take
             window = (window_start, time.time())
@@ -229,7 +245,12 @@ def measure(args, role: str, target: list[str], keys: tuple[str, str], with_floo
 
 def check_exact(results: list[dict], reference: dict[int, list]) -> int:
     """Streams whose tokens differ from the same prompt's first run (recorded in ``reference``)."""
-    return sum(result["tokens"] != reference.setdefault(result["stream"], result["tokens"]) for result in results)
+    done = [result for result in results if "error" not in result]
+    return sum(result["tokens"] != reference.setdefault(result["stream"], result["tokens"]) for result in done)
+
+
+def errors(results: list[dict]) -> int:
+    return sum("error" in result for result in results)
 
 
 def scenario(args, label: str, role: str, target, keys, reference, rows: list[dict], alone: float | None) -> float:
@@ -238,11 +259,13 @@ def scenario(args, label: str, role: str, target, keys, reference, rows: list[di
         alone, _, results = measure(args, role, target, keys, with_flood=False, with_normal=True)
         check_exact(results, reference)
     _, flood_alone, results = measure(args, role, target, keys, with_flood=True, with_normal=False)
-    wrong = check_exact(results, reference)
+    wrong, failures = check_exact(results, reference), errors(results)
     beside, flood_beside, results = measure(args, role, target, keys, with_flood=True, with_normal=True)
-    wrong += check_exact(results, reference)
-    row = {"setting": label, "normal_alone": alone, "normal_beside_flooder": beside, "ratio": beside / alone,
-           "flooder_alone": flood_alone, "flooder_beside_normal": flood_beside, "streams_not_exact": wrong}  # fmt: skip
+    wrong, failures = wrong + check_exact(results, reference), failures + errors(results)
+    ratio = beside / alone if beside and alone else None
+    row = {"setting": label, "normal_alone": alone, "normal_beside_flooder": beside, "ratio": ratio,
+           "flooder_alone": flood_alone, "flooder_beside_normal": flood_beside, "streams_not_exact": wrong,
+           "generations_failed": failures}  # fmt: skip
     rows.append(row)
     print(json.dumps(row), flush=True)
     return alone
@@ -250,12 +273,11 @@ def scenario(args, label: str, role: str, target, keys, reference, rows: list[di
 
 def table(rows: list[dict]) -> str:
     lines = ["| setting | normal alone | normal beside flooder | ratio | flooder alone | flooder beside normal "
-             "| flooder kept | not exact |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| not exact | failed |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    keys = ("normal_alone", "normal_beside_flooder", "ratio", "flooder_alone", "flooder_beside_normal")
     for r in rows:
-        kept = r["flooder_beside_normal"] / r["flooder_alone"]
-        lines.append(f"| {r['setting']} | {r['normal_alone']:.2f} | {r['normal_beside_flooder']:.2f} | "
-                     f"{r['ratio']:.2f}x | {r['flooder_alone']:.2f} | {r['flooder_beside_normal']:.2f} | "
-                     f"{kept:.2f}x | {r['streams_not_exact']} |")  # fmt: skip
+        cells = [f"{r[key]:.2f}" if r[key] is not None else "-" for key in keys]
+        lines.append(f"| {r['setting']} | {' | '.join(cells)} | {r['streams_not_exact']} | {r['generations_failed']} |")
     return "\n".join(lines)
 
 
