@@ -88,7 +88,7 @@ class Lane:
 
     def __init__(self, index: int):
         self.index = index
-        self.active: list[Generation] = []  # stepped in every round
+        self.active: list[Generation] = []  # stepped in its rounds (all, or a fair share while keys share them)
         self.joining: list[Generation] = []  # prefilled (or moved here), joining at the next round
         self.wake = asyncio.Event()
         self.counts: dict[str, float] = {}  # key name -> its steps in this lane's shared rounds, over its weight
@@ -148,7 +148,7 @@ class Engine:
             finally:
                 self._waiting -= 1
         except BaseException:
-            self.limiter.of(api_key).active -= 1
+            self.limiter.release(api_key)
             raise
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
         tracker = TextTracker(decode, request.stop, self.eos_ids, request.max_tokens)
@@ -341,7 +341,7 @@ class Engine:
         if generation.released:
             return
         generation.released = True
-        self.limiter.of(generation.api_key).active -= 1
+        self.limiter.release(generation.api_key)
         self._open.discard(generation)
         for lane in self._lanes:
             lane.discard(generation)

@@ -186,6 +186,10 @@ class Limiter:
         usage.requests += 1
         usage.use(prompt_tokens, now, prompt=True)
 
+    def release(self, api_key: APIKey) -> None:
+        """A request admitted by ``admit`` ended (or never started)."""
+        self.of(api_key).active -= 1
+
     def report(self) -> list[dict]:
         now = self.clock()
         return [usage.report(now) for usage in sorted(self.usage.values(), key=lambda u: u.name)]
