@@ -181,6 +181,8 @@ class User:
         for line in self.proc.stdout:
             if line.startswith("{"):
                 self.lines.put(json.loads(line))
+                if '"error"' in line:
+                    print(f"!! a generation failed: {line.strip()}", flush=True)
 
     def next(self, timeout: float = 600) -> dict:
         result = self.lines.get(timeout=timeout)
@@ -295,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     start_time_limit(args.time_limit)
     started = time.monotonic()
     print(f"load average at start: {load_average()}; cpus: {os.cpu_count()}; {vars(args)}", flush=True)
-    threads = ("--num-threads", str(args.num_threads), "--max-batch-tokens", str(args.max_batch_tokens))
+    # sessions per peer: the flooder's streams (or the API's requests), with room for those still closing
+    threads = ("--num-threads", str(args.num_threads), "--max-batch-tokens", str(args.max_batch_tokens),
+               "--max-sessions-per-peer", str(3 * args.streams))  # fmt: skip
     rows: list[dict] = []
     python_ref: dict[int, list] = {}
     api_ref: dict[int, list] = {}
