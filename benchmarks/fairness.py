@@ -12,7 +12,8 @@ flooder loops until its stdin closes. The normal user's
 tokens/s is its tokens over the seconds of its generations; the flooder's is the tokens it received while
 the normal user ran (alone: within a window of the same length). Tokens must stay exact: every stream's
 tokens equal those of the same prompt run alone. Servers run with ``--max-batch-tokens`` (8 here: a server
-at capacity), the API with ``--shared-round-requests`` (4), the settings whose fair share is measured.
+at capacity) and room for 3x the flooder's streams in sessions per peer (16 streams plus the sessions still
+closing exceed the default 16), the API with ``--shared-round-requests`` (4).
 """
 
 from __future__ import annotations
