@@ -46,6 +46,11 @@ def prompt(index: int) -> str:
     return f"Write a long, detailed story about {TOPICS[index]}."
 
 
+def chat(index: int) -> list[dict]:
+    """The prompt as a chat (an instruct model given the bare text may answer with its end token at once)."""
+    return [{"role": "user", "content": prompt(index)}]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens and streams")
@@ -130,17 +135,17 @@ def api_user(args: argparse.Namespace, stop: threading.Event) -> None:
 
     def stream(index: int) -> None:
         with contextlib.suppress(Exception):  # warm-up
-            client.completions.create(model=model, prompt=prompt(index), max_tokens=1, temperature=0)
+            client.chat.completions.create(model=model, messages=chat(index), max_tokens=1, temperature=0)
         while True:
             started, stamps, pieces = time.time(), [], []
             try:
-                chunks = client.completions.create(
-                    model=model, prompt=prompt(index), max_tokens=args.tokens, temperature=0, stream=True
+                chunks = client.chat.completions.create(
+                    model=model, messages=chat(index), max_tokens=args.tokens, temperature=0, stream=True
                 )
                 for chunk in chunks:
-                    if chunk.choices and chunk.choices[0].text:
+                    if chunk.choices and chunk.choices[0].delta.content:
                         stamps.append(time.time())
-                        pieces.append(chunk.choices[0].text)
+                        pieces.append(chunk.choices[0].delta.content)
                 emit(index, pieces, stamps, started)
             except Exception as exc:
                 failed(index, exc)
