@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         f"(default: {d.max_batch_tokens})",
     )
     p.add_argument(
+        "--fair-share",
+        choices=["on", "off"],
+        default="on" if d.fair_share else "off",
+        help="when several peers' work waits, share compute fairly between them, weighted by standing "
+        "(off: urgency and points only, as before; default: on)",
+    )
+    p.add_argument(
         "--chunk-token-blocks",
         type=int,
         default=d.chunk_token_blocks,
@@ -182,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         session_idle_timeout=args.session_idle_timeout,
         max_batch_tokens=args.max_batch_tokens,
         chunk_token_blocks=args.chunk_token_blocks,
+        fair_share=args.fair_share == "on",
         num_threads=args.num_threads,
         adapters=adapters,
         max_lora_rank=args.max_lora_rank,

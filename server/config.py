@@ -33,6 +33,7 @@ class ServerConfig:
     record_ttl: float = 30.0  # seconds a record stays valid in the DHT without refresh
     shutdown_grace: float = 5.0  # seconds to let steps in flight finish on SIGTERM/SIGINT
     max_batch_tokens: int = 256  # decode steps of many sessions run as one batch of up to this many rows x tokens
+    fair_share: bool = True  # a busy server shares its compute fairly between peers (--fair-share off: urgency order)
     chunk_token_blocks: int = 4096  # long work runs in slices of about this many tokens x blocks between decode steps
     max_lora_rank: int = 32  # largest rank of a LoRA adapter a client may send with its requests
     max_adapter_bytes: int | None = None  # bytes of LoRA weights one request may carry; None = max rank on every layer

@@ -46,7 +46,7 @@ class PassHandler:
             logger.debug("forward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             with self._counted(peer):
                 hidden, outputs = await serving.forward(
-                    blocks, step, prompts, adapter, request.output_hidden_states, points
+                    blocks, step, prompts, adapter, request.output_hidden_states, points, peer
                 )
             response = pb.ForwardResponse(hidden=tensors.to_proto(hidden, compression))
             if outputs is not None:
@@ -72,7 +72,7 @@ class PassHandler:
             points = self.ledger().request_standing(peer, request)
             logger.debug("backward %s from %s: %s, standing %.1f", blocks, peer, list(shape), points)
             with self._counted(peer):
-                grad = await serving.backward(blocks, step, grad_output, grad_blocks, prompts, adapter, points)
+                grad = await serving.backward(blocks, step, grad_output, grad_blocks, prompts, adapter, points, peer)
             response = pb.BackwardResponse(grad_hidden=tensors.to_proto(grad, compression))
             if prompts is not None:
                 grad_prompts = prompts.grad if prompts.grad is not None else torch.zeros_like(prompts)

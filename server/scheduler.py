@@ -1,8 +1,9 @@
 """A span's compute: a queue of typed work (``swarm.core.work``) and one worker thread that runs it in slices.
 
-The scheduler only orders, batches and runs slices: what runs next and how long a decode batch waits
-for more steps are pure decisions (``swarm.core.batching``); what a slice does to an item is the
-item's own (``swarm.core.work.run_slice``), so no kind of work is special here.
+The scheduler only orders, batches and runs slices: what runs next (fair share between peers, then
+urgency) and how long a decode batch waits for more steps are pure decisions (``swarm.core.batching``);
+what a slice does to an item is the item's own (``swarm.core.work.run_slice``), so no kind of work is
+special here. It counts what it ran for each peer (its fair share, and ``usage`` for status).
 
 Concurrency: handlers on the event loop ``submit`` work and await its result; a single worker thread
 takes slices from the queue, runs them on the block stack, and hands results back to the loop with
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.core.batching import ActiveSessions, hold_seconds, next_batch
+from swarm.core.batching import MAX_PEERS, ActiveSessions, FairShare, hold_seconds, next_batch
 from swarm.core.blocks import BlockStack
 from swarm.core.work import Kind, Work, run_slice
 from swarm.errors import ShuttingDownError
@@ -40,6 +41,7 @@ class SchedulerConfig:
     batch_wait: float = 0.1  # at most this many seconds a decode batch waits for the rest of a declared round...
     active_window: float = 0.5  # ...or (half a decode slice at most) for undeclared sessions that stepped within
     # this many seconds (or 4 slices) and are not queued
+    fair_share: bool = True  # share compute fairly between peers when several wait (False: urgency order only)
     step_delay: float = 0.0  # test only: extra seconds per slice with inference work (a slow server)
 
 
@@ -73,13 +75,30 @@ class Scheduler:
         self.slices = 0  # slices run so far (tests and benchmarks read how work was batched)
         self.batched_items = 0  # items run in those slices
         self._active = ActiveSessions(self.config.active_window)
+        self._fair = FairShare()
+        self.served: dict[str, int] = {}  # peer -> rows x tokens x blocks run for it (the MAX_PEERS largest)
         self._decode_seconds = 0.0  # moving average of a decode slice's time
         self._thread = threading.Thread(target=self._work_loop, name="stamen-compute", daemon=True)
         self._thread.start()
 
     def sizes(self) -> dict[str, int]:
         """Entries of its long-lived structures (diagnostics: they must not grow with the work served)."""
-        return {"queued_work": len(self._ready), "active_sessions": len(self._active)}
+        return {
+            "queued_work": len(self._ready),
+            "active_sessions": len(self._active),
+            "fair_share_peers": len(self._fair),
+            "served_peers": len(self.served),
+        }
+
+    def usage(self, top: int = 8) -> list[dict]:
+        """The peers this span served most: rows x tokens x blocks run for each, and its items queued now."""
+        with self._cond:
+            queued: dict[str, int] = {}
+            for work in self._ready:
+                queued[work.peer] = queued.get(work.peer, 0) + 1
+            served = dict(self.served)
+        peers = sorted(set(served) | set(queued), key=lambda peer: (-served.get(peer, 0), peer))[:top]
+        return [{"peer_id": peer, "served": served.get(peer, 0), "queued": queued.get(peer, 0)} for peer in peers]
 
     async def submit(self, work: Work) -> torch.Tensor:
         """Queue ``work`` and wait for its output (the hidden states after its last block)."""
@@ -113,10 +132,18 @@ class Scheduler:
             if pendings:
                 self._run_slice(pendings, blocks)
 
+    def _decide(self) -> tuple[list[Work], int]:
+        """``next_batch`` over the queue now (with the peers' fair-share counts unless that is off)."""
+        served = None
+        if self.config.fair_share:
+            self._fair.catch_up({work.peer for work in self._ready})
+            served = self._fair.served
+        return next_batch(list(self._ready), self.config.max_batch_tokens, self.config.chunk_token_blocks, served)
+
     def _next_batch(self) -> tuple[list[Work], int]:
         """The next slice; a decode batch first waits briefly for steps not queued yet (``hold_seconds``)."""
         config = self.config
-        batch, blocks = next_batch(list(self._ready), config.max_batch_tokens, config.chunk_token_blocks)
+        batch, blocks = self._decide()
         if batch[0].kind != Kind.DECODE:
             return batch, blocks
         chosen = time.monotonic()
@@ -132,7 +159,7 @@ class Scheduler:
                 break
             self._cond.wait(chosen + hold - now)
             if self._ready:
-                batch, blocks = next_batch(list(self._ready), config.max_batch_tokens, config.chunk_token_blocks)
+                batch, blocks = self._decide()
         return batch, blocks
 
     def _run_slice(self, pendings: list[_Pending], blocks: int) -> None:
@@ -153,6 +180,7 @@ class Scheduler:
             return
         self.slices += 1
         self.batched_items += len(works)
+        self._count(works, blocks)
         if works[0].kind == Kind.DECODE:
             elapsed = time.perf_counter() - started
             self._decode_seconds = elapsed if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * elapsed
@@ -165,14 +193,24 @@ class Scheduler:
                 pending.settle(result)
         self._requeue(unfinished)
 
+    def _count(self, works: list[Work], blocks: int) -> None:
+        """Each peer's share of a slice that ran: its fair-share count, and the usage shown in status."""
+        with self._cond:
+            self._fair.charge(works, blocks)
+            for work in works:
+                self.served[work.peer] = self.served.get(work.peer, 0) + work.size * blocks
+            if len(self.served) > MAX_PEERS:
+                del self.served[min(self.served, key=self.served.__getitem__)]
+
     @staticmethod
     def _log_slice(works: list[Work], blocks: int, started: float) -> None:
         logger.debug(
-            "slice: %d x %s, %d rows x tokens, %d blocks, standing %.1f, %.1f ms",
+            "slice: %d x %s, %d rows x tokens, %d blocks, %d peers, standing %.1f, %.1f ms",
             len(works),
             works[0].kind.name,
             sum(work.size for work in works),
             blocks,
+            len({work.peer for work in works}),
             works[0].points,
             1000 * (time.perf_counter() - started),
         )

@@ -32,7 +32,7 @@ from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_mod
 from swarm.net import tensors
 from swarm.net.dht import DHTConfig, SwarmDHT
 from swarm.net.membership import Membership, load_key
-from swarm.net.records import ServerInfo, ServerState
+from swarm.net.records import PeerUsage, ServerInfo, ServerState
 from swarm.routing.selection import choose_span, should_move
 from swarm.spans import BlockRange, model_prefix
 
@@ -255,4 +255,6 @@ class Server:
             points=self.ledger.points,
             compressions=tuple(tensors.COMPRESSIONS.values()),
             adapters=tuple(self.config.adapters),
+            fair_share=self.config.fair_share,
+            usage=tuple(PeerUsage(**row) for row in self.serving.scheduler.usage()) if self.serving else (),
         )

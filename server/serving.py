@@ -59,6 +59,7 @@ class Serving:
             SchedulerConfig(
                 max_batch_tokens=config.max_batch_tokens,
                 chunk_token_blocks=config.chunk_token_blocks,
+                fair_share=config.fair_share,
                 step_delay=config.test_step_delay,
             ),
         )
@@ -85,6 +86,7 @@ class Serving:
             session.cache,
             session.block_offset,
             points=session.points,
+            peer=session.peer,
             kind=step_kind(batch * tokens, self.scheduler.config.decode_tokens),
             prompts=prompts,
             adapter=session.adapter,
@@ -101,10 +103,11 @@ class Serving:
         adapter: LoraAdapter | None = None,
         hidden_states: bool = False,
         points: float = 0.0,
+        peer: str = "",
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """A stateless pass of a validated batch through ``blocks``: the output, and with ``hidden_states``
-        the outputs of every block but the last (``points``: the requester's standing)."""
-        fields = self._stateless(blocks, step, prompts, adapter, points)
+        the outputs of every block but the last (``points``, ``peer``: the requester's standing and id)."""
+        fields = self._stateless(blocks, step, prompts, adapter, points, peer)
         work = ForwardPass(
             blocks, step.hidden, step.position_ids, **fields, block_outputs=[] if hidden_states else None
         )
@@ -120,6 +123,7 @@ class Serving:
         prompts: torch.Tensor | None = None,
         adapter: LoraAdapter | None = None,
         points: float = 0.0,
+        peer: str = "",
     ) -> torch.Tensor:
         """The gradient w.r.t. the batch's input through ``blocks`` (activations recomputed). Gradients of
         ``prompts`` and of the adapter's weights that require grad accumulate in their ``.grad``."""
@@ -127,16 +131,18 @@ class Serving:
             blocks,
             step.hidden,
             step.position_ids,
-            **self._stateless(blocks, step, prompts, adapter, points),
+            **self._stateless(blocks, step, prompts, adapter, points, peer),
             grad_output=grad_output,
             grad_block_outputs=grad_block_outputs,
         )
         return await self.scheduler.submit(work)
 
-    def _stateless(self, blocks: BlockRange, step: validation.Step, prompts, adapter, points) -> dict:
+    def _stateless(self, blocks: BlockRange, step: validation.Step, prompts, adapter, points, peer) -> dict:
         """The fields of a stateless pass through ``blocks`` (no cache; padding from the request)."""
         offset = blocks.start - self.span.start
-        return dict(block_offset=offset, padding=step.attention_mask, points=points, prompts=prompts, adapter=adapter)
+        return dict(
+            block_offset=offset, padding=step.attention_mask, points=points, peer=peer, prompts=prompts, adapter=adapter
+        )
 
     async def wind_down(self, grace: float) -> None:
         """Tell clients to move (in every answer) while serving their sessions for up to ``grace`` seconds or

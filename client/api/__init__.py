@@ -11,6 +11,8 @@ A client application: it imports ``client`` (never ``server``).
 - ``responses``: response bodies and server-sent events as OpenAI sends them
 - ``engine``: the generation engine (one session per request; requests stepped in lanes of declared, numbered
   rounds), computing the model's own layers through the model's ``embed`` and ``next_token_logits``
+- ``keys``: API keys (``--api-keys``), their limits (401, 429 with Retry-After) and usage, and the fair share
+  of a round between keys (pure decisions)
 - ``decoding``: per-request sampling, detokenization, stop strings and eos (pure)
 - ``static/``: the chat page (HTML, CSS, a little JavaScript; no build step)
 

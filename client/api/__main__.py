@@ -21,6 +21,7 @@ from swarm.models.modelpath import DEFAULT_MODEL  # noqa: E402
 LIMITS = {
     "max_concurrent_requests": "requests generating at once (each holds a session on every server of its chain)",
     "lanes": "groups of requests stepped in rounds of their own, so the servers of a chain work at once",
+    "shared_round_requests": "the most requests a lane's round steps while several API keys share it (fair share)",
     "max_waiting_requests": "requests waiting for a free slot; beyond this the API answers 429",
     "max_prompt_tokens": "longest prompt in tokens (after the chat template)",
     "max_total_tokens": "prompt + max_tokens (also capped by the model's context length)",
@@ -60,6 +61,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         default=d.verify,
         help=f"share of steps checked on another server (1: every step before use; 0: none; default {d.verify:.3g})",
     )
+    p.add_argument(
+        "--api-keys",
+        default=None,
+        help="JSON file of API keys (key, name, limits); requests without a valid key get 401 (default: no keys)",
+    )
+    p.add_argument(
+        "--fair-share",
+        choices=["on", "off"],
+        default="on",
+        help="share rounds fairly between API keys while several generate (off: every request in every round)",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for the local work")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -81,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         wait_for_blocks=args.wait_for_blocks,
         num_threads=args.num_threads,
         verify=args.verify,
+        api_keys=args.api_keys,
+        fair_share=args.fair_share == "on",
         **{name: getattr(args, name) for name in LIMITS},
     )
     return config, args.log_level

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from client.api.config import APIConfig
 from client.api.engine import Engine
+from client.api.keys import Limiter, load_keys
 from client.api.protocol import Limits
 from client.api.routes import Routes
 from client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
@@ -49,6 +50,7 @@ class APIServer:
     def start(self) -> str:
         """Load the tokenizer and the model's local parts, join the swarm, listen; returns the URL."""
         config = self.config
+        limiter = Limiter(load_keys(config.api_keys) if config.api_keys else None, time.monotonic)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
@@ -60,12 +62,12 @@ class APIServer:
             wait_for_blocks=config.wait_for_blocks,
             verify=config.verify,
         )
-        self.url = self.model.client.loop.run(self._listen(tokenizer))
+        self.url = self.model.client.loop.run(self._listen(tokenizer, limiter))
         return self.url
 
-    async def _listen(self, tokenizer) -> str:
+    async def _listen(self, tokenizer, limiter: Limiter) -> str:
         """On the client's event loop: the engine and the HTTP server share it with libp2p."""
-        self.engine = Engine(self.model, tokenizer, self.config)
+        self.engine = Engine(self.model, tokenizer, self.config, limiter)
         self.engine.start()
         routes = Routes(self.engine, tokenizer, limits(self.config, self.model), int(time.time()))
         # handler_cancellation: a handler whose client disconnects is cancelled, so its sessions are freed

@@ -18,6 +18,9 @@ class APIConfig:
     max_concurrent_requests: int = 16  # requests generating at once (each holds one session on every server)
     lanes: int = 2  # groups of requests stepped in rounds of their own: while one lane's round is on one server,
     # another lane's can be on the next (a pipeline over the chain); 1 = every request in one lockstep round
+    api_keys: str | None = None  # JSON file of API keys and their limits (client.api.keys); None = open to all
+    fair_share: bool = True  # share rounds fairly between keys while several keys' requests generate
+    shared_round_requests: int = 4  # the most requests a lane's round steps while several keys share it
     max_waiting_requests: int = 64  # requests queued for a free slot; beyond this the API answers 429
     max_prompt_tokens: int = 2048  # longest prompt (after the chat template), in tokens
     max_total_tokens: int = 4096  # prompt + max_tokens, capped by the model's max_position_embeddings

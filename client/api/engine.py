@@ -18,6 +18,11 @@ between rounds to stay even. Each round of a lane:
    (``client.chain.DeclaredRound``: its number, and to each server how many of its steps that server gets),
    so a server runs it as soon as its steps are in, without waiting on a timer.
 
+Fair share between API keys (``client.api.keys``): while requests of several keys are generating, a
+round steps at most ``shared_round_requests`` of its lane's requests, picked fairly between keys (the key
+with the fewest steps first, and within a key the request that waited longest), so a key with 16 streams
+does not make another key's single stream wait for rounds of 16; a lone key's rounds step all its requests.
+
 A request whose HTTP client went away is marked cancelled; it leaves at the end of the round (its step
 in flight is not interrupted, which would look like a server failure) and its session is closed on
 every server.
@@ -37,6 +42,7 @@ import torch
 from client.api.config import APIConfig
 from client.api.decoding import TextTracker, eos_ids, new_generator, sample
 from client.api.errors import APIError
+from client.api.keys import APIKey, Limiter, fair_pick, level_counts
 from client.api.protocol import CompletionRequest
 from client.chain import DeclaredRound
 from client.model import DistributedModelForCausalLM
@@ -56,8 +62,9 @@ class Event:
 class Generation:
     """One request in the engine. Its handler awaits ``opened``, then reads ``events`` until the last one."""
 
-    def __init__(self, request: CompletionRequest, tracker: TextTracker):
-        self.request, self.tracker = request, tracker
+    def __init__(self, request: CompletionRequest, tracker: TextTracker, api_key: APIKey):
+        self.request, self.tracker, self.api_key = request, tracker, api_key
+        self.last_round = -1  # the last round that stepped it (a shared round takes those waiting longest first)
         self.generator = new_generator(request.sampling.seed)  # used only on the engine's worker thread
         self.session: InferenceSession | None = None
         self.hidden: torch.Tensor | None = None  # [1, hidden_size]: last output, waiting for the next round
@@ -81,9 +88,10 @@ class Lane:
 
     def __init__(self, index: int):
         self.index = index
-        self.active: list[Generation] = []  # stepped in every round
+        self.active: list[Generation] = []  # stepped in its rounds (all, or a fair share while keys share them)
         self.joining: list[Generation] = []  # prefilled (or moved here), joining at the next round
         self.wake = asyncio.Event()
+        self.counts: dict[str, float] = {}  # key name -> its steps in this lane's shared rounds, over its weight
 
     @property
     def load(self) -> int:
@@ -104,8 +112,8 @@ def surplus(lanes: list[Lane], lane: Lane) -> int:
 class Engine:
     """Create, ``start`` and ``stop`` on the client's event loop; every method runs there."""
 
-    def __init__(self, model: DistributedModelForCausalLM, tokenizer, config: APIConfig):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, model: DistributedModelForCausalLM, tokenizer, config: APIConfig, limiter: Limiter):
+        self.model, self.tokenizer, self.config, self.limiter = model, tokenizer, config, limiter
         self.eos_ids = eos_ids(model.generation_config, tokenizer)
         self._slots = asyncio.Semaphore(config.max_concurrent_requests)
         self._waiting = 0
@@ -120,24 +128,31 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(lane), name=f"stamen-api-lane-{lane.index}") for lane in self._lanes]
 
-    async def submit(self, request: CompletionRequest) -> Generation:
-        """Wait for a free slot (429 if too many wait already) and start the request."""
-        if self._slots.locked() and self._waiting >= self.config.max_waiting_requests:
-            raise APIError(
-                429,
-                f"Too many requests: {self.config.max_concurrent_requests} are generating and "
-                f"{self._waiting} waiting; try again later.",
-                "rate_limit_error",
-                None,
-                "too_many_requests",
-            )
-        self._waiting += 1
+    async def submit(self, request: CompletionRequest, api_key: APIKey) -> Generation:
+        """Admit the request under its key's limits (429), wait for a free slot (429 if too many wait already)
+        and start it."""
+        self.limiter.admit(api_key, len(request.prompt_ids))
         try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
+            if self._slots.locked() and self._waiting >= self.config.max_waiting_requests:
+                raise APIError(
+                    429,
+                    f"Too many requests: {self.config.max_concurrent_requests} are generating and "
+                    f"{self._waiting} waiting; try again later.",
+                    "rate_limit_error",
+                    None,
+                    "too_many_requests",
+                )
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        except BaseException:
+            self.limiter.release(api_key)
+            raise
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
-        generation = Generation(request, TextTracker(decode, request.stop, self.eos_ids, request.max_tokens))
+        tracker = TextTracker(decode, request.stop, self.eos_ids, request.max_tokens)
+        generation = Generation(request, tracker, api_key)
         self._open.add(generation)
         generation.task = asyncio.create_task(self._start(generation))
         generation.task.add_done_callback(lambda task: task.cancelled() and self._release(generation))
@@ -211,18 +226,34 @@ class Engine:
             del lane.active[-moving:]
             least.wake.set()
 
+    def _pick(self, lane: Lane) -> list[Generation]:
+        """The requests this round of ``lane`` steps: all of them, unless fair share is on and requests of
+        several keys are generating; then at most ``shared_round_requests``, shared fairly between keys."""
+        keys = {g.api_key.name for other in self._lanes for g in other.active}
+        if not self.config.fair_share or len(keys) < 2 or len(lane.active) <= self.config.shared_round_requests:
+            return list(lane.active)
+        waiting: dict[str, list[Generation]] = {}
+        for generation in sorted(lane.active, key=lambda g: g.last_round):
+            waiting.setdefault(generation.api_key.name, []).append(generation)
+        weights = {g.api_key.name: g.api_key.weight for g in lane.active}
+        lane.counts = level_counts(lane.counts, set(waiting))
+        return fair_pick(waiting, self.config.shared_round_requests, lane.counts, weights)
+
     async def _round(self, lane: Lane) -> None:
-        generations = list(lane.active)
+        generations = self._pick(lane)
+        for generation in generations:
+            generation.last_round = self.rounds
         started = time.perf_counter()
         hidden = torch.cat([generation.hidden for generation in generations])  # [n, hidden_size]
         tokens, embeddings = await asyncio.get_running_loop().run_in_executor(
             self._worker, self._local_work, hidden, generations
         )  # embeddings: [n, 1, hidden_size]
         local_seconds = time.perf_counter() - started
-        stepping = []
+        stepping, now = [], time.monotonic()
         for generation, token, embedding in zip(generations, tokens, embeddings, strict=True):
             if generation.cancelled:
                 continue
+            self.limiter.of(generation.api_key).use(1, now)
             piece = generation.tracker.add(token)
             if piece:
                 generation.events.put_nowait(Event(piece))
@@ -246,10 +277,11 @@ class Engine:
                 generation.hidden = result[:, -1]  # [1, hidden_size]
         self._drop_cancelled(lane)
         logger.debug(
-            "Round %d (lane %d) of %d requests (%d stepped): local %.1f ms, swarm step %.1f ms",
+            "Round %d (lane %d) of %d of its %d requests (%d stepped): local %.1f ms, swarm step %.1f ms",
             round_id,
             lane.index,
             len(generations),
+            len(lane.active),
             round_size,
             1000 * local_seconds,
             1000 * (time.perf_counter() - started - local_seconds),
@@ -309,6 +341,7 @@ class Engine:
         if generation.released:
             return
         generation.released = True
+        self.limiter.release(generation.api_key)
         self._open.discard(generation)
         for lane in self._lanes:
             lane.discard(generation)

@@ -36,7 +36,7 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         )
     except Exception as exc:
         error = from_exception(exc)
-    return web.json_response(error.body(), status=error.status)
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
 
 
 class Routes:
@@ -51,6 +51,7 @@ class Routes:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/api/v1/usage", self.usage)
         return app
 
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -67,6 +68,15 @@ class Routes:
             )
         return web.json_response(model_card(self.limits.model_ids[0], self.created))
 
+    async def usage(self, request: web.Request) -> web.Response:
+        """Per-key usage (names, never secrets): every key's for an admin key or without keys, else the caller's."""
+        limiter = self.engine.limiter
+        caller = limiter.authenticate(request.headers.get("Authorization"))
+        report = limiter.report()
+        if limiter.keys is not None and not caller.admin:
+            report = [row for row in report if row["name"] == caller.name]
+        return web.json_response({"fair_share": self.engine.config.fair_share, "keys": report})
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, parse_chat)
 
@@ -74,8 +84,9 @@ class Routes:
         return await self._serve(request, parse_completion)
 
     async def _serve(self, request: web.Request, parse: Callable) -> web.StreamResponse:
+        api_key = self.engine.limiter.authenticate(request.headers.get("Authorization"))
         completion_request = parse(parse_body(await request.read()), self.tokenizer, self.limits)
-        generation = await self.engine.submit(completion_request)
+        generation = await self.engine.submit(completion_request, api_key)
         try:
             await generation.opened  # errors before any output (e.g. 503: missing blocks) get their status
             completion = Completion(completion_request.chat, self.limits.model_ids[0])

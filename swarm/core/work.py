@@ -63,7 +63,8 @@ class Work:
     cache: SessionCache | None = None  # the KV cache attention writes to (inference steps); None when stateless
     block_offset: int = 0  # index of the first block of the cache (or of ``blocks``) in the server's span
     padding: torch.Tensor | None = None  # stateless work: [batch, tokens] bool, False marks padding
-    points: float = 0.0  # the requester's standing: more points go first within a kind
+    points: float = 0.0  # the requester's standing: more points go first within a kind, and a larger fair share
+    peer: str = ""  # who asked for it (a peer id): a busy server shares its compute fairly between peers
     kind: Kind = Kind.FORWARD  # how urgent (each class sets its own)
     cursor: int = field(init=False)  # the next block to run
     seq: int = 0  # arrival order, set by the scheduler

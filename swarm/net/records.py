@@ -19,6 +19,15 @@ class ServerState(enum.IntEnum):
 
 
 @dataclasses.dataclass(frozen=True)
+class PeerUsage:
+    """One peer's use of a server (``ServerInfo.usage``)."""
+
+    peer_id: str
+    served: int  # rows x tokens x blocks run for it
+    queued: int = 0  # its work items waiting at announcement time
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerInfo:
     """One server's announcement. ``span`` is the whole range it hosts."""
 
@@ -43,6 +52,8 @@ class ServerInfo:
     public_key: bytes = b""  # the server's libp2p public key; peer_id is its hash
     signature: bytes = b""  # by that key over the record serialized with an empty signature
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters the server has loaded (--adapters)
+    fair_share: bool = False  # it shares its compute fairly between peers (--fair-share)
+    usage: tuple[PeerUsage, ...] = ()  # the peers it served most
 
     def to_proto(self) -> pb.ServerRecord:
         return pb.ServerRecord(
@@ -68,6 +79,8 @@ class ServerInfo:
             points=self.points,
             compressions=list(self.compressions),
             adapters=list(self.adapters),
+            fair_share=self.fair_share,
+            usage=[pb.PeerUsage(peer_id=u.peer_id, served=u.served, queued=u.queued) for u in self.usage],
         )
 
     @classmethod
@@ -94,6 +107,8 @@ class ServerInfo:
             points=record.points,
             compressions=tuple(record.compressions),
             adapters=tuple(record.adapters),
+            fair_share=record.fair_share,
+            usage=tuple(PeerUsage(u.peer_id, u.served, u.queued) for u in record.usage),
         )
 
     def to_bytes(self) -> bytes:

@@ -48,6 +48,8 @@ def server_row(info: ServerInfo) -> dict[str, Any]:
         "hidden_size": info.hidden_size,
         "max_request_tokens": info.max_request_tokens,
         "points": info.points,
+        "fair_share": info.fair_share,
+        "usage": [{"peer_id": u.peer_id, "served": u.served, "queued": u.queued} for u in info.usage],
     }
 
 

@@ -15,6 +15,7 @@ const COLUMNS = [
   ["Cache free", (r) => String(r.cache_tokens_left), "num"],
   ["Version", (r) => r.version],
   ["Pings to next servers", (r, names) => pings(r, names), "pings"],
+  ["Top users (served, queued)", (r, names) => usage(r, names), "pings"],
   ["Points", (r) => (r.points > 0 ? number(r.points) : "-"), "num"],
 ];
 
@@ -48,6 +49,15 @@ function pings(row, names) {
   const entries = Object.entries(row.next_pings || {}).sort((a, b) => a[1] - b[1]);
   if (!entries.length) return "-";
   return entries.map(([peer, seconds]) => `${names.get(peer) || shortPeer(peer)} ${(1000 * seconds).toFixed(1)} ms`).join(", ");
+}
+
+function usage(row, names) {
+  // the peers the server served most: rows x tokens x blocks run for each, and its work queued now
+  const rows = row.usage || [];
+  const fair = row.fair_share ? "fair share" : "fair share off";
+  if (!rows.length) return fair;
+  const listed = rows.map((u) => `${names.get(u.peer_id) || shortPeer(u.peer_id)} ${number(u.served)}` + (u.queued ? ` (${u.queued} queued)` : ""));
+  return `${fair}: ${listed.join(", ")}`;
 }
 
 function blocksText(blocks) {
@@ -165,7 +175,12 @@ async function refresh(models, sections, refreshSeconds) {
   await Promise.all(models.map(async (model) => {
     const problem = sections.get(model.prefix).querySelector(".problem");
     try {
-      render(sections.get(model.prefix), model, await getJSON(`/api/v1/state?model=${encodeURIComponent(model.prefix)}`));
+      const report = await getJSON(`/api/v1/state?model=${encodeURIComponent(model.prefix)}`);
+      const section = sections.get(model.prefix), text = JSON.stringify(report);
+      if (section.dataset.report !== text) {  // redraw only what changed: rows stay put while people read them
+        render(section, model, report);
+        section.dataset.report = text;
+      }
       problem.textContent = "";
     } catch (error) {
       failures += 1;
