@@ -2,8 +2,11 @@
 
 One swarm is shared by the module: a single server of a tiny Llama that adds noise to its outputs from
 the third token of the answer on (``tests.swarm.cheater``). Each run starts a client, begins a 60-token
-greedy generation, and two honest float32 servers of the same blocks join while it runs; they leave
-(announcing it) at the end of the run. Ten seeded prompts per setting:
+greedy generation, and two honest float32 servers of the same blocks join while it runs. Ten seeded
+prompts per setting; in the first run of a setting the replicas are started then (real processes joining
+the swarm, found by the client's look-ups); starting servers takes long on a busy machine, so in the
+other nine the same replicas, still running, are hidden from the new client (its blocked peers) until
+they join. They leave (announcing it) after the setting's runs.
 
 - verify=1: the first steps wait for a verifier instead of going unchecked, so the answer is exactly the
   local model's, every time;
@@ -32,6 +35,9 @@ PROMPT = 8  # prompt tokens
 TOKENS = 60  # new tokens per answer
 CHEAT_START = PROMPT + 2  # the cheater's outputs are wrong from this position on (the answer's third token)
 RUNS = 10
+JOIN_WAIT = (
+    120.0  # wait_for_blocks: how long verify=1 waits for a verifier (starting servers is slow on a busy machine)
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +51,6 @@ def lone_cheater(tmp_path_factory):
 
 def prompt(seed: int) -> torch.Tensor:
     return torch.randint(3, 256, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
-
-
-def join_replicas(swarm: LocalSwarm, folder) -> list:
-    return swarm.start(folder, [(SPAN, ("--dht-prefix", PREFIX, "--num-threads", "1"))] * 2)
 
 
 def leave(swarm: LocalSwarm, servers: list) -> None:
@@ -65,45 +67,55 @@ def leave(swarm: LocalSwarm, servers: list) -> None:
 
 class JoinAfterPrompt(LogitsProcessor):
     """Holds the generation after its first step (the prompt, run on the cheater alone) until the honest
-    replicas have joined the swarm."""
+    replicas have joined."""
 
     def __init__(self, join):
-        self.join, self.joined = join, []
+        self.join, self.joined = join, False
 
     def __call__(self, input_ids, scores):
         if not self.joined:
-            self.joined.extend(self.join())
+            self.join()
+            self.joined = True
         return scores
 
 
-def run(swarm, folder, verify: float, seed: int) -> tuple[torch.Tensor, set[str], list, list]:
-    """One answer with replicas joining during the session: (tokens, the flagged servers, the detections,
-    the replicas). verify=1 waits for a verifier at the prompt, so the replicas start in the background then;
-    otherwise the generation is held after the prompt until they are up."""
+def run(swarm, folder, verify: float, seed: int, replicas: list) -> tuple[torch.Tensor, set[str], list]:
+    """One answer with the replicas joining during the session: (tokens, the flagged servers, the detections).
+    With no ``replicas`` yet, they are started (and added to ``replicas``); otherwise the client does not
+    see the running ones until they "join" (its blocked peers until then). verify=1 waits for a verifier
+    at the prompt, so they join in the background then; otherwise the generation is held after the prompt
+    until they have joined."""
+    hidden = [server.peer_id for server in replicas]
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        str(folder), initial_peers=swarm.initial_peers, dht_prefix=PREFIX, verify=verify
+        str(folder),
+        initial_peers=swarm.initial_peers,
+        dht_prefix=PREFIX,
+        verify=verify,
+        wait_for_blocks=JOIN_WAIT,
+        blocked_peers=hidden,
     )
-    replicas: list = []
+
+    def join() -> None:
+        if hidden:
+            model.client.config.blocked_peers.clear()
+        else:
+            replicas.extend(swarm.start(folder, [(SPAN, ("--dht-prefix", PREFIX, "--num-threads", "1"))] * 2))
+
     try:
         kwargs = dict(max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
         with model.inference_session(max_length=PROMPT + TOKENS) as session:
             session.open()
             if verify >= 1:
-                joining = threading.Thread(target=lambda: replicas.extend(join_replicas(swarm, folder)))
+                joining = threading.Thread(target=join)
                 joining.start()
                 try:
                     tokens = model.generate(prompt(seed), session=session, **kwargs)
                 finally:
                     joining.join()
             else:
-                hold = JoinAfterPrompt(lambda: join_replicas(swarm, folder))
-                try:
-                    tokens = model.generate(
-                        prompt(seed), session=session, logits_processor=LogitsProcessorList([hold]), **kwargs
-                    )
-                finally:
-                    replicas.extend(hold.joined)
-        return tokens, set(model.flagged_servers), model.client.verification.detections, replicas
+                processors = LogitsProcessorList([JoinAfterPrompt(join)])
+                tokens = model.generate(prompt(seed), session=session, logits_processor=processors, **kwargs)
+        return tokens, set(model.flagged_servers), model.client.verification.detections
     finally:
         model.shutdown()
 
@@ -111,17 +123,17 @@ def run(swarm, folder, verify: float, seed: int) -> tuple[torch.Tensor, set[str]
 @pytest.mark.parametrize("verify", [1.0, None], ids=["verify-1", "verify-default"])
 def test_replicas_joining_mid_session(lone_cheater, verify):
     swarm, folder, cheater, local = lone_cheater
-    delays = []
-    for seed in range(RUNS):
-        ids = prompt(1000 + seed)
-        expected = local.generate(ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-        tokens, flagged, detections, replicas = run(swarm, folder, 1.0 if verify else 1 / 12, 1000 + seed)
-        try:
-            assert torch.equal(tokens, expected), f"run {seed}: tokens differ from the local model's"
-            assert flagged == {cheater.peer_id}, f"run {seed}: cheater not flagged"
+    delays, replicas = [], []
+    try:
+        for seed in range(1000, 1000 + RUNS):
+            ids = prompt(seed)
+            expected = local.generate(ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
+            tokens, flagged, detections = run(swarm, folder, 1.0 if verify else 1 / 12, seed, replicas)
+            assert torch.equal(tokens, expected), f"seed {seed}: tokens differ from the local model's"
+            assert flagged == {cheater.peer_id}, f"seed {seed}: cheater not flagged"
             delays.append(detections[0].position - CHEAT_START)
-        finally:
-            leave(swarm, replicas)
+    finally:
+        leave(swarm, replicas)
     print(f"verify={verify}: detection delays {sorted(delays)}, median {statistics.median(delays)}")
     if verify is None:
         assert max(delays) <= 20, delays
