@@ -122,7 +122,9 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if prompt is None or beams > 1 or 0 < session.position <= prefix:
             session.rewind(0)
             return inputs, kwargs
-        resume = resume_from(session.position - session.prefix, prompt, kwargs.get("attention_mask"), recorder.ids)
+        held = session.padding[:, session.prefix :] if session.padding is not None else None
+        verified = session.position - session.prefix
+        resume = resume_from(verified, prompt, kwargs.get("attention_mask"), recorder.ids, held)
         changed = {"attention_mask": resume.attention_mask, **left_tokens(kwargs, config, resume.kept)}
         rest = {name: value for name, value in kwargs.items() if name not in ("input_ids", "attention_mask")}
         return resume.ids, {**rest, **changed}

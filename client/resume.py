@@ -47,20 +47,28 @@ class Resume:
 
 
 def resume_from(
-    verified: int, prompt: torch.Tensor, attention_mask: torch.Tensor | None, recorded: torch.Tensor | None
+    verified: int,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    recorded: torch.Tensor | None,
+    held: torch.Tensor | None,
 ) -> Resume:
     """The prompt for resuming once the session holds the caller's first ``verified`` tokens: every token
     sent to the session up to and including the one at ``verified`` (it came from a verified output), or
     the whole ``prompt`` [batch, prompt_tokens] if that is longer. ``recorded``: the sequences generated so
-    far (``Recorder.ids``), None if no token was generated yet."""
+    far (``Recorder.ids``), None if no token was generated yet; ``held``: the padding mask of the tokens the
+    session holds, [batch, verified] bool. The new prompt's mask is the caller's ``attention_mask`` when it
+    is the caller's prompt again, else the held one and a new (generated, never padding) token: never one
+    transformers would infer from a generated token that happens to be the pad token."""
     known = recorded if recorded is not None else prompt
     length = max(verified + 1, prompt.shape[1])
     ids = known[:, :length]
-    mask = None
-    if attention_mask is not None:
-        grown = torch.ones(ids.shape[0], ids.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
-        grown[:, : prompt.shape[1]] = attention_mask
-        mask = grown
+    mask = attention_mask
+    if length > prompt.shape[1]:
+        dtype = attention_mask.dtype if attention_mask is not None else torch.long
+        held = held if held is not None else torch.ones(ids.shape[0], verified, dtype=torch.bool)
+        mask = torch.ones(ids.shape[0], length, dtype=dtype, device=ids.device)
+        mask[:, :verified] = held[:, :verified].to(dtype)
     return Resume(ids, mask, ids.shape[1] - prompt.shape[1])
 
 

@@ -205,13 +205,15 @@ def test_cut_steps_keeps_the_first_tokens_of_a_history():
 
 def test_resume_from_the_verified_prefix():
     prompt = torch.tensor([[5, 6, 7]])
-    recorded = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    resume = resume_from(4, prompt, torch.ones(1, 3, dtype=torch.long), recorded)
-    assert resume.ids.tolist() == [[5, 6, 7, 8, 9]] and resume.kept == 2  # the token at 4 came from verified outputs
-    assert resume.attention_mask.tolist() == [[1, 1, 1, 1, 1]]
-    early = resume_from(1, prompt, None, recorded)  # the session went back into the prompt: all of it is resent
+    recorded = torch.tensor([[5, 6, 7, 0, 9, 10]])  # a generated token may be the pad token (0)
+    held = torch.tensor([[False, True, True, True]])
+    resume = resume_from(4, prompt, torch.tensor([[0, 1, 1]]), recorded, held)
+    assert resume.ids.tolist() == [[5, 6, 7, 0, 9]] and resume.kept == 2  # the token at 4 came from verified outputs
+    assert resume.attention_mask.tolist() == [[0, 1, 1, 1, 1]]  # what was sent, and the new token
+    assert resume_from(4, prompt, None, recorded, held[:, :4] | True).attention_mask.tolist() == [[1] * 5]
+    early = resume_from(1, prompt, None, recorded, held[:, :1])  # back into the prompt: all of it is sent again
     assert early.ids.tolist() == [[5, 6, 7]] and early.kept == 0 and early.attention_mask is None
-    assert resume_from(0, prompt, None, None).ids.tolist() == [[5, 6, 7]]
+    assert resume_from(0, prompt, None, None, None).ids.tolist() == [[5, 6, 7]]
 
 
 def test_tokens_left_after_a_resume():
