@@ -99,8 +99,8 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
                     raise UnverifiedOutputStreamed(
                         f"{rewound}; tokens already given to the streamer were wrong"
                     ) from rewound
-                resumed = True
                 call_inputs, call_kwargs = self._resumption(session, inputs, kwargs, recorder)
+                resumed = call_inputs is not inputs  # else it starts again from the caller's prompt
                 if call_kwargs.get("max_new_tokens") == 0:  # nothing left to generate after the verified prefix
                     output = call_inputs
                     break
