@@ -19,8 +19,10 @@
 - ``hop``: one server's part of a session (its stream, step history, liveness ping), steps merged for replay
 - ``envelope``: what every request to one server carries (its dtype, compression, membership proof, voucher)
 - ``verify``: verification (shadow sessions on other servers check each hop's outputs, a referee settles
-  disputes, cheaters are flagged and replaced); ``verdicts``: its pure decisions (distances, tolerances by
-  dtype, verdicts, check windows); ``referee``: the client's own computation of a disputed span
+  disputes, cheaters are flagged and replaced, a session that used wrong outputs goes back to the last
+  verified token); ``shadows``: the shadows and the verifier chains behind them; ``verdicts``: its pure
+  decisions (distances, tolerances by dtype, verdicts, check windows); ``referee``: the client's own
+  computation of a disputed span; ``resume``: how ``generate`` goes on from the verified prefix after that
 - ``points``: receipts for the work servers did (signed, sent periodically) and the volunteer's voucher
 - ``__main__``: ``python -m client``, a completion in the terminal
 - ``bans``: the ban policy (pure): exponential bans whose failures decay with successes and time

@@ -22,13 +22,14 @@ import logging
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig
+from transformers import GenerationMixin, PretrainedConfig, StoppingCriteriaList
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.base import RemoteCache, new_tokens_mask, with_cache
 from client.pretrained import DistributedPreTrainedModel
-from client.session import InferenceSession
+from client.resume import Recorder, UnverifiedOutputStreamed, left_tokens, pad_after_eos, resume_from
+from client.session import InferenceSession, SessionRewound
 from client.swarmclient import SwarmClient
 from swarm.models.families import soft_cap
 
@@ -70,14 +71,77 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             return super().generate(inputs, *args, **kwargs)
         session = session or self._active_session
         if session is not None:
-            return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(session)}, **kwargs)
+            return self._generate_verified(session, inputs, args, kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None and kwargs.get("inputs_embeds") is not None:
             ids = kwargs["inputs_embeds"]
         prompt_length = ids.shape[1] if ids is not None else 1
         max_length = self._max_length(prompt_length, kwargs)
         with self.inference_session(max_length) as new_session:
-            return super().generate(inputs, *args, **{CACHE_KWARG: RemoteCache(new_session)}, **kwargs)
+            return self._generate_verified(new_session, inputs, args, kwargs)
+
+    def _generate_verified(self, session: InferenceSession, inputs, args: tuple, kwargs: dict):
+        """transformers' ``generate`` on ``session``; its steps are confirmed by verification before it returns.
+        When a check took outputs back (``SessionRewound``), generation resumes from the last verified token
+        (``client.resume``), so the tokens returned are those honest servers give."""
+        recorder = Recorder()
+        kwargs = dict(kwargs)
+        criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", None) or []), recorder])
+        call_inputs, call_kwargs, resumed = inputs, kwargs, False
+        while True:
+            try:
+                output = super().generate(
+                    call_inputs, *args, stopping_criteria=criteria, **{CACHE_KWARG: RemoteCache(session)}, **call_kwargs
+                )
+                session.confirm()
+            except SessionRewound as rewound:
+                if kwargs.get("streamer") is not None:
+                    raise UnverifiedOutputStreamed(
+                        f"{rewound}; tokens already given to the streamer were wrong"
+                    ) from rewound
+                call_inputs, call_kwargs = self._resumption(session, inputs, kwargs, recorder)
+                resumed = call_inputs is not inputs  # else it starts again from the caller's prompt
+                if call_kwargs.get("max_new_tokens") == 0:  # nothing left to generate after the verified prefix
+                    output = call_inputs
+                    break
+                continue
+            break
+        return (
+            self._padded(output, inputs if inputs is not None else kwargs.get("input_ids"), kwargs)
+            if resumed
+            else output
+        )
+
+    def _resumption(self, session: InferenceSession, inputs, kwargs: dict, recorder: Recorder) -> tuple:
+        """``generate``'s inputs and keyword arguments to go on from the verified prefix the session went back to
+        (or, where that cannot be resumed, to start again: beam search, ``inputs_embeds``, a trainable prompt)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        config = kwargs.get("generation_config") or self.generation_config
+        prefix = self.base.prompt_tuning.pre_seq_len if self.base.prompt_tuning is not None else 0
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        if prompt is None or beams > 1 or 0 < session.position <= prefix:
+            session.rewind(0)
+            return inputs, kwargs
+        held = session.padding[:, session.prefix :] if session.padding is not None else None
+        verified = session.position - session.prefix
+        resume = resume_from(verified, prompt, kwargs.get("attention_mask"), recorder.ids, held)
+        changed = {"attention_mask": resume.attention_mask, **left_tokens(kwargs, config, resume.kept)}
+        rest = {name: value for name, value in kwargs.items() if name not in ("input_ids", "attention_mask")}
+        return resume.ids, {**rest, **changed}
+
+    def _padded(self, output, prompt: torch.Tensor | None, kwargs: dict):
+        """A resumed generation's sequences with rows that had ended before the rewind padded, as transformers
+        ends them (``client.resume.pad_after_eos``)."""
+        if prompt is None:
+            return output
+        config = kwargs.get("generation_config") or self.generation_config
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        if isinstance(output, torch.Tensor):
+            return pad_after_eos(output, prompt.shape[1], eos, pad)
+        output.sequences = pad_after_eos(output.sequences, prompt.shape[1], eos, pad)
+        return output
 
     def _max_length(self, prompt_length: int, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config

@@ -14,6 +14,11 @@ keeps them with that step, so a replay reorders at the same points. A session ma
 adapter (sent when each server's session opens) and deep prompts (sent with the steps that hold the
 first tokens). Failures are judged by the client's one retry policy (``client.retry``).
 
+Verification (``client.verify``) may find, a few steps late, that a server's outputs were wrong: the session
+then goes back to the last verified token (``rewind_async``: a new chain without that server, fed the
+session's own inputs up to there) and raises ``SessionRewound`` from its next step, or from ``confirm``
+(check every step so far now), so that its caller generates again from there.
+
 Concurrency: all methods ending in ``_async`` and the private coroutines run on the client's event
 loop; ``step`` is the synchronous entry for any thread. One caller at a time per session.
 """
@@ -32,7 +37,7 @@ from client.chain import Chain, ChainSpec, DeclaredRound
 from client.handle import ClientHandle
 from client.hop import HopSession, StepInput
 from client.retry import Attempts
-from client.verify import Verifier
+from client.verify import SessionRewound, Verifier
 from swarm.models.adapters import LoraAdapter
 from swarm.net.receipts import work_units
 from swarm.net.rpc import ServerFailure
@@ -41,7 +46,7 @@ from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InferenceSession", "StepInput"]
+__all__ = ["InferenceSession", "SessionRewound", "StepInput"]
 
 T = TypeVar("T")
 
@@ -61,6 +66,7 @@ class InferenceSession:
         self._spec = ChainSpec.of(self.config, max_length, adapter)
         self._chain: Chain | None = None  # opened by ``open`` or the first step
         self._handovers: dict[HopSession, asyncio.Task] = {}  # leaving server -> its replacement being built
+        self._inputs: list[StepInput] = []  # every step the session ran, as sent to its first server (for rewinds)
         self.closed = False
         verify = self.config.verify
         # checks on other servers
@@ -149,6 +155,7 @@ class InferenceSession:
         servers batch the round as soon as it is in; a step split into several messages declares none."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
+        await self._rewind_if_caught()
         batch, tokens, hidden_size = hidden.shape
         if self.batch_size is None:
             self.batch_size = batch
@@ -184,8 +191,6 @@ class InferenceSession:
             self._chain = await self._open_with_retries(batch, attempts)
         chain = self._chain
         await self._finish_handovers()
-        if self.verifier is not None:
-            await self._replace_convicted(attempts, batch)
         if self.config.push and len(chain.hops) > 1:
             chain.send_headers(inputs, declared)
         index, current, pushed = 0, inputs, False
@@ -210,14 +215,61 @@ class InferenceSession:
                 self._handovers[hop] = asyncio.ensure_future(self._prepare_handover(hop, batch))
             current = dataclasses.replace(current, hidden=output)
             index += 1
+        self._inputs.append(inputs)
         return current.hidden
 
-    async def _replace_convicted(self, attempts: Attempts, batch: int) -> None:
-        """Replace the hops a background check found cheating (``client.verify``) by honest servers."""
+    async def confirm_async(self) -> None:
+        """Check every step so far now and wait for the checks (lazy verification checks in windows, in the
+        background). Raises ``SessionRewound`` if one found a wrong output (the session went back to the last
+        verified token); steps nobody could check are logged and left for a later check."""
+        if self.verifier is not None:
+            await self.verifier.confirm()
+            await self._rewind_if_caught()
+
+    def confirm(self) -> None:
+        """``confirm_async`` from any thread."""
+        self.client.loop.run(self.confirm_async())
+
+    async def _rewind_if_caught(self) -> None:
+        """Lazy verification found that a server returned wrong outputs the session used (waiting first while
+        a dispute is being settled): go back to the last verified token and raise ``SessionRewound``."""
+        if self.verifier is None:
+            return
         await self.verifier.settled()
-        for hop in self.verifier.take_convicted(self._chain.hops):
+        position = self.verifier.take_rewind()
+        if position is None:
+            return
+        await self.rewind_async(position)
+        raise SessionRewound(
+            position,
+            f"a server returned wrong outputs from token {position} on; the session went back to {position} "
+            "tokens on honest servers: step again from there",
+        )
+
+    async def rewind_async(self, tokens: int) -> None:
+        """Go back to the session's first ``tokens`` tokens: a new chain (without flagged servers) is given
+        the inputs of those tokens; the servers that held more are let go."""
+        if not 0 <= tokens <= self.position:
+            raise ValueError(f"cannot rewind to {tokens} tokens: the session holds {self.position}")
+        for hop in list(self._handovers):
             self._cancel_handover(hop)
-            await self._replace(hop, batch, attempts)
+        if self._chain is not None:
+            self._chain.close()
+            self._chain = None
+        kept = cut_steps(self._inputs, tokens)
+        if kept:
+            attempts = Attempts(self.client.routes, self.config.max_retries, "rewinding a session")
+            self._chain = await _retrying(attempts, lambda: self._replayed(None, self.batch_size, kept))
+        if self.verifier is not None:
+            self.verifier.prune(self._chain.hops if self._chain is not None else [], obsolete_from=tokens)
+        self._inputs, self.position, self._reorder = kept, tokens, None
+        self.padding = self.padding[:, :tokens] if tokens and self.padding is not None else None
+        self.prefix = self.prefix if tokens >= self.prefix else 0
+        logger.warning("Session rewound to %d tokens, now on servers %s", tokens, [h.peer_id for h in self.hops])
+
+    def rewind(self, tokens: int) -> None:
+        """``rewind_async`` from any thread."""
+        self.client.loop.run(self.rewind_async(tokens))
 
     async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> Chain:
         attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
@@ -229,7 +281,7 @@ class InferenceSession:
         replacement = await _retrying(attempts, lambda: self._replayed(failed.hop.span, batch, failed.history))
         self._chain.replace(failed, replacement)
 
-    async def _replayed(self, span: BlockRange, batch: int, steps: list[StepInput]) -> Chain:
+    async def _replayed(self, span: BlockRange | None, batch: int, steps: list[StepInput]) -> Chain:
         """A new chain for ``span`` that holds ``steps``."""
         replacement = await Chain.open(self.client, self._spec, span, batch)
         await replacement.replay(steps)
@@ -300,6 +352,26 @@ async def _retrying(attempts: Attempts, action: Callable[[], Awaitable[T]]) -> T
             return await action()
         except ServerFailure as failure:
             attempts.failed(failure)
+
+
+def cut_steps(steps: list[StepInput], tokens: int) -> list[StepInput]:
+    """The first ``tokens`` tokens of consecutive ``steps`` (a step across the cut keeps its first part)."""
+    kept, left = [], tokens
+    for step in steps:
+        size = step.hidden.shape[1]
+        if left <= 0:
+            break
+        if size > left:
+            step = dataclasses.replace(
+                step,
+                hidden=step.hidden[:, :left],
+                position_ids=step.position_ids[:, :left],
+                attention_mask=step.attention_mask[:, :left] if step.attention_mask is not None else None,
+                prompts=step.prompts[:, :, :left] if step.prompts is not None else None,
+            )
+        kept.append(step)
+        left -= size
+    return kept
 
 
 def _close_replacement(task: asyncio.Task) -> None:

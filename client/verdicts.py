@@ -136,6 +136,13 @@ def window(verify: float) -> int:
     return 0 if verify == 0 else max(1, round(1 / verify))
 
 
+def lag_limit(window: int) -> int:
+    """Lazy checks: how many steps of a hop may be unchecked while a check of them is in flight before the
+    session waits for it. A cheat is then caught within this many steps of its start, whatever the check's
+    latency: W + 8 (20 at the default W = 12), at least W + W / 2."""
+    return window + max(8, window // 2)
+
+
 def less_precise(servers: list[ServerInfo], span: BlockRange, dtype: str) -> frozenset[str]:
     """Servers to avoid as verifiers of a server announcing ``dtype`` on ``span``: those less precise
     than it, if the rest still cover the span (else none: a less precise verifier beats none)."""

@@ -7,39 +7,52 @@ relative L2 distance, tolerance of the less precise dtype of the pair).
 
 - ``verify=1``: every step goes to S and to V at once; S's output is used only once V agrees, so the
   generated text never depends on a cheater (at the cost of a second server per hop and the slower of
-  the two answers per step).
+  the two answers per step). A step nobody can check is never used silently: the step waits for a
+  verifier (looking the swarm up again every 0.25 s, up to ``wait_for_blocks``; a shadow that appears
+  catches up on the span's inputs first), tries other ones when a verifier fails, and if none can check
+  it fails with ``VerificationImpossible``, or, with ``allow_unverified``, is used with a WARNING naming
+  the step and the server.
 - ``0 < verify < 1``: lazy checks. Every ``W = round(1 / verify)`` steps of a hop, in the background,
   V catches up on the steps since its last check as one merged prefill step, and each of those steps'
-  outputs is compared with what S answered (the client keeps S's outputs of the unchecked window only).
-  Every step is still checked, only late: a server that cheats on every step from some step on is
-  caught at the end of that window, W steps at most plus the check's own latency. A hop's first step
-  (the prompt, usually) is checked at once: the shadow has to compute it anyway to hold the same cache.
+  outputs is compared with what S answered (the client keeps S's outputs until they are checked). A
+  hop's first step (the prompt, usually) is checked at once: the shadow has to compute it anyway to hold
+  the same cache. Steps nobody could check stay pending: the next try (after a second, with the swarm
+  looked up again, so servers that joined meanwhile are found) checks them all. Every step is checked,
+  only late, and never too late: a session waits for a hop's check in flight rather than run more than
+  ``lag_limit(W)`` steps past its first step (W + 8), so a cheat is caught within that many steps of its
+  start whatever the check's latency, as long as some other server holds the span.
   A merged catch-up of W tokens costs far less server time than W decode steps, which keeps the extra
   compute low.
   Default ``verify = 1/12`` (W = 12; ``client.verdicts.DEFAULT_VERIFY``): a merged catch-up costs a
   server about as much as 3 decode steps whatever W (per-block overheads dominate on small models), so
   the verifiers' extra busy time is about 3/W (W = 8 measured 38 %, W = 16 about 19 %); W = 12 stays near
-  25 % and leaves W + the check's latency under 20 steps. The README gives the measured numbers.
-  The steps of a session's last, incomplete window are checked in the background when it closes.
+  25 % and catches a cheat within 20 steps. The README gives the measured numbers.
+  ``confirm`` checks every step so far at once and waits (``generate`` and the HTTP API do so before they
+  answer); the steps of a session's last window are otherwise checked in the background when it closes,
+  and so are those of a hop that left the session (failover, move).
 - ``verify=0``: nothing is checked.
 
 On a mismatch a referee recomputes the step: the client itself when it has the span's weights and can
 run that family (``client.referee``), else a third server (a fresh session on another server of P, fed
 the span's whole input history up to the disputed step as a few prefill steps). While a background check
 settles a dispute the session waits at its next step. Whoever disagrees with the referee while the other
-agrees is flagged: never used again by this client
-(``RouteManager.flag``, ``model.flagged_servers``), a WARNING names it with the evidence, and its hop
-is replaced by replaying its history into an honest server (the failover path of ``client.session``).
-With ``verify=1`` a convicted S fails the step, which then runs on the replacement (and is checked
-again); with lazy checks the replacement happens at the next step boundary. A convicted shadow is
-simply replaced. Without a majority (the referee disagrees with both) S is banned like a failing server.
+agrees is flagged: never used again by this client (``RouteManager.flag``, ``model.flagged_servers``),
+and a WARNING names it with the evidence. With ``verify=1`` a convicted S fails the step, which then runs
+on a replacement (its history replayed into an honest server, the failover path of ``client.session``,
+and checked again): its wrong output was never used. With lazy checks the session did use S's wrong
+outputs, and so did every server after S: at its next step (or ``confirm``) the session goes back to the
+last verified token (the disputed step's first token) on a new chain without S, fed the session's inputs
+up to there, and raises ``SessionRewound`` so its caller generates again from there (``generate`` does it
+itself: ``client.resume``). A convicted shadow is simply replaced. Without a majority (the referee
+disagrees with both) S is banned like a failing server, and the session goes back as well.
 
 Work that was checked is counted as verified in the points receipts (``client.points``), both S's and V's.
 A server that fails as a verifier or referee (down, or too busy for one more session) is not banned; this
 session just asks others for a while.
 
-Shadows and third-server referees are chains of their own (``client.chain``), fed with ``Chain.replay``; the
-verifier gets the client (``client.handle``) and the session's ``ChainSpec``, not the session.
+Shadows and third-server referees are chains of their own (``client.chain``), opened and fed by
+``client.shadows``; the verifier gets the client (``client.handle``) and the session's ``ChainSpec``, not
+the session.
 
 Concurrency: everything runs on the client's event loop; background checks are tasks owned by the
 ``Verifier`` of one session, at most one in flight per hop.
@@ -55,14 +68,15 @@ from collections.abc import Callable
 
 import torch
 
-from client.chain import Chain, ChainSpec
+from client.chain import ChainSpec
 from client.handle import ClientHandle
 from client.hop import HopSession, StepInput
+from client.shadows import Pending, Shadow, Verifiers
 from client.verdicts import (
     Detection,
     Evidence,
+    lag_limit,
     least_precise,
-    less_precise,
     mismatch,
     tolerance,
     verdict,
@@ -73,43 +87,30 @@ from swarm.errors import StamenError
 from swarm.net import tensors
 from swarm.net.receipts import work_units
 from swarm.net.rpc import ServerFailure
-from swarm.routing.chains import uncovered_blocks
 from swarm.spans import BlockRange
 
 logger = logging.getLogger(__name__)
 
-AVOID_SECONDS = 30.0  # a server that failed as a verifier or referee is not asked again for this long
-SHADOW_ATTEMPTS = 4  # shadows tried per check before its steps are left unchecked (each failed one is avoided)
+RETRY_SECONDS = 1.0  # lazy: after a check found no verifier, the next try waits this long (and looks the swarm up)
+MAX_UNCHECKED = 256  # lazy: steps of a hop kept for a check while nobody can check them (older ones give up)
+POLL_SECONDS = 0.25  # verify=1: how often a step without a verifier looks for one again, until wait_for_blocks
 
 
 class CheatingDetected(StamenError):
     """A server's answer disagreed with another server's and with a referee's."""
 
 
-class Shadow:
-    """A hop's shadow: sessions on other servers of the span, and the span's inputs they must hold."""
+class VerificationImpossible(StamenError):
+    """verify=1: no other server could check a step within ``wait_for_blocks``, so its output was not used."""
 
-    def __init__(self, known: list[StepInput]):
-        self.chain: Chain | None = None  # the shadow chain (None: open one before the next check)
-        self.known = list(known)  # every input of the span so far that a shadow has been or must be fed
-        self.fed = 0  # how many of ``known`` the current shadow chain holds
-        self.pending: list[tuple[StepInput, torch.Tensor]] = []  # lazy: (input, S's output), unchecked
-        self.task: asyncio.Task | None = None  # lazy: the check in flight
 
-    @property
-    def hops(self) -> list[HopSession]:
-        """The shadow chain's servers (none while it has no chain)."""
-        return self.chain.hops if self.chain is not None else []
+class SessionRewound(StamenError):
+    """A check found a wrong output the session had already used: the session went back to the last verified
+    token (it now holds ``position`` tokens, on honest servers). Step again from there."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The least precise dtype along the shadow chain."""
-        return least_precise([hop.dtype for hop in self.hops])
-
-    def close(self) -> None:
-        if self.chain is not None:
-            self.chain.close()
-        self.chain, self.fed = None, 0
+    def __init__(self, position: int, message: str):
+        super().__init__(message)
+        self.position = position
 
 
 class Verifier:
@@ -121,13 +122,13 @@ class Verifier:
         self.client, self.spec, self.position, self.window = client, spec, position, window(verify)
         self.full = verify >= 1.0
         self.shadows: dict[HopSession, Shadow] = {}
-        self.convicted: set[HopSession] = set()  # lazy: hops found cheating, to replace at the next step
+        self.leaving: set[asyncio.Task] = set()  # last checks of shadows whose hops left the session
+        self.rewind: int | None = None  # lazy: a used output was wrong: the session must go back to this many tokens
         self.referee = ""  # who settled the last dispute (for the log)
-        self.unchecked: set[str] = set()  # servers found without another server of their span (logged once)
+        self.verifiers = Verifiers(client, spec)
         self._calm = asyncio.Event()  # set while no background check is settling a dispute
         self._calm.set()
         self._disputes = 0  # background checks settling a dispute now
-        self.avoided: dict[str, float] = {}  # server that failed as a verifier or referee -> asked again after
         self.routes, self.stats, self.receipts = client.routes, client.verification, client.receipts
 
     # -- the session's entry points --
@@ -138,21 +139,27 @@ class Verifier:
         if not self.full:
             return None
         shadow = self.shadows.setdefault(hop, Shadow(hop.history))
-        return asyncio.ensure_future(self._run_shadow(hop, shadow, [item], item.hidden.shape[0]))
+        return asyncio.ensure_future(self.verifiers.run(hop, shadow, [item], item.hidden.shape[0]))
 
     async def check(
         self, hop: HopSession, item: StepInput, output: torch.Tensor, started: asyncio.Future | None
     ) -> torch.Tensor:
         """``hop`` answered ``output`` for ``item``: with verify=1 return it once checked (raises
-        ``ServerFailure`` if the hop cheated); with lazy checks keep it for the window's check."""
+        ``ServerFailure`` if the hop cheated, ``VerificationImpossible`` if nobody could check it); with lazy
+        checks keep it for the window's check."""
         if self.full:
             return await self._check_now(hop, item, output, started)
         shadow = self.shadows.get(hop)
         first = shadow is None
         if first:  # the first step (often the prompt) is checked at once: the shadow must compute it anyway
             shadow = self.shadows[hop] = Shadow(hop.history)
-        shadow.pending.append((item, output))
-        if (first or len(shadow.pending) >= self.window) and (shadow.task is None or shadow.task.done()):
+        shadow.pending.append(Pending(item, output, shadow.tokens))
+        shadow.tokens += item.hidden.shape[1]
+        running = shadow.task is not None and not shadow.task.done()
+        if running and shadow.checking + len(shadow.pending) >= lag_limit(self.window):
+            await asyncio.wait({shadow.task})  # the check lags: wait for it rather than run further ahead of it
+        due = first or (len(shadow.pending) >= self.window and time.monotonic() >= shadow.retry_at)
+        if due and (shadow.task is None or shadow.task.done()):
             shadow.task = asyncio.ensure_future(_logged(self._check_window(hop, shadow)))
         return output
 
@@ -161,26 +168,39 @@ class Verifier:
         that was just caught disagreeing before the referee has spoken."""
         await self._calm.wait()
 
-    def take_convicted(self, hops: list[HopSession]) -> list[HopSession]:
-        """Hops of ``hops`` found cheating by a background check (each reported once)."""
-        found = [hop for hop in hops if hop in self.convicted]
-        self.convicted.difference_update(found)
-        return found
+    def take_rewind(self) -> int | None:
+        """Lazy: the tokens the session must go back to (a check found a wrong output it used), once."""
+        rewind, self.rewind = self.rewind, None
+        return rewind
 
-    def prune(self, hops: list[HopSession]) -> None:
-        """Close the shadows of hops no longer in the session (replaced, moved)."""
+    async def confirm(self) -> None:
+        """Check every step so far now, and wait for all checks (also those of hops that left the session).
+        Steps nobody could check stay pending (logged) for a later check."""
+        for hop, shadow in list(self.shadows.items()):
+            if shadow.task is not None and not shadow.task.done():
+                await asyncio.wait({shadow.task})
+            if shadow.pending and self.shadows.get(hop) is shadow:
+                shadow.task = asyncio.ensure_future(_logged(self._check_window(hop, shadow)))
+        tasks = {s.task for s in self.shadows.values() if s.task is not None} | self.leaving
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def prune(self, hops: list[HopSession], obsolete_from: int | None = None) -> None:
+        """Stop shadowing hops no longer in the session (replaced, moved, rewound): their unchecked steps
+        are still checked, in the background (but not those from ``obsolete_from`` tokens on: a rewind
+        dropped them)."""
         for hop in [hop for hop in self.shadows if hop not in hops]:
             shadow = self.shadows.pop(hop)
-            if shadow.task is not None and not shadow.task.done():
-                shadow.task.add_done_callback(lambda _, s=shadow: s.close())
-            else:
-                shadow.close()
+            if obsolete_from is not None:
+                shadow.obsolete_from = obsolete_from
+                shadow.pending = [p for p in shadow.pending if p.start < obsolete_from]
+            task = asyncio.ensure_future(_logged(self._final_check(hop, shadow)))
+            self.leaving.add(task)
+            task.add_done_callback(self.leaving.discard)
 
     def finish(self) -> None:
         """The session closed: check the steps of its last windows in the background, then close."""
-        for hop, shadow in self.shadows.items():
-            asyncio.ensure_future(_logged(self._final_check(hop, shadow)))
-        self.shadows = {}
+        self.prune([])
 
     # -- checks --
 
@@ -190,7 +210,9 @@ class Verifier:
         shadow = self.shadows[hop]
         answers = await started if started is not None else None
         if answers is None:
-            return output
+            answers = await self._wait_for_shadow(hop, shadow, item)
+        if answers is None:
+            return self._unchecked(hop, shadow, item, output)
         evidence = self._compare(hop, shadow, item, output, answers[0])
         if evidence is None:
             return output
@@ -201,37 +223,91 @@ class Verifier:
             raise ServerFailure(hop.peer_id, f"answers disputed without a majority ({evidence})")
         return output
 
+    async def _wait_for_shadow(self, hop: HopSession, shadow: Shadow, item: StepInput) -> list[torch.Tensor] | None:
+        """verify=1, no shadow answered: look for one until ``wait_for_blocks`` (only once per hop while none
+        is found; a shadow that appears meanwhile catches up on the span's inputs and runs ``item``)."""
+        deadline = time.monotonic() + (0.0 if shadow.waited else self.client.config.wait_for_blocks)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            answers = await self.verifiers.run(hop, shadow, [item], item.hidden.shape[0])
+            if answers is not None:
+                shadow.waited = False
+                return answers
+        shadow.waited = True
+        return None
+
+    def _unchecked(self, hop: HopSession, shadow: Shadow, item: StepInput, output: torch.Tensor) -> torch.Tensor:
+        """verify=1 and nobody could check ``item``: fail the step, or (``allow_unverified``) use it, logged."""
+        self.stats.skipped += 1
+        position = int(item.position_ids.min()) if item.position_ids.numel() else 0
+        where = f"the step at position {position} on server {hop.peer_id} (blocks {hop.hop.span})"
+        if not self.client.config.allow_unverified:
+            raise VerificationImpossible(
+                f"verify=1: no other server could check {where} within {self.client.config.wait_for_blocks:.0f} s; "
+                "its output was not used (allow_unverified=True uses such steps, with a warning)"
+            )
+        logger.warning("Using %s unchecked: no other server could check it (allow_unverified)", where)
+        shadow.known.append(item)  # a later shadow must still hold it
+        return output
+
     async def _check_window(self, hop: HopSession, shadow: Shadow) -> None:
         pairs, shadow.pending = shadow.pending, []
-        answers = await self._run_shadow(hop, shadow, [item for item, _ in pairs], pairs[0][0].hidden.shape[0])
-        if answers is None:  # these steps stay unchecked; a later shadow must still hold their inputs
-            shadow.known.extend(item for item, _ in pairs)
+        shadow.checking = len(pairs)
+        try:
+            await self._check_pairs(hop, shadow, pairs)
+        finally:
+            shadow.checking = 0
+
+    async def _check_pairs(self, hop: HopSession, shadow: Shadow, pairs: list[Pending]) -> None:
+        answers = await self.verifiers.run(hop, shadow, [p.item for p in pairs], pairs[0].item.hidden.shape[0])
+        if answers is None:  # nobody could check them now: they wait for the next check (the oldest give up)
+            shadow.pending = pairs + shadow.pending
+            shadow.retry_at = time.monotonic() + RETRY_SECONDS
+            dropped = max(0, len(shadow.pending) - MAX_UNCHECKED)
+            shadow.known.extend(p.item for p in shadow.pending[:dropped])  # a later shadow must still hold them
+            shadow.pending = shadow.pending[dropped:]
+            self.stats.skipped += dropped
             return
-        first = len(shadow.known) - len(pairs)
-        for offset, ((item, output), answer) in enumerate(zip(pairs, answers, strict=True)):
-            evidence = self._compare(hop, shadow, item, output, answer)
+        for offset, (pair, answer) in enumerate(zip(pairs, answers, strict=True)):
+            evidence = self._compare(hop, shadow, pair.item, pair.output, answer)
             if evidence is None:
                 continue
             self._disputes += 1
             self._calm.clear()
             try:
-                culprit = await self._settle(hop, shadow, first + offset, output, answer, evidence)
+                index = len(shadow.known) - len(pairs) + offset
+                culprit = await self._settle(hop, shadow, index, pair.output, answer, evidence)
             finally:
                 self._disputes -= 1
                 if not self._disputes:
                     self._calm.set()
             if culprit is None:  # no majority: treat it as a failing server, not a cheater
                 self.routes.ban(hop.peer_id, f"answers disputed without a majority ({evidence})")
-            if culprit != "shadow":
-                self.convicted.add(hop)
+            if culprit != "shadow":  # the session used a wrong output: it goes back to before this step
+                if shadow.obsolete_from is None or pair.start < shadow.obsolete_from:
+                    self.rewind = pair.start if self.rewind is None else min(self.rewind, pair.start)
+                return
+            rest = pairs[offset + 1 :]  # the shadow lied: a new one checks the steps after this one
+            del shadow.known[len(shadow.known) - len(rest) :]
+            shadow.pending = rest + shadow.pending
             return
 
     async def _final_check(self, hop: HopSession, shadow: Shadow) -> None:
         try:
             if shadow.task is not None:
                 await asyncio.wait({shadow.task})
-            if shadow.pending:
+            left = len(shadow.pending) + 1
+            while 0 < len(shadow.pending) < left:  # until all are checked, or a check makes no progress
+                left = len(shadow.pending)
                 await self._check_window(hop, shadow)
+            if shadow.pending:
+                self.stats.skipped += len(shadow.pending)
+                logger.warning(
+                    "%d steps of server %s (blocks %s) were never checked: no other server could check them",
+                    len(shadow.pending),
+                    hop.peer_id,
+                    hop.hop.span,
+                )
         finally:
             shadow.close()
 
@@ -256,60 +332,6 @@ class Verifier:
         return None
 
     # -- shadows and referees --
-
-    async def _run_shadow(
-        self, hop: HopSession, shadow: Shadow, steps: list[StepInput], batch: int
-    ) -> list[torch.Tensor] | None:
-        """Feed ``steps`` to the hop's shadow (opening one first and catching it up if needed); their
-        outputs, or None if no shadow could do it (the steps stay unchecked; a later check feeds them)."""
-        for _ in range(SHADOW_ATTEMPTS):
-            try:
-                if shadow.chain is None:
-                    shadow.chain = await self._open(hop, frozenset({hop.peer_id}), batch)
-                    if shadow.chain is None:
-                        break
-                await self._feed(shadow.chain, shadow.known[shadow.fed :])
-                shadow.fed = len(shadow.known)
-                answers = await self._feed(shadow.chain, steps)
-            except ServerFailure as failure:
-                self._avoid(failure, "verifier")
-                shadow.close()
-                continue
-            shadow.known.extend(steps)
-            shadow.fed = len(shadow.known)
-            return answers
-        self.stats.skipped += len(steps)
-        return None
-
-    def _avoid(self, failure: ServerFailure, role: str) -> None:
-        """A server failed as a verifier or referee (down, or too busy for another session): this session
-        asks others from now on (no ban: it may still serve well)."""
-        logger.info("Server %s failed as a %s: %s", failure.peer_id, role, failure.reason)
-        self.avoided[failure.peer_id] = time.monotonic() + AVOID_SECONDS
-
-    async def _open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> Chain | None:
-        """A chain over ``hop``'s span on other servers, preferring ones at least as precise as ``hop``'s
-        server; None if no other server holds the span (logged)."""
-        now = time.monotonic()
-        exclude = exclude | {peer for peer, until in self.avoided.items() if until > now}
-        span = hop.hop.span
-        servers = await self.routes.candidates(exclude=exclude)
-        if uncovered_blocks(servers, span):
-            if hop.peer_id not in self.unchecked:  # once per server and session
-                logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)
-                self.unchecked.add(hop.peer_id)
-            return None
-        avoid = less_precise(servers, span, tensors.DTYPE_NAMES.get(hop.dtype, "float32"))
-        return await Chain.open(self.client, self.spec, span, batch, exclude | avoid)
-
-    async def _feed(self, chain: Chain, steps: list[StepInput]) -> list[torch.Tensor]:
-        """Run ``steps`` through a shadow or referee chain; each step's output (in order). Its work counts
-        as the verifiers' (``VerifyStats.shadow_units``)."""
-        before = chain.units
-        try:
-            return await chain.replay(steps)
-        finally:
-            self.stats.shadow_units += chain.units - before
 
     async def _settle(
         self, hop: HopSession, shadow: Shadow, index: int, output: torch.Tensor, answer: torch.Tensor, evidence
@@ -352,15 +374,15 @@ class Verifier:
             except Exception:
                 logger.exception("The client could not recompute blocks %s; asking a server", hop.hop.span)
         suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
-        referee = await self._open(hop, suspects, steps[0].hidden.shape[0])
+        referee = await self.verifiers.open(hop, suspects, steps[0].hidden.shape[0])
         if referee is None:
             logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
             return None
         hops = list(referee.hops)
         try:
-            truth = (await self._feed(referee, steps))[-1]
+            truth = (await self.verifiers.feed(referee, steps))[-1]
         except ServerFailure as failure:
-            self._avoid(failure, "referee")
+            self.verifiers.avoid(failure, "referee")
             return None
         finally:
             referee.close()

@@ -23,6 +23,13 @@ round steps at most ``shared_round_requests`` of its lane's requests, picked fai
 with the fewest steps first, and within a key the request that waited longest), so a key with 16 streams
 does not make another key's single stream wait for rounds of 16; a lone key's rounds step all its requests.
 
+Before its last event, a request waits until verification confirmed every step of it (``confirm_async``).
+When a check finds that a server's outputs were wrong, the request's session goes back to the last
+verified token (``SessionRewound``): the request keeps the tokens that came from verified outputs and goes
+on from there on honest servers, so a whole answer is what an honest swarm gives. A streamed answer
+cannot take back text it sent: if it sent text of the tokens taken back, it ends with an error event
+(code ``unverified_output``).
+
 A request whose HTTP client went away is marked cancelled; it leaves at the end of the round (its step
 in flight is not interrupted, which would look like a server failure) and its session is closed on
 every server.
@@ -46,7 +53,7 @@ from client.api.keys import APIKey, Limiter, fair_pick, level_counts
 from client.api.protocol import CompletionRequest
 from client.chain import DeclaredRound
 from client.model import DistributedModelForCausalLM
-from client.session import InferenceSession
+from client.session import InferenceSession, SessionRewound
 from swarm.routing.chains import Hop
 
 logger = logging.getLogger(__name__)
@@ -271,7 +278,10 @@ class Engine:
             return_exceptions=True,
         )
         for (generation, _), result in zip(stepping, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, SessionRewound):
+                lane.discard(generation)
+                asyncio.get_running_loop().create_task(self._resume(generation, result.position))
+            elif isinstance(result, BaseException):
                 self._fail(generation, result)
             else:
                 generation.hidden = result[:, -1]  # [1, hidden_size]
@@ -301,18 +311,63 @@ class Engine:
         return tokens, self._embed(torch.tensor(tokens, dtype=torch.int64)[:, None])  # [n, 1, hidden_size]
 
     def _finish(self, generation: Generation) -> None:
+        for lane in self._lanes:
+            lane.discard(generation)
+        asyncio.get_running_loop().create_task(self._conclude(generation))
+
+    async def _conclude(self, generation: Generation) -> None:
+        """The last event, once verification confirmed the answer's steps (``InferenceSession.confirm_async``)
+        and the route is described (names come from the DHT view: off the loop)."""
+        try:
+            await generation.session.confirm_async()
+        except SessionRewound as rewound:
+            await self._resume(generation, rewound.position)
+            return
+        except Exception as exc:
+            self._fail(generation, exc)
+            return
         hops = generation.session.route
         self._release(generation)
-        asyncio.get_running_loop().create_task(self._conclude(generation, hops))
-
-    async def _conclude(self, generation: Generation, hops: list[Hop]) -> None:
-        """The last event, once the route is described (names come from the DHT view: off the loop)."""
         try:
             generation.route = await asyncio.get_running_loop().run_in_executor(None, self._describe, hops)
         except Exception:  # the answer matters more than the names of its servers
             logger.warning("Could not describe the route", exc_info=True)
             generation.route = [{"peer_id": hop.peer_id, "public_name": "", "blocks": str(hop.span)} for hop in hops]
         generation.events.put_nowait(Event(finish_reason=generation.tracker.finish_reason))
+
+    async def _resume(self, generation: Generation, position: int) -> None:
+        """Verification took back the session's outputs from token ``position`` on (``SessionRewound``): keep the
+        tokens that came from verified outputs and go on from there. A stream that already sent text of the
+        tokens taken back cannot unsend it: it ends with an error event instead."""
+        prompt, old = generation.request.prompt_ids, generation.tracker
+        kept = old.tokens[: max(0, position + 1 - len(prompt))]
+        tracker = TextTracker(old.decode, old.stops, old.eos_ids, old.max_tokens)
+        for token in kept:
+            tracker.add(token)
+        if generation.request.stream and len(old.sent) > len(tracker.sent):
+            message = (
+                f"A server of this answer's route was caught returning wrong outputs; the text streamed from "
+                f"completion token {len(kept)} on was not verified. The server is no longer used: send the "
+                "request again."
+            )
+            self._fail(generation, APIError(502, message, "server_error", None, "unverified_output"))
+            return
+        generation.tracker = tracker
+        ids = torch.tensor([prompt + kept], dtype=torch.int64)[:, position:]  # [1, tokens to send again]
+        positions = torch.arange(position, position + ids.shape[1], dtype=torch.int64)[None]
+        try:
+            embeddings = await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, ids)
+            hidden = await generation.session.step_async(embeddings, positions)  # [1, tokens, hidden_size]
+        except SessionRewound as rewound:
+            await self._resume(generation, rewound.position)
+            return
+        except Exception as exc:
+            self._fail(generation, exc)
+            return
+        generation.hidden = hidden[:, -1]
+        lane = min(self._lanes, key=lambda candidate: candidate.load)
+        lane.joining.append(generation)
+        lane.wake.set()
 
     def _describe(self, hops: list[Hop]) -> list[dict]:
         route = []

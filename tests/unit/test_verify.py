@@ -12,12 +12,15 @@ import torch
 from client.config import ClientConfig
 from client.hop import StepInput, merge_steps
 from client.points import ReceiptBook
+from client.resume import left_tokens, pad_after_eos, resume_from
 from client.sequence import RouteManager
+from client.session import cut_steps
 from client.verdicts import (
     DEFAULT_VERIFY,
     TOLERANCES,
     Evidence,
     distances,
+    lag_limit,
     less_precise,
     mismatch,
     split_tokens,
@@ -181,3 +184,53 @@ def test_local_referee_computes_what_transformers_does(tiny_models, family):
     output = referee.run(BlockRange(2, 5), steps)
     assert output.shape == (2, 1, model.config.hidden_size)
     assert torch.allclose(output, states[5][:, 8:9], atol=1e-4, rtol=1e-4)
+
+
+def test_a_cheat_is_caught_within_20_steps_at_the_default_window():
+    assert lag_limit(window(DEFAULT_VERIFY)) == 20
+    assert lag_limit(16) == 24 and lag_limit(40) == 60
+
+
+def test_cut_steps_keeps_the_first_tokens_of_a_history():
+    steps = [
+        StepInput(hidden(0, tokens=3), torch.arange(3)[None].expand(2, 3), None),
+        StepInput(hidden(1, tokens=2), torch.arange(3, 5)[None].expand(2, 2), torch.tensor([[True, False]] * 2)),
+    ]
+    assert cut_steps(steps, 5) == steps and cut_steps(steps, 0) == [] and cut_steps(steps, 3) == steps[:1]
+    first, second = cut_steps(steps, 4)
+    assert first is steps[0]
+    assert torch.equal(second.hidden, steps[1].hidden[:, :1]) and second.position_ids.tolist() == [[3], [3]]
+    assert second.attention_mask.tolist() == [[True], [True]]
+
+
+def test_resume_from_the_verified_prefix():
+    prompt = torch.tensor([[5, 6, 7]])
+    recorded = torch.tensor([[5, 6, 7, 0, 9, 10]])  # a generated token may be the pad token (0)
+    held = torch.tensor([[False, True, True, True]])
+    resume = resume_from(4, prompt, torch.tensor([[0, 1, 1]]), recorded, held)
+    assert resume.ids.tolist() == [[5, 6, 7, 0, 9]] and resume.kept == 2  # the token at 4 came from verified outputs
+    assert resume.attention_mask.tolist() == [[0, 1, 1, 1, 1]]  # what was sent, and the new token
+    assert resume_from(4, prompt, None, recorded, held[:, :4] | True).attention_mask.tolist() == [[1] * 5]
+    early = resume_from(1, prompt, None, recorded, held[:, :1])  # back into the prompt: all of it is sent again
+    assert early.ids.tolist() == [[5, 6, 7]] and early.kept == 0 and early.attention_mask is None
+    assert resume_from(0, prompt, None, None, None).ids.tolist() == [[5, 6, 7]]
+
+
+def test_tokens_left_after_a_resume():
+    class Config:
+        max_new_tokens, min_new_tokens = 20, None
+
+    assert left_tokens({"max_new_tokens": 10, "min_new_tokens": 10}, Config, 4) == {
+        "max_new_tokens": 6,
+        "min_new_tokens": 6,
+    }
+    assert left_tokens({}, Config, 4) == {"max_new_tokens": 16}
+
+
+def test_rows_that_ended_are_padded_as_transformers_pads_them():
+    eos, pad = 2, 0
+    sequences = torch.tensor([[9, 9, 4, 2, 7, 2, 5], [9, 9, 4, 4, 4, 2, 3]])
+    assert pad_after_eos(sequences, 2, [eos], pad).tolist() == [[9, 9, 4, 2, 0, 0], [9, 9, 4, 4, 4, 2]]
+    unfinished = torch.tensor([[9, 4, 2, 7], [9, 4, 4, 4]])
+    assert pad_after_eos(unfinished, 1, [eos], pad).tolist() == [[9, 4, 2, 0], [9, 4, 4, 4]]
+    assert pad_after_eos(unfinished, 1, [], pad).tolist() == unfinished.tolist()
