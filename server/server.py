@@ -29,7 +29,7 @@ from swarm.core.blocks import load_block_stack
 from swarm.core.cache import CacheBudget, KVGeometry
 from swarm.models.families import family_for, load_config
 from swarm.models.modelpath import DEFAULT_MODEL, default_cache_dir, resolve_model
-from swarm.net import tensors
+from swarm.net import control, tensors
 from swarm.net.dht import DHTConfig, SwarmDHT
 from swarm.net.membership import Membership, load_key
 from swarm.net.records import PeerUsage, ServerInfo, ServerState
@@ -64,6 +64,7 @@ class Server:
         self.state = ServerState.JOINING
         self.serving: Serving | None = None
         self.pusher: Pusher | None = None
+        self._p2p = None  # the handle the RPC handlers are registered on (set with them)
         self.span: BlockRange | None = config.blocks
         self.next_pings: dict[str, float] = {}
         self._stop: asyncio.Event | None = None
@@ -104,7 +105,7 @@ class Server:
             self.span = self.span or await self._choose_span()
             await self.announcer.announce()  # JOINING: others choosing spans count us in
             self.serving = await self._load(self.span)
-            p2p = await self.dht.replicate_p2p()
+            p2p = self._p2p = await self.dht.replicate_p2p()
             self.handler = Handler(lambda: self.serving, lambda: self.info().to_proto(), config)
             self.membership = Membership(self.swarm_key, self.peer_id)
             self.handler.gate = Gate(self.swarm_key, self.peer_id)
@@ -229,6 +230,7 @@ class Server:
         served: each is bounded (by count or age) where it is declared."""
         serving = self.serving
         sizes = {"store_sessions": len(serving.store), "next_pings": len(self.next_pings), **serving.scheduler.sizes()}
+        sizes |= control.sizes(self._p2p)
         return sizes | self.handler.sizes() | self.pusher.sizes() | self.ledger.sizes()
 
     def _log_sizes(self) -> None:

@@ -8,6 +8,7 @@
 - ``membership``: private swarms: the swarm key and the proofs that a peer holds it
 - ``identity``: a peer's libp2p key pair, signatures and their checks
 - ``receipts``: points for volunteers: signed cumulative receipts and vouchers
+- ``control``: hivemind's control connection hardened against answers that come after their call was cancelled
 - ``lifetime``: child processes (the libp2p daemon, local-swarm nodes) that end with their parent
 
 Concurrency: ``dht`` runs hivemind's node on its own loop thread; everything else is called from the

@@ -28,6 +28,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.errors import StamenError
+from swarm.net.control import harden
 from swarm.net.identity import Identity
 from swarm.net.lifetime import daemons_end_with_parent
 from swarm.net.membership import SwarmKeyAuthorizer
@@ -179,7 +180,7 @@ class SwarmDHT:
 
     async def replicate_p2p(self) -> P2P:
         """A libp2p handle for the caller's event loop, sharing this node's daemon (and its peer id)."""
-        return await P2P.replicate(self.node.p2p.daemon_listen_maddr)
+        return harden(await P2P.replicate(self.node.p2p.daemon_listen_maddr))
 
     def announce(self, prefix: str, info: ServerInfo, ttl: float) -> DHTFuture:
         """Store ``info`` under the key of every block it hosts, expiring after ``ttl`` seconds.
@@ -293,6 +294,7 @@ async def _create_node(config: DHTConfig, identity_path: str) -> DHTNode:
         dht_mode="client" if config.client_mode else "server",
         **options,
     )
+    harden(p2p)  # the DHT's own RPCs are unary calls with timeouts too
     try:
         return await DHTNode.create(
             p2p=p2p,
