@@ -20,7 +20,7 @@ from tests.swarm.procs import tree
 pytestmark = pytest.mark.timeout(420)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-GONE_WITHIN = 20.0  # seconds for a process and everything it started to end
+GONE_WITHIN = 60.0  # seconds for a process and everything it started to end (graceful exits on a busy machine)
 ROOT = Path(__file__).resolve().parents[2]
 
 # a client that generates once, says so, and waits (bounded) to be ended by a signal
