@@ -43,10 +43,14 @@ _OPEN_LOCK = threading.Lock()
 
 @atexit.register
 def _shut_down_open_clients() -> None:
+    """All at once: each may wait seconds for servers that are gone (receipts, daemon)."""
     with _OPEN_LOCK:
         clients = list(_OPEN)
-    for client in clients:
-        client.shutdown()
+    threads = [threading.Thread(target=client.shutdown, name="stamen-exit") for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class SwarmClient:
