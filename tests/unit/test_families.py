@@ -47,6 +47,9 @@ class InProcessSession:
         self.position += tokens
         return hidden.clone()
 
+    def confirm(self) -> None:
+        """Nothing to verify: the blocks ran in this process."""
+
 
 class InProcessPasses:
     """Stateless forward passes through the same block stacks (what ``RemoteBlocks`` asks of a client)."""
