@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # a client that generates once, says so, and waits (bounded) to be ended by a signal
 CLIENT = """
-import sys, time, torch
+import signal, sys, time, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may have inherited SIGINT ignored
 from client import AutoDistributedModelForCausalLM
 model = AutoDistributedModelForCausalLM.from_pretrained(sys.argv[1], initial_peers=sys.argv[2:])
 model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
