@@ -37,7 +37,8 @@ from client.chain import Chain, ChainSpec, DeclaredRound
 from client.handle import ClientHandle
 from client.hop import HopSession, StepInput
 from client.retry import Attempts
-from client.verify import SessionRewound, Verifier
+from client.verify import Verifier
+from swarm.errors import SessionRewound
 from swarm.models.adapters import LoraAdapter
 from swarm.net.receipts import work_units
 from swarm.net.rpc import ServerFailure

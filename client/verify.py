@@ -83,7 +83,7 @@ from client.verdicts import (
     window,
     worst_token,
 )
-from swarm.errors import StamenError
+from swarm.errors import CheatingDetected, VerificationImpossible
 from swarm.net import tensors
 from swarm.net.receipts import work_units
 from swarm.net.rpc import ServerFailure
@@ -94,23 +94,6 @@ logger = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0  # lazy: after a check found no verifier, the next try waits this long (and looks the swarm up)
 MAX_UNCHECKED = 256  # lazy: steps of a hop kept for a check while nobody can check them (older ones give up)
 POLL_SECONDS = 0.25  # verify=1: how often a step without a verifier looks for one again, until wait_for_blocks
-
-
-class CheatingDetected(StamenError):
-    """A server's answer disagreed with another server's and with a referee's."""
-
-
-class VerificationImpossible(StamenError):
-    """verify=1: no other server could check a step within ``wait_for_blocks``, so its output was not used."""
-
-
-class SessionRewound(StamenError):
-    """A check found a wrong output the session had already used: the session went back to the last verified
-    token (it now holds ``position`` tokens, on honest servers). Step again from there."""
-
-    def __init__(self, position: int, message: str):
-        super().__init__(message)
-        self.position = position
 
 
 class Verifier:

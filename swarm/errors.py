@@ -2,6 +2,7 @@
 
 A server raises these below its handler; the handler maps them to ``pb.Error`` in one place
 (``to_proto``); a client turns a received ``pb.Error`` back into the same class (``from_proto``).
+The last three are the client's verification outcomes (``client.verify``); they never travel.
 """
 
 from __future__ import annotations
@@ -118,3 +119,20 @@ def format_blocks(blocks: list[int]) -> str:
         parts.append(f"{ordered[i]}:{ordered[j] + 1}")
         i = j + 1
     return ", ".join(parts)
+
+
+class CheatingDetected(StamenError):
+    """A server's answer disagreed with another server's and with a referee's."""
+
+
+class VerificationImpossible(StamenError):
+    """verify=1: no other server could check a step within ``wait_for_blocks``, so its output was not used."""
+
+
+class SessionRewound(StamenError):
+    """A check found a wrong output the session had already used: the session went back to the last verified
+    token (it now holds ``position`` tokens, on honest servers). Step again from there."""
+
+    def __init__(self, position: int, message: str):
+        super().__init__(message)
+        self.position = position
