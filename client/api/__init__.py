@@ -11,6 +11,7 @@ A client application: it imports ``client`` (never ``server``).
 - ``responses``: response bodies and server-sent events as OpenAI sends them
 - ``engine``: the generation engine (one session per request; requests stepped in lanes of declared, numbered
   rounds), computing the model's own layers through the model's ``embed`` and ``next_token_logits``
+- ``lanes``: the engine's lanes of requests stepped together, and how they are kept even (``surplus``)
 - ``keys``: API keys (``--api-keys``), their limits (401, 429 with Retry-After) and usage, and the fair share
   of a round between keys (pure decisions)
 - ``decoding``: per-request sampling, detokenization, stop strings and eos (pure)

@@ -41,8 +41,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -50,6 +52,7 @@ from client.api.config import APIConfig
 from client.api.decoding import TextTracker, eos_ids, new_generator, sample
 from client.api.errors import APIError
 from client.api.keys import APIKey, Limiter, fair_pick, level_counts
+from client.api.lanes import Lane, surplus
 from client.api.protocol import CompletionRequest
 from client.chain import DeclaredRound
 from client.model import DistributedModelForCausalLM
@@ -57,6 +60,7 @@ from client.session import InferenceSession, SessionRewound
 from swarm.routing.chains import Hop
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,33 +91,6 @@ class Generation:
     def usage(self) -> dict[str, int]:
         prompt, completion = len(self.request.prompt_ids), len(self.tracker.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class Lane:
-    """Requests stepped together in lockstep rounds. The engine runs several lanes at once, so while one lane's
-    round is on one server of the chain, another lane's round can be on the next one."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.active: list[Generation] = []  # stepped in its rounds (all, or a fair share while keys share them)
-        self.joining: list[Generation] = []  # prefilled (or moved here), joining at the next round
-        self.wake = asyncio.Event()
-        self.counts: dict[str, float] = {}  # key name -> its steps in this lane's shared rounds, over its weight
-
-    @property
-    def load(self) -> int:
-        return len(self.active) + len(self.joining)
-
-    def discard(self, generation: Generation) -> None:
-        for pending in (self.active, self.joining):
-            if generation in pending:
-                pending.remove(generation)
-
-
-def surplus(lanes: list[Lane], lane: Lane) -> int:
-    """How many of ``lane``'s active requests to move to the least loaded lane, so lanes stay even (pure)."""
-    least = min(lanes, key=lambda other: other.load)
-    return max(0, (lane.load - least.load) // 2) if least is not lane else 0
 
 
 class Engine:
@@ -318,13 +295,7 @@ class Engine:
     async def _conclude(self, generation: Generation) -> None:
         """The last event, once verification confirmed the answer's steps (``InferenceSession.confirm_async``)
         and the route is described (names come from the DHT view: off the loop)."""
-        try:
-            await generation.session.confirm_async()
-        except SessionRewound as rewound:
-            await self._resume(generation, rewound.position)
-            return
-        except Exception as exc:
-            self._fail(generation, exc)
+        if not await self._survived(generation, generation.session.confirm_async()):
             return
         hops = generation.session.route
         self._release(generation)
@@ -334,6 +305,19 @@ class Engine:
             logger.warning("Could not describe the route", exc_info=True)
             generation.route = [{"peer_id": hop.peer_id, "public_name": "", "blocks": str(hop.span)} for hop in hops]
         generation.events.put_nowait(Event(finish_reason=generation.tracker.finish_reason))
+
+    async def _survived(self, generation: Generation, work: Awaitable[T]) -> T | bool | None:
+        """``work``'s result (True for None), or None when it failed: then the generation was resumed from
+        the last verified token (``SessionRewound``) or failed with the error."""
+        try:
+            result = await work
+        except SessionRewound as rewound:
+            await self._resume(generation, rewound.position)
+            return None
+        except Exception as exc:
+            self._fail(generation, exc)
+            return None
+        return True if result is None else result
 
     async def _resume(self, generation: Generation, position: int) -> None:
         """Verification took back the session's outputs from token ``position`` on (``SessionRewound``): keep the
@@ -355,14 +339,12 @@ class Engine:
         generation.tracker = tracker
         ids = torch.tensor([prompt + kept], dtype=torch.int64)[:, position:]  # [1, tokens to send again]
         positions = torch.arange(position, position + ids.shape[1], dtype=torch.int64)[None]
-        try:
+
+        async def send_again() -> torch.Tensor:  # [1, tokens, hidden_size]
             embeddings = await asyncio.get_running_loop().run_in_executor(self._worker, self._embed, ids)
-            hidden = await generation.session.step_async(embeddings, positions)  # [1, tokens, hidden_size]
-        except SessionRewound as rewound:
-            await self._resume(generation, rewound.position)
-            return
-        except Exception as exc:
-            self._fail(generation, exc)
+            return await generation.session.step_async(embeddings, positions)
+
+        if (hidden := await self._survived(generation, send_again())) is None:
             return
         generation.hidden = hidden[:, -1]
         lane = min(self._lanes, key=lambda candidate: candidate.load)

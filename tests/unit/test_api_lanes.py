@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from client.api.engine import Lane, surplus
+from client.api.lanes import Lane, surplus
 
 pytestmark = pytest.mark.timeout(30)
 
