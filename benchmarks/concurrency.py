@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="runs of each side per user count; best kept (default 2)")
     p.add_argument("--num-threads", type=int, default=2, help="torch threads here, in each server and in the API")
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    p.add_argument("--verify", default=None, help="the API's --verify (default: its own default)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--time-limit", type=int, default=900, help="abort (and clean up) after this many seconds")
     args = p.parse_args(argv)
@@ -249,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with LocalSwarm(timeout=300) as swarm:
             swarm.start(args.model, [("0:15", threads), ("15:30", threads)])
-            api = swarm.start_api(args.model, *threads, "--max-concurrent-requests", str(max(args.user_counts)))
+            verify = ("--verify", args.verify) if args.verify is not None else ()
+            api = swarm.start_api(
+                args.model, *threads, *verify, "--max-concurrent-requests", str(max(args.user_counts))
+            )
             model = json.loads(aiohttp_get(f"{api.url}/v1/models"))["data"][0]["id"]
             print(
                 f"model {model}; {args.new_tokens} new tokens per user; {args.num_threads} torch threads; "

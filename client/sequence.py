@@ -39,6 +39,7 @@ class RouteManager:
         self.dht, self.prefix, self.num_blocks, self.config = dht, prefix, num_blocks, config
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
+        self._began = -float("inf")  # when the look-up of the current view began
         self._bans: dict[str, BanRecord] = {}  # peer id -> its ban and failures held (until they are forgotten)
         self._ban_policy = BanPolicy(config.ban_base, config.ban_max, config.ban_forgive_steps, config.ban_forget_after)
         self._pings: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at), PING_MEMORY
@@ -49,15 +50,21 @@ class RouteManager:
         self._refresh: asyncio.Task | None = None  # the background look-up in flight, if any
         self._rng = random.Random()
 
-    async def servers(self, refresh: bool = False) -> list[ServerInfo]:
+    async def servers(self, refresh: bool = False, max_age: float | None = None) -> list[ServerInfo]:
         """The swarm's servers as last fetched from the DHT. A view older than ``update_period`` is returned
         as is while a fresh one is fetched in the background (a DHT look-up can take long when some DHT
-        peers have died, and a failover must not wait for it); ``refresh`` (or no view yet) fetches now."""
+        peers have died, and a failover must not wait for it). ``refresh`` (or no view yet) waits for a view
+        whose look-up began after this call; ``max_age``: for one that began at most that many seconds ago.
+        Callers that ask at once share look-ups (a swarm where many sessions look for something that is
+        not there makes one look-up at a time, not one each)."""
+        now = time.monotonic()
         with self._lock:
-            fetched_at, cached = self._fetched_at, list(self._servers)
+            fetched_at, began, cached = self._fetched_at, self._began, list(self._servers)
         if refresh or fetched_at == -float("inf"):
-            return await self._fetch()
-        stale = time.monotonic() - fetched_at > self.config.update_period
+            return await self._fetch(now)
+        if max_age is not None and now - began > max_age:
+            return await self._fetch(now - max_age)
+        stale = now - fetched_at > self.config.update_period
         if stale and (self._refresh is None or self._refresh.done()):
             self._refresh = asyncio.ensure_future(self._refresh_quietly())
         return cached
@@ -67,25 +74,30 @@ class RouteManager:
         with self._lock:
             return list(self._servers)
 
-    async def _fetch(self) -> list[ServerInfo]:
+    async def _fetch(self, since: float) -> list[ServerInfo]:
+        """A view whose look-up began at ``since`` or later: the current one if so, else a new look-up."""
         if self._fetching is None:
             self._fetching = asyncio.Lock()
         async with self._fetching:  # one look-up at a time; readers of the current view never wait for it
+            with self._lock:
+                if self._began >= since and self._fetched_at > -float("inf"):
+                    return list(self._servers)  # a look-up that began late enough ended while this one waited
+            began = time.monotonic()
             servers = await self.dht.fetch_servers_async(self.prefix, self.num_blocks)
-        with self._lock:
-            self._servers, self._fetched_at = servers, time.monotonic()
+            with self._lock:
+                self._servers, self._fetched_at, self._began = servers, time.monotonic(), began
         return list(servers)
 
     async def _refresh_quietly(self) -> None:
         try:
-            await self._fetch()
+            await self._fetch(time.monotonic())
         except Exception:
             logger.debug("Refreshing the view of the swarm failed", exc_info=True)
 
     def invalidate(self) -> None:
         """Forget the fetched view of the swarm (e.g. a server no longer serves what it announced)."""
         with self._lock:
-            self._fetched_at = -float("inf")
+            self._fetched_at = self._began = -float("inf")
 
     def record_ping(self, peer_id: str, seconds: float) -> None:
         now = time.monotonic()
@@ -139,11 +151,15 @@ class RouteManager:
             return {peer for peer, record in self._bans.items() if record.until > now}
 
     async def candidates(
-        self, refresh: bool = False, exclude: frozenset[str] = frozenset(), adapter: str | None = None
+        self,
+        refresh: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        adapter: str | None = None,
+        max_age: float | None = None,
     ) -> list[ServerInfo]:
         """Servers to route through: online, not banned, flagged, blocked or ``exclude``d, allowed, and (if ``adapter``
-        is given) announcing that preloaded adapter."""
-        servers = await self.servers(refresh)
+        is given) announcing that preloaded adapter. ``refresh``, ``max_age``: as for ``servers``."""
+        servers = await self.servers(refresh, max_age)
         excluded = self.banned() | set(self.config.blocked_peers) | self.flagged | exclude
         servers = usable(servers, excluded)
         if self.config.allowed_peers is not None:

@@ -3,7 +3,7 @@
 A ``Shadow`` is what the client keeps for one hop of a session: the chain of other servers of the hop's span
 (opened when first needed, reopened on others when it fails), every input of the span it must hold, and the
 hop's outputs not checked yet. ``Verifiers`` opens such chains (without the checked server, preferring
-servers at least as precise as its announced dtype, looking the swarm up again when none is known: a
+servers at least as precise as its announced dtype, in a view of the swarm at most a second old when none is known: a
 server may have joined since), feeds them, and remembers servers that failed as verifiers for a while.
 
 Concurrency: everything runs on the client's event loop.
@@ -29,6 +29,7 @@ from swarm.routing.chains import uncovered_blocks
 logger = logging.getLogger(__name__)
 
 AVOID_SECONDS = 30.0  # a server that failed as a verifier or referee is not asked again for this long
+LOOKUP_AGE = 1.0  # a span without a verifier is looked up in a view at most this old (look-ups are shared)
 SHADOW_ATTEMPTS = 4  # shadows tried per check before its steps are left unchecked (each failed one is avoided)
 
 
@@ -117,7 +118,7 @@ class Verifiers:
         span = hop.hop.span
         servers = await self.routes.candidates(exclude=exclude)
         if uncovered_blocks(servers, span):  # a server may have joined since the view was fetched: look again
-            servers = await self.routes.candidates(refresh=True, exclude=exclude)
+            servers = await self.routes.candidates(exclude=exclude, max_age=LOOKUP_AGE)
         if uncovered_blocks(servers, span):
             if hop.peer_id not in self.unchecked:  # once per server and session
                 logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)

@@ -32,7 +32,7 @@ from swarm.net.control import harden
 from swarm.net.identity import Identity
 from swarm.net.lifetime import daemons_end_with_parent
 from swarm.net.membership import SwarmKeyAuthorizer
-from swarm.net.records import ServerInfo
+from swarm.net.records import ServerInfo, signed_record
 from swarm.spans import block_key
 
 logger = logging.getLogger(__name__)
@@ -125,13 +125,8 @@ class SignedRecordValidator(RecordValidatorBase):
             value = MSGPackSerializer.loads(record.value)
         except Exception:
             return False
-        info = ServerInfo.from_bytes(value)
-        return (
-            info is not None
-            and info.peer_id == subkey
-            and info.verified()
-            and record.expiration_time <= info.expires_at + EXPIRY_SLACK
-        )
+        info = signed_record(value)
+        return info is not None and info.peer_id == subkey and record.expiration_time <= info.expires_at + EXPIRY_SLACK
 
 
 class SwarmJoinError(StamenError):
@@ -339,10 +334,10 @@ def parse_records(prefix: str, num_blocks: int, raw: dict[str, dict[str, tuple[b
     best: dict[str, tuple[tuple[float, float], ServerInfo]] = {}
     for block in range(num_blocks):
         for subkey, (value, expiration) in raw.get(block_key(prefix, block), {}).items():
-            info = ServerInfo.from_bytes(value)
+            info = signed_record(value)  # None if malformed or forged
             if info is None or info.peer_id != subkey or block not in info.span or info.span.end > num_blocks:
                 continue
-            if not info.verified() or expiration > info.expires_at + EXPIRY_SLACK:  # forged, or replayed for longer
+            if expiration > info.expires_at + EXPIRY_SLACK:  # replayed for longer than signed for
                 continue
             rank = (info.announced_at, expiration)
             if info.peer_id not in best or best[info.peer_id][0] < rank:

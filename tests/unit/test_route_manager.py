@@ -167,3 +167,27 @@ def test_waiting_for_missing_blocks_leaves_the_event_loop_free():
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 2  # found by the next look-ups, long before wait_for_blocks
+
+
+def test_many_sessions_looking_for_a_missing_span_share_look_ups():
+    """16 shadows asking at once for a fresh view cost at most two look-ups (the one in flight when they
+    asked cannot count: it began before them), and a view younger than ``max_age`` costs none."""
+
+    async def scenario() -> None:
+        dht = SlowSwarm([server("a", 0, 4)], delay=0.2)
+        routes = RouteManager(dht, "m", 4, ClientConfig())
+        await routes.servers()
+        assert dht.calls == 1
+        await asyncio.gather(*(routes.servers(refresh=True) for _ in range(16)))
+        assert 2 <= dht.calls <= 3
+        calls = dht.calls
+        dht.servers = [server("a", 0, 4), server("b", 0, 4)]
+        fresh = await routes.servers(refresh=True)  # asked after the last look-up ended: a new one
+        assert dht.calls == calls + 1 and {s.peer_id for s in fresh} == {"a", "b"}
+        await asyncio.gather(*(routes.candidates(max_age=5.0) for _ in range(16)))
+        assert dht.calls == calls + 1  # the view is younger than 5 s
+        await asyncio.sleep(0.3)
+        await asyncio.gather(*(routes.candidates(max_age=0.1) for _ in range(16)))
+        assert dht.calls == calls + 2  # older than 0.1 s: one look-up for all of them
+
+    asyncio.run(scenario())
