@@ -4,9 +4,11 @@ Each server of the chain (``client.chain``) holds its own session (KV cache) for
 keeps, per server, the inputs it sent in this session (``client.hop``). When a server fails (an error, a broken
 stream, or no answer and no reply to a liveness ping), the client bans it, finds a replacement chain
 for that span only, replays those inputs into it (merged into a few prefill steps), and carries on;
-other servers keep their sessions. A server that is leaving (shutdown or a move) says so in its
-answers while it keeps serving: the client then builds the replacement in the background and swaps
-it in at a step boundary, so a graceful exit costs no stall.
+other servers keep their sessions. With lazy verification the failed server's shadow (``client.verify``),
+which holds those inputs already, takes its place instead (after catching up on the last few steps). A
+server that is leaving (shutdown or a move) says so in its answers while it keeps serving: the client then
+builds the replacement in the background and swaps it in at a step boundary, so a graceful exit costs no
+stall.
 
 Beam search reorders the session's rows: ``reorder`` keeps the hypothesis indices until the next step,
 which carries them to every server (each reorders its cache before running the step); the history
@@ -277,9 +279,14 @@ class InferenceSession:
         return await _retrying(attempts, lambda: Chain.open(self.client, self._spec, None, batch))
 
     async def _replace(self, failed: HopSession, batch: int, attempts: Attempts) -> None:
-        """Put new servers in place of ``failed``, with its inputs so far replayed into them."""
+        """Put other servers in place of ``failed``: its verification shadow, which already holds its inputs,
+        else new servers with its inputs so far replayed into them."""
         failed.stream.close()
-        replacement = await _retrying(attempts, lambda: self._replayed(failed.hop.span, batch, failed.history))
+        replacement = await self.verifier.take_over(failed) if self.verifier is not None else None
+        if replacement is not None:
+            logger.info("The verifier of server %s takes its place: %s", failed.peer_id, replacement.peer_ids)
+        else:
+            replacement = await _retrying(attempts, lambda: self._replayed(failed.hop.span, batch, failed.history))
         self._chain.replace(failed, replacement)
 
     async def _replayed(self, span: BlockRange | None, batch: int, steps: list[StepInput]) -> Chain:

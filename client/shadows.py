@@ -3,8 +3,9 @@
 A ``Shadow`` is what the client keeps for one hop of a session: the chain of other servers of the hop's span
 (opened when first needed, reopened on others when it fails), every input of the span it must hold, and the
 hop's outputs not checked yet. ``Verifiers`` opens such chains (without the checked server, preferring
-servers at least as precise as its announced dtype, in a view of the swarm at most a second old when none is known: a
-server may have joined since), feeds them, and remembers servers that failed as verifiers for a while.
+servers at least as precise as its announced dtype, in a view of the swarm at most a second old when none
+is known: a server may have joined since), feeds them, remembers servers that failed as verifiers for a
+while, and finds the referee of a dispute (the client's own computation, else a third server).
 
 Concurrency: everything runs on the client's event loop.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 
@@ -135,3 +137,34 @@ class Verifiers:
             return await chain.replay(steps)
         finally:
             self.stats.shadow_units += chain.units - before
+
+    async def referee(
+        self, hop: HopSession, shadow: Shadow, index: int
+    ) -> tuple[torch.Tensor, torch.dtype, str] | None:
+        """(the referee's output of step ``index``, its dtype, who it is): the client's own computation if it
+        can, else a third server of the span fed the span's inputs up to that step; None if there is none."""
+        steps = shadow.known[: index + 1]
+        local = self.client.referee
+        if local is not None and local.can_run(steps, self.spec.adapter):
+            loop = asyncio.get_running_loop()
+            try:
+                run = functools.partial(local.run, hop.hop.span, steps, adapter=self.spec.adapter)
+                truth = await loop.run_in_executor(None, run)
+                return truth, torch.float32, "the client's own computation"
+            except Exception:
+                logger.exception("The client could not recompute blocks %s; asking a server", hop.hop.span)
+        suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
+        referee = await self.open(hop, suspects, steps[0].hidden.shape[0])
+        if referee is None:
+            logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
+            return None
+        hops = list(referee.hops)
+        try:
+            truth = (await self.feed(referee, steps))[-1]
+        except ServerFailure as failure:
+            self.avoid(failure, "referee")
+            return None
+        finally:
+            referee.close()
+        names = ", ".join(h.peer_id for h in hops)
+        return truth, least_precise([h.dtype for h in hops]), f"server {names}"

@@ -46,6 +46,10 @@ up to there, and raises ``SessionRewound`` so its caller generates again from th
 itself: ``client.resume``). A convicted shadow is simply replaced. Without a majority (the referee
 disagrees with both) S is banned like a failing server, and the session goes back as well.
 
+When a hop's server fails, its shadow holds the span's inputs up to its last check: with lazy checks it
+catches up on the rest (a check like any other) and becomes the session's replacement (``take_over``), so
+failover replays nothing; the new hop gets a shadow of its own in the background.
+
 Work that was checked is counted as verified in the points receipts (``client.points``), both S's and V's.
 A server that fails as a verifier or referee (down, or too busy for one more session) is not banned; this
 session just asks others for a while.
@@ -61,14 +65,13 @@ Concurrency: everything runs on the client's event loop; background checks are t
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable
 
 import torch
 
-from client.chain import ChainSpec
+from client.chain import Chain, ChainSpec
 from client.handle import ClientHandle
 from client.hop import HopSession, StepInput
 from client.shadows import Pending, Shadow, Verifiers
@@ -76,7 +79,6 @@ from client.verdicts import (
     Detection,
     Evidence,
     lag_limit,
-    least_precise,
     mismatch,
     tolerance,
     verdict,
@@ -167,6 +169,26 @@ class Verifier:
         tasks = {s.task for s in self.shadows.values() if s.task is not None} | self.leaving
         if tasks:
             await asyncio.wait(tasks)
+
+    async def take_over(self, hop: HopSession) -> Chain | None:
+        """Lazy checks: ``hop``'s server failed. Its shadow holds the span's inputs up to its last check: it is
+        fed the rest (which checks the failed server's unchecked outputs, as any check does) and handed over to
+        the session as the replacement, so no history is replayed; the new hop gets a new shadow in the
+        background. None when there is no shadow to hand over (the caller replays the history elsewhere)."""
+        shadow = self.shadows.get(hop)
+        if self.full or shadow is None:
+            return None
+        if shadow.task is not None and not shadow.task.done():
+            await asyncio.wait({shadow.task})
+        if shadow.chain is None:
+            return None
+        if shadow.pending:
+            await self._check_window(hop, shadow)
+        if shadow.chain is None or shadow.pending or shadow.fed != len(shadow.known):
+            return None  # no verifier could take them, or it was the one caught: the caller replays instead
+        chain, shadow.chain = shadow.chain, None
+        del self.shadows[hop]
+        return chain
 
     def prune(self, hops: list[HopSession], obsolete_from: int | None = None) -> None:
         """Stop shadowing hops no longer in the session (replaced, moved, rewound): their unchecked steps
@@ -322,7 +344,7 @@ class Verifier:
         """A referee recomputes step ``index`` of the span's inputs; flag whoever disagrees with it.
         Returns "suspect", "shadow" or None (no majority, or no referee)."""
         item = shadow.known[index]
-        found = await self._referee(hop, shadow, index)
+        found = await self.verifiers.referee(hop, shadow, index)
         if found is None:
             return None
         truth, referee_dtype, self.referee = found
@@ -340,37 +362,6 @@ class Verifier:
         if culprit == "shadow":
             shadow.close()
         return culprit
-
-    async def _referee(
-        self, hop: HopSession, shadow: Shadow, index: int
-    ) -> tuple[torch.Tensor, torch.dtype, str] | None:
-        """(the referee's output of step ``index``, its dtype, who it is): the client's own computation if it
-        can, else a third server of the span fed the span's inputs up to that step; None if there is none."""
-        steps = shadow.known[: index + 1]
-        local = self.client.referee
-        if local is not None and local.can_run(steps, self.spec.adapter):
-            loop = asyncio.get_running_loop()
-            try:
-                run = functools.partial(local.run, hop.hop.span, steps, adapter=self.spec.adapter)
-                truth = await loop.run_in_executor(None, run)
-                return truth, torch.float32, "the client's own computation"
-            except Exception:
-                logger.exception("The client could not recompute blocks %s; asking a server", hop.hop.span)
-        suspects = frozenset({hop.peer_id} | {h.peer_id for h in shadow.hops})
-        referee = await self.verifiers.open(hop, suspects, steps[0].hidden.shape[0])
-        if referee is None:
-            logger.warning("No referee for blocks %s: cannot tell %s from its verifier", hop.hop.span, hop.peer_id)
-            return None
-        hops = list(referee.hops)
-        try:
-            truth = (await self.verifiers.feed(referee, steps))[-1]
-        except ServerFailure as failure:
-            self.verifiers.avoid(failure, "referee")
-            return None
-        finally:
-            referee.close()
-        names = ", ".join(h.peer_id for h in hops)
-        return truth, least_precise([h.dtype for h in hops]), f"server {names}"
 
     def _flag(self, peer_id: str, span: BlockRange, item: StepInput, evidence: Evidence, role: str) -> None:
         step_position = int(item.position_ids.min()) if item.position_ids.numel() else 0

@@ -30,10 +30,13 @@ class KillAtToken:
     def __init__(self, swarm: LocalSwarm, session, hop: int, at: int, sig: int = signal.SIGKILL):
         self.swarm, self.session, self.hop, self.at, self.sig = swarm, session, hop, at, sig
         self.calls, self.victim = 0, None
+        self.verifiers: list[str] = []  # the servers that checked the victim's steps (lazy verification)
 
     def put(self, value) -> None:
         if self.calls == self.at and self.victim is None:
             self.victim = self.swarm.by_peer(self.session.route[self.hop].peer_id)
+            shadow = self.session.verifier.shadows.get(self.session.hops[self.hop])
+            self.verifiers = [hop.peer_id for hop in shadow.hops] if shadow is not None else []
             os.kill(self.victim.proc.pid, self.sig)
         elif self.victim is not None and self.sig == signal.SIGTERM:
             self.await_handover()
@@ -92,6 +95,26 @@ def test_killed_server_does_not_change_tokens(replicated, hop, at):
             assert killer.victim is not None and killer.victim.proc.wait(timeout=10) == -signal.SIGKILL
             assert killer.victim.peer_id not in [h.peer_id for h in session.route]
         assert actual.tolist() == expected.tolist()
+    finally:
+        restore(swarm)
+
+
+def test_the_verifier_of_a_killed_server_takes_its_place(replicated, caplog):
+    """With lazy verification (the default) the killed server's shadow, which holds its history, becomes the
+    replacement: it catches up on the steps since its last check, and nothing is replayed."""
+    swarm, model, local = replicated
+    ids = prompt(77)
+    expected = local.generate(ids, max_new_tokens=14, do_sample=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="client"), model.inference_session(max_length=32) as session:
+            session.open(batch_size=1)
+            killer = KillAtToken(swarm, session, 1, 6)
+            actual = model.generate(ids, max_new_tokens=14, do_sample=False, streamer=killer)
+            assert killer.victim.proc.wait(timeout=10) == -signal.SIGKILL
+            assert killer.verifiers, "the killed server had no verifier"
+            assert session.route[1].peer_id in killer.verifiers
+        assert actual.tolist() == expected.tolist()
+        assert "takes its place" in caplog.text and "Replayed" not in caplog.text
     finally:
         restore(swarm)
 
