@@ -115,8 +115,7 @@ class Verifiers:
     async def open(self, hop: HopSession, exclude: frozenset[str], batch: int) -> Chain | None:
         """A chain over ``hop``'s span on other servers, preferring ones at least as precise as ``hop``'s
         server; None if no other server holds the span (logged)."""
-        now = time.monotonic()
-        exclude = exclude | {peer for peer, until in self.avoided.items() if until > now}
+        exclude = self._excluding(exclude)
         span = hop.hop.span
         servers = await self.routes.candidates(exclude=exclude)
         if uncovered_blocks(servers, span):  # a server may have joined since the view was fetched: look again
@@ -128,6 +127,17 @@ class Verifiers:
             return None
         avoid = less_precise(servers, span, tensors.DTYPE_NAMES.get(hop.dtype, "float32"))
         return await Chain.open(self.client, self.spec, span, batch, exclude | avoid)
+
+    async def available(self, hop: HopSession) -> bool:
+        """Whether the current view of the swarm (no look-up) has another server for ``hop``'s span: a check
+        that found no verifier is tried again as soon as one is known, without waiting for its retry time."""
+        servers = await self.routes.candidates(exclude=self._excluding(frozenset({hop.peer_id})))
+        return not uncovered_blocks(servers, hop.hop.span)
+
+    def _excluding(self, exclude: frozenset[str]) -> frozenset[str]:
+        """``exclude`` and the servers avoided as verifiers right now."""
+        now = time.monotonic()
+        return exclude | {peer for peer, until in self.avoided.items() if until > now}
 
     async def feed(self, chain: Chain, steps: list[StepInput]) -> list[torch.Tensor]:
         """Run ``steps`` through a shadow or referee chain; each step's output (in order). Its work counts

@@ -143,10 +143,16 @@ class Verifier:
         running = shadow.task is not None and not shadow.task.done()
         if running and shadow.checking + len(shadow.pending) >= lag_limit(self.window):
             await asyncio.wait({shadow.task})  # the check lags: wait for it rather than run further ahead of it
-        due = first or (len(shadow.pending) >= self.window and time.monotonic() >= shadow.retry_at)
-        if due and (shadow.task is None or shadow.task.done()):
+        idle = shadow.task is None or shadow.task.done()
+        due = first or (idle and len(shadow.pending) >= self.window and await self._retry_now(hop, shadow))
+        if due and idle:
             shadow.task = asyncio.ensure_future(_logged(self._check_window(hop, shadow)))
         return output
+
+    async def _retry_now(self, hop: HopSession, shadow: Shadow) -> bool:
+        """Lazy: a window is due for its check unless the last one found no verifier, its retry time has not
+        come and the current view still shows none (a server that just joined is used at once)."""
+        return time.monotonic() >= shadow.retry_at or await self.verifiers.available(hop)
 
     async def settled(self) -> None:
         """Wait while a background check settles a dispute: the session does not go on using a server
