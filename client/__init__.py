@@ -15,12 +15,13 @@
 - ``chain``: Chain, the one chain runner (open sessions on servers covering a span, run a step, replay a
   history, close), used by sessions, verification shadows and referees
 - ``retry``: the one retry policy (what a server's failure means, how many failovers an operation gets)
-- ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks; async look-ups)
+- ``sequence``: RouteManager (swarm view, bans, waiting for missing blocks; async look-ups, shared by callers)
 - ``hop``: one server's part of a session (its stream, step history, liveness ping), steps merged for replay
 - ``envelope``: what every request to one server carries (its dtype, compression, membership proof, voucher)
 - ``verify``: verification (shadow sessions on other servers check each hop's outputs, a referee settles
   disputes, cheaters are flagged and replaced, a session that used wrong outputs goes back to the last
-  verified token); ``shadows``: the shadows and the verifier chains behind them; ``verdicts``: its pure
+  verified token; a failed server's shadow takes its place); ``shadows``: the shadows, the verifier chains
+  behind them and the search for a referee; ``verdicts``: its pure
   decisions (distances, tolerances by dtype, verdicts, check windows); ``referee``: the client's own
   computation of a disputed span; ``resume``: how ``generate`` goes on from the verified prefix after that
 - ``points``: receipts for the work servers did (signed, sent periodically) and the volunteer's voucher
