@@ -77,14 +77,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- user processes ---------------------------------------------------------------------------------------
 
 
+_REPORTING = threading.Lock()  # a flooder's streams report from many threads: one whole line at a time
+
+
+def report(record: dict) -> None:
+    """One JSON line on stdout for the measuring process (print writes the text and its newline apart)."""
+    with _REPORTING:
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+
+
 def emit(index: int, tokens: list, stamps: list[float], started: float) -> None:
-    line = {"stream": index, "tokens": tokens, "stamps": stamps, "start": started, "end": time.time()}
-    print(json.dumps(line), flush=True)
+    report({"stream": index, "tokens": tokens, "stamps": stamps, "start": started, "end": time.time()})
 
 
 def failed(index: int, error: Exception) -> None:
     """A generation that failed (the swarm answered an error): reported, and a flooder carries on."""
-    print(json.dumps({"stream": index, "error": f"{type(error).__name__}: {error}"[:300]}), flush=True)
+    report({"stream": index, "error": f"{type(error).__name__}: {error}"[:300]})
 
 
 def python_user(args: argparse.Namespace, stop: threading.Event) -> None:
@@ -182,7 +191,8 @@ class User:
                                      start_new_session=True)  # fmt: skip
         self.lines: queue.Queue[dict] = queue.Queue()
         self.results: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -200,7 +210,7 @@ class User:
         """Close its stdin (a flooder ends its generations), wait for it, and return everything it reported."""
         self.proc.stdin.close()
         self.proc.wait(timeout=timeout)
-        time.sleep(0.2)  # the reader thread drains the pipe
+        self._reader.join(timeout=30)  # it ends when it has read the pipe to its end
         while not self.lines.empty():
             self.results.append(self.lines.get())
         return self.results
