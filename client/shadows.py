@@ -81,7 +81,6 @@ class Verifiers:
     def __init__(self, client: ClientHandle, spec: ChainSpec):
         self.client, self.spec, self.routes, self.stats = client, spec, client.routes, client.verification
         self.avoided: dict[str, float] = {}  # server that failed as a verifier or referee -> asked again after
-        self.unchecked: set[str] = set()  # servers found without another server of their span (logged once)
 
     async def run(
         self, hop: HopSession, shadow: Shadow, steps: list[StepInput], batch: int
@@ -121,9 +120,9 @@ class Verifiers:
         if uncovered_blocks(servers, span):  # a server may have joined since the view was fetched: look again
             servers = await self.routes.candidates(exclude=exclude, max_age=LOOKUP_AGE)
         if uncovered_blocks(servers, span):
-            if hop.peer_id not in self.unchecked:  # once per server and session
+            if hop.peer_id not in self.stats.unchecked:  # once per server and client (not per session)
                 logger.warning("No other server holds blocks %s: server %s goes unchecked", span, hop.peer_id)
-                self.unchecked.add(hop.peer_id)
+                self.stats.unchecked.add(hop.peer_id)
             return None
         avoid = less_precise(servers, span, tensors.DTYPE_NAMES.get(hop.dtype, "float32"))
         return await Chain.open(self.client, self.spec, span, batch, exclude | avoid)

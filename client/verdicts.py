@@ -66,6 +66,7 @@ class VerifyStats:
     shadow_units: int = 0  # token-blocks computed by shadows and referees (work units)
     largest: dict[str, float] = dataclasses.field(default_factory=dict)  # dtype pair -> largest distance seen
     detections: list[Detection] = dataclasses.field(default_factory=list)
+    unchecked: set[str] = dataclasses.field(default_factory=set)  # servers warned about as going unchecked (once)
 
 
 def tolerance(dtype_a: torch.dtype, dtype_b: torch.dtype) -> float:

@@ -313,7 +313,9 @@ class Verifier:
                 await self._check_window(hop, shadow)
             if shadow.pending:
                 self.stats.skipped += len(shadow.pending)
-                logger.warning(
+                known = hop.peer_id in self.stats.unchecked  # already warned about: the rest is detail
+                logger.log(
+                    logging.INFO if known else logging.WARNING,
                     "%d steps of server %s (blocks %s) were never checked: no other server could check them",
                     len(shadow.pending),
                     hop.peer_id,

@@ -234,3 +234,26 @@ def test_rows_that_ended_are_padded_as_transformers_pads_them():
     unfinished = torch.tensor([[9, 4, 2, 7], [9, 4, 4, 4]])
     assert pad_after_eos(unfinished, 1, [eos], pad).tolist() == [[9, 4, 2, 0], [9, 4, 4, 4]]
     assert pad_after_eos(unfinished, 1, [], pad).tolist() == unfinished.tolist()
+
+
+def test_a_server_without_a_verifier_is_warned_about_once_per_client(caplog):
+    """Every session of a client that finds no other server of a span says so only the first time (16 API
+    requests on a swarm without replicas logged 16 warnings per server)."""
+    from types import SimpleNamespace
+
+    from client.shadows import Verifiers
+    from client.verdicts import VerifyStats
+
+    class Swarm:
+        async def fetch_servers_async(self, prefix, num_blocks):
+            return [ServerInfo("a", ServerState.ONLINE, BlockRange(0, 4), 1.0, cache_tokens_left=100)]
+
+    client = SimpleNamespace(routes=RouteManager(Swarm(), "m", 4, ClientConfig()), verification=VerifyStats())
+    hop = SimpleNamespace(peer_id="a", hop=SimpleNamespace(span=BlockRange(0, 4)), dtype=torch.float32)
+
+    async def sessions() -> list:
+        return [await Verifiers(client, None).open(hop, frozenset({"a"}), 1) for _ in range(3)]
+
+    with caplog.at_level("WARNING", logger="client.shadows"):
+        assert asyncio.run(sessions()) == [None, None, None]
+    assert caplog.text.count("goes unchecked") == 1 and client.verification.unchecked == {"a"}
