@@ -204,9 +204,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
 
 
-def announce_ready(server: Server) -> None:
+def announce_listening(server: Server) -> None:
+    """Its addresses as soon as its DHT node listens: others may join through it while it loads."""
     for addr in server.maddrs:
         print(f"Listening on {addr}", flush=True)
+    print(f"Joining as {server.peer_id}", flush=True)
+
+
+def announce_ready(server: Server) -> None:
     announce_span(server)
     server.on_move = announce_span
 
@@ -222,7 +227,7 @@ def announce_span(server: Server) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
-        Server(config).run(announce_ready)
+        Server(config).run(announce_ready, on_listening=announce_listening)
     except (ValueError, StamenError) as exc:  # bad arguments, or the swarm would not let us in
         logging.getLogger("server").error("%s", exc)
         return 2

@@ -50,7 +50,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 class Server:
-    """Create, then ``run(on_ready)``; ``stop()`` (or SIGTERM/SIGINT) ends it gracefully."""
+    """Create, then ``run(on_ready)``; ``stop()`` (or SIGTERM/SIGINT) ends it gracefully. ``on_listening`` is
+    called once its DHT node listens (before the weights load), ``on_ready`` once it serves."""
 
     def __init__(self, config: ServerConfig):
         if (config.blocks is None) == (config.num_blocks is None):
@@ -70,16 +71,20 @@ class Server:
         self._stop: asyncio.Event | None = None
         self.on_move: Callable[[Server], None] | None = None
 
-    def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
+    def run(
+        self,
+        on_ready: Callable[[Server], None] | None = None,
+        on_listening: Callable[[Server], None] | None = None,
+    ) -> None:
         import uvloop
 
-        uvloop.run(self._main(on_ready))
+        uvloop.run(self._main(on_ready, on_listening))
 
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
 
-    async def _main(self, on_ready) -> None:
+    async def _main(self, on_ready, on_listening) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -98,6 +103,8 @@ class Server:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self._log_sizes)
         self.peer_id, self.maddrs = self.dht.peer_id, self.dht.maddrs
+        if on_listening is not None:
+            on_listening(self)
         self.ledger = Ledger(self.peer_id)
         self.announcer = Announcer(self.dht, self.prefix, self.info, config.announce_period, config.record_ttl)
         tasks: list[asyncio.Task] = []

@@ -187,20 +187,25 @@ class LocalSwarm:
     def start(
         self, model, specs: list[tuple[str, tuple[str, ...]]], entry: tuple[str, ...] = ("server",)
     ) -> list[ServerProcess]:
-        """Start servers for (blocks, extra args) specs; the first one alone if the swarm is new. ``entry``:
-        see ``spawn_server``."""
+        """Start servers for (blocks, extra args) specs. In a new swarm the first one starts first and the
+        others join through it once its DHT node listens (once it serves, if it chooses its own blocks).
+        ``entry``: see ``spawn_server``."""
         deadline = time.monotonic() + self.timeout
-        started = []
+        started, loading = [], []
         if not self.servers and self.bootstrap is None:
             first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env, entry=entry)
             self.servers.append(first)
-            first.wait_ready(deadline)
             started.append(first)
+            if specs[0][0]:  # the others join through its DHT node while it loads its blocks
+                first.wait_line("Joining as ", deadline)
+                loading.append(first)
+            else:  # it chooses its blocks: the others choose after it has announced them
+                first.wait_ready(deadline)
             specs = specs[1:]
         peers = self.initial_peers
         batch = [spawn_server(model, blocks, peers, *extra, env=self.env, entry=entry) for blocks, extra in specs]
         self.servers.extend(batch)
-        for server in batch:
+        for server in loading + batch:
             server.wait_ready(deadline)
         return started + batch
 

@@ -34,20 +34,23 @@ print("client ready", flush=True)
 time.sleep(120)
 """
 
-# imports the client once, then 20 times: a forked child opens two models one after the other, generates
-# with each and drops them (no shutdown()), and exits as a script does; prints each child's exit status
+# imports the client once, then 20 times (4 at a time): a forked child opens two models one after the other,
+# generates with each and drops them (no shutdown()), and exits as a script does; prints each exit status
 DROPPER = """
 import os, sys, torch
 from client import AutoDistributedModelForCausalLM
 statuses = []
-for _ in range(int(sys.argv[1])):
-    pid = os.fork()
-    if pid == 0:
-        peers = sys.argv[3:]
-        models = [AutoDistributedModelForCausalLM.from_pretrained(sys.argv[2], initial_peers=peers) for _ in range(2)]
-        [m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False) for m in models]
-        sys.exit(0)  # the interpreter ends as a script's does: atexit, then finalization
-    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+for _ in range(0, int(sys.argv[1]), 4):
+    pids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            folder, peers = sys.argv[2], sys.argv[3:]
+            models = [AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=peers) for _ in range(2)]
+            [m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False) for m in models]
+            sys.exit(0)  # the interpreter ends as a script's does: atexit, then finalization
+        pids.append(pid)
+    statuses += [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
 print("exit codes", statuses)
 """
 RUNS = 20
