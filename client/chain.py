@@ -43,13 +43,16 @@ class ChainSpec:
     adapter: LoraAdapter | str | None  # LoRA weights (detached) or a preloaded adapter's name, for every step
     timeouts: HopTimeouts  # how long to wait for a step's answer
     max_message_bytes: int  # larger steps are split
+    span: BlockRange | None = None  # the blocks the servers run (None: the whole model; less in private mode)
 
     @classmethod
-    def of(cls, config: ClientConfig, max_length: int, adapter: LoraAdapter | str | None) -> ChainSpec:
+    def of(
+        cls, config: ClientConfig, max_length: int, adapter: LoraAdapter | str | None, span: BlockRange | None = None
+    ) -> ChainSpec:
         timeouts = HopTimeouts(
             config.step_timeout, config.step_timeout_per_token, config.slow_step_factor, config.min_step_timeout
         )
-        return cls(max_length, adapter, timeouts, config.max_message_bytes)
+        return cls(max_length, adapter, timeouts, config.max_message_bytes, span)
 
     def chunk_tokens(self, batch: int, hidden_size: int, prompts: bool = False) -> int:
         """Most new tokens per step that keep one message under the size limit (with deep prompts, which ride

@@ -37,9 +37,13 @@ class ClientConfig:
     points_key: str | None = None  # a volunteer's server identity file: use that server's standing (points)
     verify: float = DEFAULT_VERIFY  # share of steps that end a check on another server (1: check every step
     # before using it; 0: never); see client.verify
+    local_blocks: int = 0  # private mode: the client computes the model's first N blocks itself (client.private)
+    local_last_blocks: int = 0  # ...and its last M blocks
     allow_unverified: bool = False  # verify=1: use a step no other server could check (with a WARNING) instead of
     # failing it with VerificationImpossible after waiting wait_for_blocks for a verifier
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify <= 1.0:
             raise ValueError(f"verify must be within [0, 1], got {self.verify}")
+        if self.local_blocks < 0 or self.local_last_blocks < 0:
+            raise ValueError("local_blocks and local_last_blocks must not be negative")

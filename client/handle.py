@@ -44,6 +44,7 @@ class ClientHandle(Protocol):
     receipts: ReceiptBook  # points: the work servers did for this client
     verification: VerifyStats  # what verification checked and found
     referee: Referee | None  # the client's own computation of disputed spans, if it can
+    local: Any  # private mode: the blocks the client computes itself (``client.private.LocalBlocks``), or None
 
     async def measure_pings(self, span: BlockRange | None = None, limit: int = 32) -> None:
         """Measure round trips to the candidate servers of ``span`` whose ping is unknown or stale."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from client.lora import RemoteLora
 from client.passes import PassInputs, PassRecord, PassRunner
+from client.private import LocalBlocks
 from swarm.spans import BlockRange
 
 
@@ -30,6 +31,7 @@ class BlocksState:
     num_blocks: int
     lora: RemoteLora | None = None  # LoRA weights kept on the client, sent with each request
     adapter_name: str | None = None  # or: a LoRA adapter preloaded on the servers, chosen by name
+    local: LocalBlocks | None = None  # private mode: the blocks the client computes itself
 
 
 class _ThroughServers(torch.autograd.Function):
@@ -127,23 +129,51 @@ class RemoteBlocks(nn.Module):
             mask = None if bool(attention_mask.bool().all()) else attention_mask.bool()
         if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != len(self)):
             raise ValueError(f"prompts must be [{len(self)}, 1 or batch, prefix, hidden], got {list(prompts.shape)}")
+        position_ids = position_ids.expand(batch, tokens).to(torch.int64)
+        pieces = self._state.local.pieces(self.span) if self._state.local is not None else [(self.span, False)]
+        outputs: list[torch.Tensor] = []
+        for piece, local in pieces:
+            piece_prompts = prompts[piece.start - self.start : piece.end - self.start] if prompts is not None else None
+            run = self._local if local else self._remote
+            hidden_states, block_outputs = run(
+                piece, hidden_states, position_ids, mask, piece_prompts, output_hidden_states
+            )
+            outputs += [*block_outputs, hidden_states] if output_hidden_states else []
+        if not output_hidden_states:
+            return hidden_states
+        return hidden_states, tuple(outputs[:-1])
+
+    def _local(self, span, hidden, position_ids, mask, prompts, hidden_states: bool):
+        """Blocks ``span`` on the client (private mode, ``client.private``), with autograd."""
         state = self._state
+        if state.adapter_name is not None:
+            raise NotImplementedError(
+                f"the adapter {state.adapter_name!r} is preloaded on servers, not on this client: it cannot run "
+                "on the client's own blocks (local_blocks / local_last_blocks)"
+            )
+        adapter = state.lora.live(span) if state.lora is not None else None
+        return state.local.forward(span, hidden, position_ids, mask, prompts, adapter, hidden_states)
+
+    def _remote(self, span, hidden, position_ids, mask, prompts, hidden_states: bool):
+        """Blocks ``span`` through the servers: (output, every block's output but the last if asked)."""
+        state = self._state
+        batch, tokens, _ = hidden.shape
         adapter, weights = (None, [])
         if state.lora is not None:
-            adapter, weights = state.lora.adapter(self.span)
+            adapter, weights = state.lora.adapter(span)
         inputs = PassInputs(
-            self.span,
+            span,
             position_ids.expand(batch, tokens).to(torch.int64),
             mask,
             prompts.detach() if prompts is not None else None,
             adapter if adapter is not None else state.adapter_name,
-            output_hidden_states,
+            hidden_states,
         )
-        trainable = [hidden_states, *([prompts] if prompts is not None else []), *weights]
+        trainable = [hidden, *([prompts] if prompts is not None else []), *weights]
         if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in trainable):
-            output, block_outputs = _ThroughServers.apply(state.runner(), inputs, hidden_states, prompts, *weights)
+            output, block_outputs = _ThroughServers.apply(state.runner(), inputs, hidden, prompts, *weights)
         else:
-            output, block_outputs, _ = state.runner().forward(hidden_states.detach(), inputs)
-        if not output_hidden_states:
-            return output
-        return output, tuple(block_outputs.unbind(0)) if block_outputs.numel() else ()
+            output, block_outputs, _ = state.runner().forward(hidden.detach(), inputs)
+        if block_outputs is None or not block_outputs.numel():
+            return output, ()
+        return output, tuple(block_outputs.unbind(0))

@@ -58,6 +58,15 @@ class RemoteLora(nn.Module):
                 params += [a, b]
         return adapter, params
 
+    def live(self, span: BlockRange) -> LoraAdapter:
+        """The weights of blocks ``span`` as the parameters themselves (for blocks the client runs: gradients
+        flow to them directly)."""
+        adapter = LoraAdapter(self.rank, self.alpha)
+        for block in range(span.start, span.end):
+            for name in self.names:
+                adapter.weights[(block, name)] = (self.blocks[block].a[_key(name)], self.blocks[block].b[_key(name)])
+        return adapter
+
     def load(self, adapter: LoraAdapter) -> None:
         """Copy ``adapter``'s weights in (same rank and layers; blocks it lacks get b = 0: no change)."""
         if adapter.rank != self.rank or adapter.modules() - set(self.names):

@@ -16,6 +16,7 @@ from client.base import DistributedModel, Layout
 from client.config import ClientConfig
 from client.layers import BlocksState
 from client.lora import RemoteLora
+from client.private import LocalBlocks
 from client.ptune import PromptTuning
 from client.referee import LocalReferee
 from client.session import InferenceSession
@@ -106,7 +107,12 @@ class DistributedPreTrainedModel(PreTrainedModel):
             raise ValueError("pre_seq_len needs tuning_mode='ptune' or 'deep_ptune'")
         if adapter is not None:
             instance.use_adapter(adapter)
+        local = None
+        if client_config.local_blocks or client_config.local_last_blocks:  # private mode: some blocks run here
+            first, last = client_config.local_blocks, client_config.local_last_blocks
+            local = LocalBlocks(folder, config, first, last, instance.dtype)
         instance.client = SwarmClient(client_config, dht_prefix or model_prefix(name), config.num_hidden_layers)
+        instance.client.local = instance.blocks_state.local = local
         instance.client.referee = LocalReferee(folder, config)  # loads a span's blocks only if a dispute needs it
         return instance.eval()
 

@@ -66,7 +66,14 @@ class InferenceSession:
         self.padding: torch.Tensor | None = None  # [batch, position] bool: the padding mask the servers hold
         self._reorder: torch.Tensor | None = None  # hypothesis indices for the next step (beam search)
         self.batch_size: int | None = None
-        self._spec = ChainSpec.of(self.config, max_length, adapter)
+        self.local = client.local  # private mode: blocks the client runs itself (``client.private``)
+        if self.local is not None and isinstance(adapter, str):
+            raise NotImplementedError(
+                f"the adapter {adapter!r} is preloaded on servers, not on this client: it cannot run on the "
+                "client's own blocks (local_blocks / local_last_blocks)"
+            )
+        self._caches = None  # private mode: the KV caches of the client's own blocks, once the session steps
+        self._spec = ChainSpec.of(self.config, max_length, adapter, self.local.remote if self.local else None)
         self._chain: Chain | None = None  # opened by ``open`` or the first step
         self._handovers: dict[HopSession, asyncio.Task] = {}  # leaving server -> its replacement being built
         self._inputs: list[StepInput] = []  # every step the session ran, as sent to its first server (for rewinds)
@@ -183,9 +190,28 @@ class InferenceSession:
                 chunk_prompts = None
             reorder, self._reorder = self._reorder, None
             item = StepInput(hidden[:, start:end], position_ids[:, start:end], mask, chunk_prompts, reorder)
-            outputs.append(await self._step(item, declared if end - start == tokens else None))
+            outputs.append(await self._step_all(item, declared if end - start == tokens else None))
             self.position += end - start
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    async def _step_all(self, item: StepInput, declared: DeclaredRound | None) -> torch.Tensor:
+        """A step through every block: the servers', and in private mode the client's own before and after."""
+        local = self.local
+        if local is None:
+            return await self._step(item, declared)
+        if self._caches is None:
+            self._caches = local.open(item.hidden.shape[0], self.max_length)
+        adapter = self.adapter if isinstance(self.adapter, LoraAdapter) else None
+        try:
+            if local.head is not None:
+                item = local.step(self._caches, local.head, item, adapter)
+            output = await self._step(item, declared)
+            if local.tail is not None:
+                output = local.step(self._caches, local.tail, dataclasses.replace(item, hidden=output), adapter).hidden
+        except BaseException:
+            local.cut(self._caches, self.position)  # the session holds only the tokens before this step
+            raise
+        return output
 
     async def _step(self, inputs: StepInput, declared: DeclaredRound | None = None) -> torch.Tensor:
         attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
@@ -262,10 +288,12 @@ class InferenceSession:
         kept = cut_steps(self._inputs, tokens)
         if kept:
             attempts = Attempts(self.client.routes, self.config.max_retries, "rewinding a session")
-            self._chain = await _retrying(attempts, lambda: self._replayed(None, self.batch_size, kept))
+            self._chain = await _retrying(attempts, lambda: self._replayed(self._spec.span, self.batch_size, kept))
         if self.verifier is not None:
             self.verifier.prune(self._chain.hops if self._chain is not None else [], obsolete_from=tokens)
         self._inputs, self.position, self._reorder = kept, tokens, None
+        if self._caches is not None:
+            self.local.cut(self._caches, tokens)
         self.padding = self.padding[:, :tokens] if tokens and self.padding is not None else None
         self.prefix = self.prefix if tokens >= self.prefix else 0
         logger.warning("Session rewound to %d tokens, now on servers %s", tokens, [h.peer_id for h in self.hops])
@@ -276,7 +304,7 @@ class InferenceSession:
 
     async def _open_with_retries(self, batch: int, attempts: Attempts | None = None) -> Chain:
         attempts = attempts or Attempts(self.client.routes, self.config.max_retries, "inference step")
-        return await _retrying(attempts, lambda: Chain.open(self.client, self._spec, None, batch))
+        return await _retrying(attempts, lambda: Chain.open(self.client, self._spec, self._spec.span, batch))
 
     async def _replace(self, failed: HopSession, batch: int, attempts: Attempts) -> None:
         """Put other servers in place of ``failed``: its verification shadow, which already holds its inputs,

@@ -19,6 +19,7 @@ from client.config import ClientConfig
 from client.loop import LoopThread
 from client.passes import PassRunner
 from client.points import ReceiptBook, VoucherSource
+from client.private import LocalBlocks
 from client.referee import LocalReferee
 from client.sequence import RouteManager
 from client.session import InferenceSession
@@ -76,6 +77,7 @@ class SwarmClient:
         self.vouchers = VoucherSource(config.points_key, self.dht.peer_id)
         self.verification = VerifyStats()  # what the sessions' verifiers checked and found (``client.verify``)
         self.referee: LocalReferee | None = None  # the client's own computation of disputed spans, if it can
+        self.local: LocalBlocks | None = None  # private mode: the blocks the client computes itself
         self.passes = PassRunner(self)  # stateless forward and backward passes
         self._receipting = self.loop.run(self._start_receipting())
         with _OPEN_LOCK:
