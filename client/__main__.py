@@ -16,6 +16,7 @@ import sys  # noqa: E402
 from transformers import AutoTokenizer, TextStreamer
 
 from client.model import AutoDistributedModelForCausalLM
+from client.private import add_private_arguments
 from client.verdicts import DEFAULT_VERIFY
 from swarm.models.modelpath import DEFAULT_MODEL, resolve_model
 from swarm.net.dht import NAT_CHOICES, add_nat_arguments
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"share of steps checked on another server (1: every step before use; 0: none; default "
         f"{DEFAULT_VERIFY:.3g}: every 12th step checks the last 12 in the background)",
     )
+    add_private_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         points_key=args.points_key,
         compression=args.compression,
         verify=args.verify,
+        local_blocks=args.local_blocks,
+        local_last_blocks=args.local_last_blocks,
     )
     try:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)

@@ -24,6 +24,7 @@ stateless passes on the caller's threads share the block stacks).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import threading
@@ -42,6 +43,20 @@ from swarm.spans import BlockRange
 logger = logging.getLogger(__name__)
 
 LocalCaches = dict[BlockRange, SessionCache]
+
+
+def add_private_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of private mode (``--local-blocks``, ``--local-last-blocks``)."""
+    parser.add_argument(
+        "--local-blocks",
+        type=int,
+        default=0,
+        help="private mode: run the model's first N blocks on this machine, so servers never see the prompt's "
+        "embeddings (default 0; see the README's privacy table for what each depth leaks)",
+    )
+    parser.add_argument(
+        "--local-last-blocks", type=int, default=0, help="private mode: also run the model's last M blocks here"
+    )
 
 
 class LocalBlocks:

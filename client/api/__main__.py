@@ -15,6 +15,7 @@ import threading  # noqa: E402
 
 from client.api.app import APIServer  # noqa: E402
 from client.api.config import APIConfig  # noqa: E402
+from client.private import add_private_arguments  # noqa: E402
 from swarm.errors import StamenError  # noqa: E402
 from swarm.models.modelpath import DEFAULT_MODEL  # noqa: E402
 
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         default=d.verify,
         help=f"share of steps checked on another server (1: every step before use; 0: none; default {d.verify:.3g})",
     )
+    add_private_arguments(p)
     p.add_argument(
         "--api-keys",
         default=None,
@@ -93,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[APIConfig, str]:
         wait_for_blocks=args.wait_for_blocks,
         num_threads=args.num_threads,
         verify=args.verify,
+        local_blocks=args.local_blocks,
+        local_last_blocks=args.local_last_blocks,
         api_keys=args.api_keys,
         fair_share=args.fair_share == "on",
         **{name: getattr(args, name) for name in LIMITS},

@@ -61,6 +61,8 @@ class APIServer:
             swarm_key=config.swarm_key,
             wait_for_blocks=config.wait_for_blocks,
             verify=config.verify,
+            local_blocks=config.local_blocks,
+            local_last_blocks=config.local_last_blocks,
         )
         self.url = self.model.client.loop.run(self._listen(tokenizer, limiter))
         return self.url

@@ -30,3 +30,5 @@ class APIConfig:
     num_threads: int | None = None  # torch threads for the local work (embeddings, head, sampling)
     served_model_name: str | None = None  # model id shown in /v1/models; None = the model's name
     verify: float = DEFAULT_VERIFY  # share of steps checked on another server (ClientConfig.verify)
+    local_blocks: int = 0  # private mode: the model's first N blocks run in the API's process (ClientConfig)
+    local_last_blocks: int = 0  # ...and its last M blocks

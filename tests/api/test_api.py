@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from tests.api.conftest import openai_client
+
 pytestmark = pytest.mark.timeout(300)
 
 MODEL = "tiny-chat"
@@ -183,3 +185,20 @@ def test_chat_page_is_served(api):
     with urllib.request.urlopen(f"{api.url}/", timeout=30) as response:
         page = response.read().decode()
     assert response.headers["Content-Type"].startswith("text/html") and 'id="prompt"' in page
+
+
+def test_private_mode_api_keeps_the_first_and_last_blocks_and_answers_like_local(api, reference, chat_model):
+    """``--local-blocks 1 --local-last-blocks 1``: the API's process runs blocks 0 and 5 itself; the route it
+    reports holds only the servers' blocks 1..4, and the answer is still local greedy decoding's."""
+    process = api.swarm.start_api(chat_model, "--local-blocks", "1", "--local-last-blocks", "1")
+    client = openai_client(process.url)
+    try:
+        messages = chat("Who sees my prompt?")
+        expected, _ = reference.greedy(reference.chat_ids(messages), 16)
+        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+        assert response.choices[0].message.content == expected
+        blocks = [hop["blocks"] for hop in response.model_extra["stamen"]["route"]]
+        assert blocks[0].startswith("1:") and blocks[-1].endswith(":5"), blocks
+    finally:
+        client.close()
+        process.kill_group()
