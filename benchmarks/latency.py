@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/latency.py                  # 1, 2 and 3 servers; about 2.5 minutes when idle
     .venv/bin/python benchmarks/latency.py --servers 2 --repeats 5 --json latency.json
     .venv/bin/python benchmarks/latency.py --server-env OMP_WAIT_POLICY=PASSIVE   # env for the servers only
+    .venv/bin/python benchmarks/latency.py --servers 2 --local-blocks 4   # private mode: 4 blocks on the client
     GOMP_SPINCOUNT=20000 .venv/bin/python benchmarks/latency.py   # env for every process: client, local, servers
 
 For each configuration the model's blocks are split evenly over N ``python -m server`` subprocesses on
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="env for servers only")
     p.add_argument("--push", action="store_true", help="servers push outputs to the next server (client option)")
+    p.add_argument("--local-blocks", type=int, default=0, help="private mode: the client runs the first N blocks")
+    p.add_argument("--local-last-blocks", type=int, default=0, help="private mode: ...and the last M blocks")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds for a swarm to start serving")
     p.add_argument("--time-limit", type=int, default=290, help="abort (and clean up) after this many seconds")
@@ -223,6 +226,7 @@ def measure_config(count: int, local, prompt: torch.Tensor, reference: dict, arg
         phases.mark("start servers")
         pids = [server.proc.pid for server in swarm.servers]
         options = {"push": True} if args.push else {}
+        options.update(local_blocks=args.local_blocks, local_last_blocks=args.local_last_blocks)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             args.model, initial_peers=swarm.initial_peers, **options
         )
@@ -334,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {folder.name}: {local.config.num_hidden_layers} blocks; prompt {prompt.shape[1]} tokens, "
           f"{args.new_tokens} new tokens, batch 1, greedy; {args.num_threads} torch threads "
           f"(client: {args.client_threads or args.num_threads}); "
-          f"server env {args.server_env_dict or '{}'}; push {args.push}", flush=True)  # fmt: skip
+          f"server env {args.server_env_dict or '{}'}; push {args.push}; "
+          f"private mode: {args.local_blocks} first + {args.local_last_blocks} last blocks on the client",
+          flush=True)  # fmt: skip
     local_alone, reference, results, aborted = None, {}, [], False
     try:
         local_alone, reference = measure_local(local, prompt, args)
