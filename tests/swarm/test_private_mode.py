@@ -4,10 +4,13 @@ last blocks itself, servers only the blocks between, and every result stays the 
 Real server processes serve blocks 1:5 of a tiny random 6-block Llama (two chains: 1:3 + 3:5, and 1:5); no
 server holds block 0 or block 5. Checked against local transformers: greedy, beam and padded-batch
 generation, a rewound session, what the first server receives (the output of block 0, not the
-embeddings), and training (loss, hidden states, input and LoRA gradients, also of the local blocks).
+embeddings), training (loss, hidden states, input and LoRA gradients, also of the local blocks), and a
+server killed during generation.
 """
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from client import AutoDistributedModelForCausalLM
 from swarm.tools.localswarm import LocalSwarm
 from tests.swarm.references import copies, lora_hooks
+from tests.swarm.test_failover import KillAtToken
 
 pytestmark = pytest.mark.timeout(300)
 CLOSE = dict(rtol=0, atol=1e-4)
@@ -23,18 +27,23 @@ GRADS = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def private(tiny_models):
-    folder = tiny_models["llama"]
+def swarm_of_private(tiny_models):
     with LocalSwarm() as swarm:
-        swarm.start(folder, [("1:3", ()), ("3:5", ()), ("1:5", ())])
-        local = AutoModelForCausalLM.from_pretrained(folder).eval()
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            str(folder), initial_peers=swarm.initial_peers, local_blocks=1, local_last_blocks=1
-        )
-        try:
-            yield local, model
-        finally:
-            model.shutdown()
+        swarm.start(tiny_models["llama"], [("1:3", ()), ("3:5", ()), ("1:5", ())])
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def private(tiny_models, swarm_of_private):
+    folder = tiny_models["llama"]
+    local = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(folder), initial_peers=swarm_of_private.initial_peers, local_blocks=1, local_last_blocks=1
+    )
+    try:
+        yield local, model
+    finally:
+        model.shutdown()
 
 
 def test_generation_matches_local_with_no_server_for_the_first_and_last_blocks(private):
@@ -98,10 +107,10 @@ def test_training_through_local_and_remote_blocks_matches_local(private):
     torch.testing.assert_close(x_remote.grad, x_local.grad, **GRADS)
 
 
-def test_lora_gradients_of_local_and_remote_blocks_match_local(tiny_models, private):
-    local, shared = private
+def test_lora_gradients_of_local_and_remote_blocks_match_local(tiny_models, private, swarm_of_private):
+    local, _ = private
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        str(tiny_models["llama"]), initial_peers=shared.client.config.initial_peers, local_blocks=1, local_last_blocks=1
+        str(tiny_models["llama"]), initial_peers=swarm_of_private.initial_peers, local_blocks=1, local_last_blocks=1
     )
     try:
         lora = model.add_lora(rank=4, alpha=8, target_modules=("q_proj", "down_proj"))
@@ -131,3 +140,17 @@ def test_lora_gradients_of_local_and_remote_blocks_match_local(tiny_models, priv
 def test_local_blocks_must_leave_servers_some_blocks(tiny_models):
     with pytest.raises(ValueError, match="at least one"):
         AutoDistributedModelForCausalLM.from_pretrained(str(tiny_models["llama"]), local_blocks=4, local_last_blocks=2)
+
+
+def test_a_killed_server_does_not_change_the_tokens(private, swarm_of_private):
+    """Last in this file: it kills one of the swarm's servers."""
+    local, model = private
+    prompt = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(8))
+    expected = local.generate(prompt, max_new_tokens=12, do_sample=False)
+    with model.inference_session(max_length=32) as session:
+        session.open(batch_size=1)
+        killer = KillAtToken(swarm_of_private, session, 0, 4)
+        actual = model.generate(prompt, max_new_tokens=12, do_sample=False, streamer=killer)
+        assert killer.victim is not None and killer.victim.proc.wait(timeout=10) == -signal.SIGKILL
+        assert killer.victim.peer_id not in [hop.peer_id for hop in session.route]
+    assert actual.tolist() == expected.tolist()
