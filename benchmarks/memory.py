@@ -148,7 +148,7 @@ def measure(model_name: str | None = None, env: dict | None = None, timeout: flo
     per_token = KVGeometry.from_config(config, dtype).bytes_per_token(end - start)
     files = tuple(sorted({str(path) for path in tensor_index(folder).values()}))
     budget = ServerConfig().cache_tokens
-    with LocalSwarm(timeout=timeout, env=env) as swarm:
+    with LocalSwarm(timeout=timeout, env=env, fork=False) as swarm:  # interpreters: their memory is measured
         measured, _ = swarm.start(model_name, [(span, ()) for span in SPANS])
         model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=swarm.initial_peers)
         client = model.client

@@ -4,7 +4,8 @@
 - ``classification``: the sequence classifier (local score head)
 - ``pretrained``: what both share: loading the local parts, connecting, the tuning API (prompts, LoRA)
 - ``base``: the family's module layout, the base model (``model.model``) and ``RemoteCache``
-- ``layers``: the remote blocks as a module (len, slices, iteration) and the autograd function through them
+- ``layers``: the model's blocks as a module (len, slices, iteration), run by servers (and by the client in
+  private mode), and the autograd function through the servers
 - ``passes``: stateless forward and backward passes, split into bounded requests, with failover
 - ``lora``, ``ptune``: LoRA weights and trainable prompts kept on the client
 - ``swarmclient``: SwarmClient (DHT, libp2p, routes, sessions, passes)
@@ -24,6 +25,8 @@
   behind them and the search for a referee; ``verdicts``: its pure
   decisions (distances, tolerances by dtype, verdicts, check windows); ``referee``: the client's own
   computation of a disputed span; ``resume``: how ``generate`` goes on from the verified prefix after that
+- ``private``: private mode, the model's first (and last) blocks computed on the client (``local_blocks``,
+  ``local_last_blocks``), with the servers' compute core, so servers never see the prompt's embeddings
 - ``points``: receipts for the work servers did (signed, sent periodically) and the volunteer's voucher
 - ``__main__``: ``python -m client``, a completion in the terminal
 - ``bans``: the ban policy (pure): exponential bans whose failures decay with successes and time

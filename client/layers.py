@@ -1,6 +1,7 @@
 """The remote blocks as a module: ``model.model.layers`` (the family's name for it).
 
-``RemoteBlocks`` stands for blocks [start, end) of the model, served by the swarm. It has ``len``,
+``RemoteBlocks`` stands for blocks [start, end) of the model, served by the swarm (in private mode the
+client's own blocks among them run on the client, ``client.private``, and the rest on servers). It has ``len``,
 slices (``layers[a:b]`` is the stack of blocks a..b-1), indexing and iteration, and calling it on
 hidden states runs those blocks: a stateless forward pass through the chain of servers. Whenever a
 gradient is needed (grad mode on and the input, the deep prompts or the LoRA weights require grad),

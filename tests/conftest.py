@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
+
+# local swarms fork their servers from a process that imported the server's code once (swarm.tools.zygote):
+# about 4 s of CPU saved per server; tests of memory and of process exits start them as interpreters
+os.environ.setdefault("STAMEN_FORK_SERVERS", "1")
 
 TINY = dict(
     vocab_size=256,

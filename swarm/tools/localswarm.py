@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from swarm.net.lifetime import end_with_parent
+from swarm.tools.zygote import ForkedProcess, Zygote
 
 URL_LINES = ("Serving the API on ", "Serving the monitor on ")  # HTTP processes print their address so
 
@@ -26,7 +27,7 @@ URL_LINES = ("Serving the API on ", "Serving the monitor on ")  # HTTP processes
 @dataclass
 class ServerProcess:
     args: list[str]
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedProcess
     model: str | None = None
     blocks: str = ""
     extra: tuple[str, ...] = ()
@@ -90,7 +91,7 @@ class ServerProcess:
             pass
 
 
-def _pump(proc: subprocess.Popen, lines: queue.Queue, output: list[str]) -> None:
+def _pump(proc: subprocess.Popen | ForkedProcess, lines: queue.Queue, output: list[str]) -> None:
     for line in proc.stdout:
         output.append(line)
         lines.put(line)
@@ -104,14 +105,22 @@ def spawn_server(
     *extra: str,
     env: dict | None = None,
     entry: tuple[str, ...] = ("server",),
+    fork: bool = False,
 ) -> ServerProcess:
     """Start ``python -m server``; ``blocks`` None means the extra arguments choose (e.g. --num-blocks).
-    ``entry``: the module (and its own arguments) run instead, which must take the server's arguments."""
+    ``entry``: the module (and its own arguments) run instead, which must take the server's arguments.
+    ``fork``: fork it from this process's zygote (``swarm.tools.zygote``) instead of starting an interpreter
+    (not with ``env``: the zygote's libraries read theirs when it started)."""
     args = [sys.executable, "-m", *entry, "--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
     args += (["--model", str(model)] if model else []) + list(extra)
     if initial_peers:
         args += ["--initial-peers", *initial_peers]
-    server = spawn(args, env)
+    if fork and env is None:
+        proc = Zygote.shared().fork(args, dict(os.environ))
+        server = ServerProcess(args, proc)
+        threading.Thread(target=_pump, args=(proc, server.lines, server.output), daemon=True).start()
+    else:
+        server = spawn(args, env)
     server.model, server.blocks, server.extra = model, blocks, tuple(extra)
     return server
 
@@ -154,10 +163,14 @@ class LocalSwarm:
     """The first server starts the swarm and the rest join it, or with ``bootstrap=True`` every server
     joins through a ``python -m swarm bootstrap`` node started first. Always use as a context manager."""
 
-    def __init__(self, timeout: float = 120.0, env: dict | None = None, bootstrap: bool = False):
+    def __init__(
+        self, timeout: float = 120.0, env: dict | None = None, bootstrap: bool = False, fork: bool | None = None
+    ):
         self.servers: list[ServerProcess] = []
         self.apis: list[ServerProcess] = []
         self.timeout, self.env = timeout, env
+        # servers forked from a zygote (swarm.tools.zygote), not with env; default: STAMEN_FORK_SERVERS=1
+        self.fork = os.environ.get("STAMEN_FORK_SERVERS") == "1" if fork is None else fork
         self.bootstrap: ServerProcess | None = None
         if bootstrap:
             self.bootstrap = spawn_bootstrap(env=env)
@@ -193,7 +206,7 @@ class LocalSwarm:
         deadline = time.monotonic() + self.timeout
         started, loading = [], []
         if not self.servers and self.bootstrap is None:
-            first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env, entry=entry)
+            first = spawn_server(model, specs[0][0], [], *specs[0][1], env=self.env, entry=entry, fork=self.fork)
             self.servers.append(first)
             started.append(first)
             if specs[0][0]:  # the others join through its DHT node while it loads its blocks
@@ -203,7 +216,10 @@ class LocalSwarm:
                 first.wait_ready(deadline)
             specs = specs[1:]
         peers = self.initial_peers
-        batch = [spawn_server(model, blocks, peers, *extra, env=self.env, entry=entry) for blocks, extra in specs]
+        batch = [
+            spawn_server(model, blocks, peers, *extra, env=self.env, entry=entry, fork=self.fork)
+            for blocks, extra in specs
+        ]
         self.servers.extend(batch)
         for server in loading + batch:
             server.wait_ready(deadline)

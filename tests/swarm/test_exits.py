@@ -80,7 +80,7 @@ def start_client(folder: Path, peers: list[str]) -> ServerProcess:
 
 def test_every_kind_of_process_ends_with_all_it_started_however_it_is_ended(tiny_models, tmp_path):
     folder = make_chat_model(tiny_models["llama"], tmp_path / "chat")  # the API needs a tokenizer
-    with LocalSwarm() as swarm:
+    with LocalSwarm(fork=False) as swarm:  # real interpreters: how they exit is what is tested
         swarm.start(folder, [("0:6", ())])
         victims = {("server", sig): swarm.start(folder, [("0:6", ())])[0] for sig in SIGNALS}
         victims |= {("api", sig): swarm.start_api(folder) for sig in SIGNALS}
@@ -100,7 +100,7 @@ def test_every_kind_of_process_ends_with_all_it_started_however_it_is_ended(tiny
 
 def test_a_script_that_drops_its_models_without_shutdown_exits_cleanly_every_time(tiny_models):
     folder = tiny_models["llama"]
-    with LocalSwarm() as swarm:
+    with LocalSwarm(fork=False) as swarm:  # real interpreters: how they exit is what is tested
         swarm.start(folder, [("0:6", ())])
         done = subprocess.run(
             [sys.executable, "-c", DROPPER, str(RUNS), str(folder), *swarm.initial_peers],

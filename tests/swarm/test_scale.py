@@ -32,7 +32,7 @@ def test_twenty_servers_serve_exact_tokens_and_fit_in_8_gib(tiny_models):
     prompt = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(20))
     expected = AutoModelForCausalLM.from_pretrained(folder).eval().generate(prompt, max_new_tokens=10, do_sample=False)
 
-    with LocalSwarm(timeout=600, bootstrap=True) as swarm:
+    with LocalSwarm(timeout=600, bootstrap=True, fork=False) as swarm:  # memory of real interpreters
         servers = swarm.start(folder, [(blocks, ("--num-threads", "1")) for blocks in spans(SERVERS)])
         assert len({server.peer_id for server in servers}) == SERVERS
         for push in (False, True):
