@@ -6,7 +6,8 @@
 - ``core``: the compute core: work items, batching decisions, the block stack, attention, LoRA, backward and
   the KV cache, shared by servers and by the client's referee
 - ``routing``: pure decisions from server records: chains of servers, and block selection for servers
-- ``tools``: the status report, the monitor page and local swarms of real processes (tests, demo, benchmarks)
+- ``tools``: the status report, the monitor page and local swarms of real processes (tests, demo, benchmarks),
+  whose servers the tests fork from a process that imported the server's code once (``zygote``)
 - ``spans``: BlockRange and ``--blocks`` parsing, DHT key names
 - ``errors``: typed errors and their wire mapping
 - ``__main__``: ``python -m swarm bootstrap | status | monitor | keygen``

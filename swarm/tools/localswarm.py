@@ -4,7 +4,9 @@ optionally a ``python -m swarm bootstrap`` node they all join through, API proce
 
 Starts each as a subprocess in its own process group, learns addresses from what it prints, waits for
 readiness with a deadline, and kills whole process groups on exit (each node and the libp2p daemon it
-started). This is the one launcher of local swarms.
+started). This is the one launcher of local swarms. With ``fork`` (default: ``STAMEN_FORK_SERVERS=1``, which
+the tests set) servers are forked from a process that imported the server's code once (``swarm.tools.zygote``)
+instead of started as new interpreters.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from swarm.models.families import FAMILIES
 from swarm.net.lifetime import end_with_parent
 from swarm.tools.zygote import ForkedProcess, Zygote
 
+# what a forked server would otherwise import itself: the server, and the families' transformers modeling code
+ZYGOTE_PRELOAD = ("server.__main__", *(f"transformers.models.{t}.modeling_{t}" for t in FAMILIES if t != "llama"))
 URL_LINES = ("Serving the API on ", "Serving the monitor on ")  # HTTP processes print their address so
 
 
@@ -116,7 +121,7 @@ def spawn_server(
     if initial_peers:
         args += ["--initial-peers", *initial_peers]
     if fork and env is None:
-        proc = Zygote.shared().fork(args, dict(os.environ))
+        proc = Zygote.shared(ZYGOTE_PRELOAD).fork(args, dict(os.environ))
         server = ServerProcess(args, proc)
         threading.Thread(target=_pump, args=(proc, server.lines, server.output), daemon=True).start()
     else:

@@ -3,8 +3,9 @@
 A server process spends about 4 s of CPU importing torch, transformers and hivemind before it does anything
 else, and the test suite starts a few hundred of them on two cores. With ``STAMEN_FORK_SERVERS=1`` in the
 environment (the tests' ``conftest`` sets it) ``swarm.tools.localswarm`` asks one such process, started
-once per parent (``python -m swarm.tools.zygote``), to fork each ``python -m server`` (or another server
-entry module) instead of starting a new interpreter.
+once per parent (``python -m swarm.tools.zygote FD MODULE...``, which imports the modules its parent names:
+the server's entry module and the families' transformers modeling code), to fork each ``python -m server``
+(or another server entry module) instead of starting a new interpreter.
 
 The child is a real server process: its own pid and session (process group), its own libp2p daemon and
 DHT node, the entry module run as ``__main__`` with the same arguments and environment, its output on a
@@ -36,19 +37,6 @@ import traceback
 
 from swarm.net.lifetime import end_with_parent
 
-PRELOAD = ("server.__main__",)  # what every child needs: torch, transformers' configs, hivemind, the server
-MODELING = (  # the families' transformers modeling code, loaded by servers of those families
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma2",
-    "gemma3",
-    "mixtral",
-    "qwen2_moe",
-    "bloom",
-    "falcon",
-)
 PACKET = 1 << 20
 
 
@@ -86,18 +74,19 @@ class Zygote:
     _shared_lock = threading.Lock()
 
     @classmethod
-    def shared(cls) -> Zygote:
-        """This process's zygote, started on first use (from the main thread: it ends with this process)."""
+    def shared(cls, preload: tuple[str, ...]) -> Zygote:
+        """This process's zygote, started on first use (from the main thread: it ends with this process)
+        with the modules ``preload`` imported (names that fail to import are skipped)."""
         with cls._shared_lock:
             if cls._shared is None or cls._shared.proc.poll() is not None:
-                cls._shared = cls()
+                cls._shared = cls(preload)
             return cls._shared
 
-    def __init__(self):
+    def __init__(self, preload: tuple[str, ...]):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.tools.zygote", str(theirs.fileno())],
+            [sys.executable, "-m", "swarm.tools.zygote", str(theirs.fileno()), *preload],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -155,16 +144,14 @@ class Zygote:
 # -- the zygote process --
 
 
-def _preload() -> None:
+def _preload(modules: list[str]) -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # as server.__main__ sets it, before libgomp loads
     import importlib
 
-    for module in PRELOAD:
-        importlib.import_module(module)
-    for family in MODELING:
+    for module in modules:
         try:
-            importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:  # an older or newer transformers without this family: its servers load it themselves
+            importlib.import_module(module)
+        except ImportError:  # e.g. a family's modeling code this transformers lacks: its servers import their own
             pass
 
 
@@ -218,9 +205,9 @@ def _reap(sock: socket.socket) -> None:
         sock.send(json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
 
 
-def main(fd: int) -> None:
+def main(fd: int, preload: list[str]) -> None:
     sock = socket.socket(fileno=fd)
-    _preload()
+    _preload(preload)
     while True:
         readable, _, _ = select.select([sock], [], [], 0.05)
         _reap(sock)
@@ -241,4 +228,4 @@ def main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2:])
