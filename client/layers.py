@@ -147,11 +147,7 @@ class RemoteBlocks(nn.Module):
     def _local(self, span, hidden, position_ids, mask, prompts, hidden_states: bool):
         """Blocks ``span`` on the client (private mode, ``client.private``), with autograd."""
         state = self._state
-        if state.adapter_name is not None:
-            raise NotImplementedError(
-                f"the adapter {state.adapter_name!r} is preloaded on servers, not on this client: it cannot run "
-                "on the client's own blocks (local_blocks / local_last_blocks)"
-            )
+        state.local.check_adapter(state.adapter_name)
         adapter = state.lora.live(span) if state.lora is not None else None
         return state.local.forward(span, hidden, position_ids, mask, prompts, adapter, hidden_states)
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -124,6 +126,37 @@ class LocalBlocks:
         with self._lock:
             output = run_to_end(self.stacks[span], work)
         return StepInput(output, item.position_ids, item.attention_mask, item.prompts, item.reorder)
+
+    async def around(
+        self,
+        caches: LocalCaches,
+        position: int,
+        item: StepInput,
+        adapter: LoraAdapter | None,
+        remote: Callable[[StepInput], Awaitable[torch.Tensor]],
+    ) -> torch.Tensor:
+        """A session's step (the session holds ``position`` tokens) through the first local span, ``remote``
+        (the servers' blocks) and the last local span. If any part fails, the local caches go back to
+        ``position`` tokens."""
+        try:
+            if self.head is not None:
+                item = self.step(caches, self.head, item, adapter)
+            output = await remote(item)
+            if self.tail is not None:
+                output = self.step(caches, self.tail, dataclasses.replace(item, hidden=output), adapter).hidden
+        except BaseException:
+            self.cut(caches, position)
+            raise
+        return output
+
+    @staticmethod
+    def check_adapter(adapter: LoraAdapter | str | None) -> None:
+        """Refuse an adapter preloaded on servers (by name): the client has no copy for its own blocks."""
+        if isinstance(adapter, str):
+            raise NotImplementedError(
+                f"the adapter {adapter!r} is preloaded on servers, not on this client: it cannot run on the "
+                "client's own blocks (local_blocks / local_last_blocks)"
+            )
 
     @staticmethod
     def cut(caches: LocalCaches, tokens: int) -> None:

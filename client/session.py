@@ -67,11 +67,8 @@ class InferenceSession:
         self._reorder: torch.Tensor | None = None  # hypothesis indices for the next step (beam search)
         self.batch_size: int | None = None
         self.local = client.local  # private mode: blocks the client runs itself (``client.private``)
-        if self.local is not None and isinstance(adapter, str):
-            raise NotImplementedError(
-                f"the adapter {adapter!r} is preloaded on servers, not on this client: it cannot run on the "
-                "client's own blocks (local_blocks / local_last_blocks)"
-            )
+        if self.local is not None:
+            self.local.check_adapter(adapter)
         self._caches = None  # private mode: the KV caches of the client's own blocks, once the session steps
         self._spec = ChainSpec.of(self.config, max_length, adapter, self.local.remote if self.local else None)
         self._chain: Chain | None = None  # opened by ``open`` or the first step
@@ -196,22 +193,12 @@ class InferenceSession:
 
     async def _step_all(self, item: StepInput, declared: DeclaredRound | None) -> torch.Tensor:
         """A step through every block: the servers', and in private mode the client's own before and after."""
-        local = self.local
-        if local is None:
+        if self.local is None:
             return await self._step(item, declared)
         if self._caches is None:
-            self._caches = local.open(item.hidden.shape[0], self.max_length)
+            self._caches = self.local.open(item.hidden.shape[0], self.max_length)
         adapter = self.adapter if isinstance(self.adapter, LoraAdapter) else None
-        try:
-            if local.head is not None:
-                item = local.step(self._caches, local.head, item, adapter)
-            output = await self._step(item, declared)
-            if local.tail is not None:
-                output = local.step(self._caches, local.tail, dataclasses.replace(item, hidden=output), adapter).hidden
-        except BaseException:
-            local.cut(self._caches, self.position)  # the session holds only the tokens before this step
-            raise
-        return output
+        return await self.local.around(self._caches, self.position, item, adapter, lambda x: self._step(x, declared))
 
     async def _step(self, inputs: StepInput, declared: DeclaredRound | None = None) -> torch.Tensor:
         attempts = Attempts(self.client.routes, self.config.max_retries, "inference step")
