@@ -78,7 +78,11 @@ def test_receipts_become_points_that_order_a_busy_servers_queue(tiny_models, tmp
             assert sorted(finished) == ["hog", "plain", "vouched"]
             forwards = [line for line in busy.output[marker:] if "slice: 1 x FORWARD" in line]
             standings = [float(line.split("standing ")[1].split(",")[0]) for line in forwards]
-            assert len(standings) == 2 and standings[0] > 0 and standings[1] == 0  # the vouched one went first
+            seen = [line for line in busy.output if "Standings" in line or "slice: 1 x FORWARD" in line]
+            assert len(standings) == 2 and standings[0] > 0 and standings[1] == 0, (  # the vouched one went first
+                f"issuer {vouched.client.vouchers.issuer.peer_id if vouched.client.vouchers.issuer else None}, "
+                f"holder {vouched.client.dht.peer_id}; the busy server's log:\n" + "".join(seen[-12:])
+            )
         finally:
             for model in (user, vouched, plain):
                 model.shutdown()
